@@ -1,0 +1,3 @@
+from trtkit.cli import entry
+
+entry()

@@ -1,0 +1,83 @@
+"""The typer app. Each command module declares its options and calls one library verb.
+
+Nothing heavy is imported here or in the command modules at import time: `trtkit --help` loads no
+torch, TensorRT or CUDA (a test proves it).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+
+import typer
+
+from trtkit.errors import TrtkitError
+
+# typer >= 0.20 vendors its own click; older releases raise the click package's exceptions.
+_CLICK_ERRORS: tuple[type[BaseException], ...] = ()
+for _mod in ("typer._click.exceptions", "click.exceptions"):
+    try:
+        _CLICK_ERRORS += (importlib.import_module(_mod).ClickException,)
+    except ImportError:
+        pass
+
+app = typer.Typer(
+    name="trtkit",
+    help="Take diffusion models (SD 1.x/2.x, SDXL) to TensorRT and run them fast.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+# One module per verb family; each has `register(app)`.
+COMMAND_MODULES = ("demo", "profiles", "backend", "export", "calibrate", "quantize", "build", "inspect", "run")
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log TensorRT and trtkit details."),
+) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if debug:
+        os.environ["TRTKIT_DEBUG"] = "1"
+
+
+for _name in COMMAND_MODULES:
+    importlib.import_module(f"trtkit.cli.{_name}").register(app)
+
+
+def _fail(message: str, code: int) -> int:
+    # Plain print, not rich: one line, never wrapped.
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args or os.environ.get("TRTKIT_DEBUG") == "1"
+    try:
+        rv = app(args=args, prog_name="trtkit", standalone_mode=False)
+        return int(rv) if isinstance(rv, int) else 0
+    except TrtkitError as e:
+        if debug:
+            raise
+        return _fail(str(e), e.exit_code)
+    except typer.Exit as e:
+        return int(getattr(e, "exit_code", 0) or 0)
+    except _CLICK_ERRORS as e:
+        if debug:
+            raise
+        e.show()  # type: ignore[attr-defined]
+        return int(e.exit_code)  # type: ignore[attr-defined]
+    except (typer.Abort, KeyboardInterrupt):
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def entry() -> None:
+    sys.exit(main())

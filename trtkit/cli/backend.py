@@ -1,0 +1,22 @@
+from __future__ import annotations
+
+import typer
+
+from trtkit.cli._common import console, print_json
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("backend")
+    def backend(
+        name: str = typer.Option(None, "--backend", "-b", help="trt or rtx (default: $TRTKIT_BACKEND, then trt, then rtx)."),
+        as_json: bool = typer.Option(False, "--json"),
+    ) -> None:
+        """Report the TensorRT backend: version, strong typing, precision flags, whether engines can run here."""
+        from trtkit.backend import load_backend
+
+        info = load_backend(name).describe()
+        if as_json:
+            print_json(info)
+            return
+        for k, v in info.items():
+            console.print(f"{k:>20}: {v}")

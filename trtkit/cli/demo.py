@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from trtkit.cli._common import console
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("demo")
+    def demo(
+        workdir: Path = typer.Option(Path("trtkit-demo"), "--workdir", "-o", help="Where the demo writes its files."),
+        seed: int = typer.Option(0, "--seed"),
+    ) -> None:
+        """Run every stage on an embedded tiny SDXL-architecture model: no download, no GPU needed."""
+        import time
+
+        from trtkit.demo import DemoConfig, run_demo
+
+        colors = {"done": "green", "skipped": "yellow", "failed": "red"}
+
+        def show(r) -> None:  # type: ignore[no-untyped-def]
+            console.print(f"[{colors[r.status]}]{r.status:>7}[/] {r.name:<10} {r.seconds:6.1f} s  {r.message}")
+            for f in r.files:
+                console.print(f"{'':>26}-> {f}")
+
+        t0 = time.perf_counter()
+        run_demo(DemoConfig(workdir=workdir, seed=seed), on_stage=show)
+        console.print(f"demo finished in {time.perf_counter() - t0:.1f} s; files under {workdir}/")

@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from trtkit.cli._common import console, print_json
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("profiles")
+    def profiles(
+        name: str = typer.Argument(None, help="Show one profile's shapes in full."),
+        model: Path = typer.Option(None, "--model", "-m", help="A diffusers folder: shapes from its config."),
+        component: str = typer.Option("unet", "--component", "-c"),
+        static: bool = typer.Option(False, "--static", help="Fix resolution and batch at the opt values."),
+        as_json: bool = typer.Option(False, "--json"),
+    ) -> None:
+        """List the named shape profiles, or one profile's min/opt/max shapes for a model."""
+        from rich.table import Table
+
+        from trtkit.profiles import PROFILES, ModelDims, fmt_dims, get_profile
+
+        if name is None:
+            if as_json:
+                print_json({p.name: {"summary": p.summary(), "description": p.description} for p in PROFILES.values()})
+                return
+            t = Table("profile", "shapes", "what for")
+            for p in PROFILES.values():
+                t.add_row(p.name, p.summary(), p.description)
+            console.print(t)
+            return
+        prof = get_profile(name)
+        prof = prof.with_static() if static else prof
+        dims = ModelDims.from_folder(model) if model else ModelDims.from_configs(
+            {"in_channels": 4, "cross_attention_dim": 2048, "addition_embed_type": "text_time",
+             "projection_class_embeddings_input_dim": 2816, "addition_time_embed_dim": 256,
+             "down_block_types": [0, 0, 0]}, {"block_out_channels": [0, 0, 0, 0]})
+        shapes = prof.shapes(component, dims)
+        if as_json:
+            print_json({k: v.to_json() for k, v in shapes.items()})
+            return
+        t = Table("input", "min", "opt", "max", title=f"{prof.name} / {component}"
+                  + ("" if model else " (SDXL base sizes; pass --model for yours)"))
+        for k, v in shapes.items():
+            t.add_row(k, fmt_dims(v.min), fmt_dims(v.opt), fmt_dims(v.max))
+        console.print(t)

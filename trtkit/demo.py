@@ -1,0 +1,91 @@
+"""`trtkit demo`: the embedded default. Chains every stage that exists on a tiny SDXL-architecture
+model, on whatever this machine has (CPU only is enough), and says what it did and where the files are.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trtkit.errors import TrtkitError
+
+
+class Skipped(Exception):
+    """A stage that cannot run on this machine (no backend, no GPU): reported, not fatal."""
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    workdir: Path = Path("trtkit-demo")
+    seed: int = 0
+    profile: str = "tiny-256"
+    prompt: str = "a photo of an astronaut riding a horse"
+    steps: int = 8
+
+
+@dataclass
+class StageResult:
+    name: str
+    status: str  # "done" | "skipped" | "failed"
+    message: str
+    seconds: float
+    files: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class DemoState:
+    config: DemoConfig
+    model_dir: Path | None = None
+    onnx: Path | None = None
+    calib: Path | None = None
+    quantized: Path | None = None
+    engine: Path | None = None
+    image: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _stage_model(s: DemoState) -> tuple[str, list[Path]]:
+    from trtkit.tiny import make_tiny_pipeline
+
+    s.model_dir = make_tiny_pipeline(s.config.workdir / "model", seed=s.config.seed)
+    return "tiny SDXL-architecture pipeline (seeded random weights) saved with save_pretrained", [s.model_dir]
+
+
+def _stage_export(s: DemoState) -> tuple[str, list[Path]]:
+    from trtkit.exporter import ExportConfig, export
+
+    assert s.model_dir is not None
+    r = export(ExportConfig(model_dir=s.model_dir, component="unet", profile=s.config.profile,
+                            out_dir=s.config.workdir / "onnx"))
+    s.onnx = r.path
+    return (f"UNet to ONNX ({r.num_params / 1e6:.1f} M parameters), onnxruntime vs torch max abs error "
+            f"{r.max_abs_err:.2g}", [r.path])
+
+
+STAGES: list[tuple[str, Callable[[DemoState], tuple[str, list[Path]]]]] = [
+    ("model", _stage_model),
+    ("export", _stage_export),
+]
+
+
+def run_demo(config: DemoConfig, on_stage: Callable[[StageResult], None] | None = None) -> list[StageResult]:
+    state = DemoState(config)
+    results: list[StageResult] = []
+    for name, fn in STAGES:
+        t0 = time.perf_counter()
+        try:
+            msg, files = fn(state)
+            res = StageResult(name, "done", msg, time.perf_counter() - t0, files)
+        except Skipped as e:
+            res = StageResult(name, "skipped", str(e), time.perf_counter() - t0)
+        except TrtkitError as e:
+            res = StageResult(name, "failed", str(e), time.perf_counter() - t0)
+        results.append(res)
+        if on_stage:
+            on_stage(res)
+        if res.status == "failed":
+            raise TrtkitError(f"demo stage {name} failed: {res.message}")
+    return results

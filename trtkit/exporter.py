@@ -1,0 +1,341 @@
+"""diffusers folder -> ONNX, with the profile's input names and dynamic axes, checked against torch.
+
+The TorchScript exporter (`dynamo=False`) is used on purpose: it keeps each node's module scope in
+its name (`/unet/down_blocks.1/attentions.0/.../to_q/MatMul`), which the Q/DQ pass and the
+calibration use to address diffusers modules, and it decomposes attention into MatMul/Softmax/MatMul
+that the attention pattern finder can quantize.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trtkit._files import ensure_writable_dir
+from trtkit.errors import TrtkitError
+from trtkit.profiles import COMPONENTS, InputShapes, ModelDims, apply_overrides, get_profile
+
+log = logging.getLogger(__name__)
+
+TWO_GB = 2**31 - 1
+# ONNX metadata keys that later stages read.
+META_COMPONENT = "trtkit.component"
+META_SCOPE = "trtkit.scope"  # node-name prefix of the exported module ("/unet/")
+META_PROFILE = "trtkit.profile"
+META_SOURCE = "trtkit.source"
+
+OUTPUT_NAMES = {
+    "unet": ["noise_pred"],
+    "vae_decoder": ["images"],
+    "text_encoder": ["last_hidden_state", "pooled_output", "penultimate_hidden_state"],
+    "text_encoder_2": ["last_hidden_state", "pooled_output", "penultimate_hidden_state"],
+}
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    model_dir: Path
+    component: str = "unet"
+    profile: str | None = "sdxl-1024"
+    out_dir: Path = Path("onnx")
+    opset: int = 19
+    shapes: str | None = None  # trtexec-style overrides of the profile's opt shapes
+    check: bool = True
+    external_data: bool | None = None  # None: only when the model passes 2 GB
+    seed: int = 0
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    component: str
+    inputs: InputShapes
+    external_data: Path | None
+    seconds: float
+    max_abs_err: float | None = None
+    max_rel_err: float | None = None
+    num_params: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- loading
+
+def _is_local(model_dir: Path | str) -> bool:
+    return Path(model_dir).exists()
+
+
+def load_component(model_dir: Path | str, component: str, dtype: Any = None) -> Any:
+    """Load one diffusers/transformers component from a folder (or a hub id where a network exists)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    if component not in COMPONENTS:
+        raise TrtkitError(f"unknown component {component!r}; expected one of {', '.join(COMPONENTS)}")
+    root = Path(model_dir)
+    if not _is_local(root) and ("/" not in str(model_dir) or str(model_dir).startswith((".", "/"))):
+        raise TrtkitError(f"model folder {model_dir} does not exist")
+    dtype = dtype or torch.float32
+    sub = {"unet": "unet", "vae_decoder": "vae", "text_encoder": "text_encoder",
+           "text_encoder_2": "text_encoder_2"}[component]
+    if _is_local(root) and not (root / sub).is_dir():
+        if component == "unet" and (root / "config.json").is_file():
+            sub = ""  # a lone UNet folder
+        else:
+            raise TrtkitError(f"{root} has no {sub}/ folder: is it a diffusers pipeline folder?")
+    kw = {"subfolder": sub} if sub else {}
+    try:
+        with _quiet():
+            if component == "unet":
+                return UNet2DConditionModel.from_pretrained(str(model_dir), torch_dtype=dtype, **kw).eval()
+            if component == "vae_decoder":
+                return AutoencoderKL.from_pretrained(str(model_dir), torch_dtype=dtype, **kw).eval()
+            from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+            cls = CLIPTextModelWithProjection if component == "text_encoder_2" else CLIPTextModel
+            return cls.from_pretrained(str(model_dir), torch_dtype=dtype, **kw).eval()
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrtkitError(f"cannot load {component} from {model_dir}: {first}") from e
+
+
+@contextlib.contextmanager
+def _quiet():
+    from diffusers.utils import logging as dlog
+
+    old = dlog.get_verbosity()
+    dlog.set_verbosity_error()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            yield
+        finally:
+            dlog.set_verbosity(old)
+
+
+def model_dims(model_dir: Path | str) -> ModelDims:
+    return ModelDims.from_folder(model_dir) if _is_local(model_dir) else ModelDims()
+
+
+# --------------------------------------------------------------------------- export wrappers
+
+def _wrapper(component: str, module: Any, sdxl: bool) -> Any:
+    """An nn.Module whose forward takes the profile's inputs positionally. The child attribute name
+    becomes the node-name scope (recorded as META_SCOPE)."""
+    import torch
+
+    class UNetWrap(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.unet = module
+
+        def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
+            added = {"text_embeds": text_embeds, "time_ids": time_ids} if sdxl else None
+            return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added,
+                             return_dict=False)[0]
+
+    class VaeDecoderWrap(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.vae = module
+
+        def forward(self, latent):
+            return self.vae.decode(latent, return_dict=False)[0]
+
+    class TextWrap(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.text_encoder = module
+
+        def forward(self, input_ids):
+            out = self.text_encoder(input_ids.to(torch.int64), output_hidden_states=True)
+            pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
+            return out.last_hidden_state, pooled, out.hidden_states[-2]
+
+    if component == "unet":
+        return UNetWrap(), "unet"
+    if component == "vae_decoder":
+        return VaeDecoderWrap(), "vae"
+    return TextWrap(), "text_encoder"
+
+
+def example_inputs(shapes: InputShapes, corner: str = "opt", seed: int = 0,
+                   vocab_size: int = 1000) -> dict[str, Any]:
+    """Seeded inputs at one corner of the profile (numpy, so onnxruntime and torch share them)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out: dict[str, Any] = {}
+    for name, r in shapes.items():
+        dims = getattr(r, corner)
+        if name == "input_ids":
+            out[name] = rng.integers(0, vocab_size, size=dims).astype(np.int32)
+        elif name == "timestep":
+            out[name] = np.full(dims, 999.0 * 0.5, dtype=np.float32)
+        elif name == "time_ids":
+            out[name] = np.tile(np.array([1024, 1024, 0, 0, 1024, 1024], np.float32)[: dims[1]], (dims[0], 1))
+        else:
+            out[name] = rng.standard_normal(dims).astype(np.float32)
+    return out
+
+
+def _dynamic_axes(shapes: InputShapes, outputs: list[str], component: str) -> dict[str, dict[int, str]]:
+    """Batch, token and spatial axes stay dynamic in the ONNX so one file serves several profiles."""
+    axes: dict[str, dict[int, str]] = {}
+    for name, r in shapes.items():
+        if name == "timestep":
+            continue
+        rank = len(r.opt)
+        a = {0: "batch"}
+        if rank == 4:
+            a.update({2: "height", 3: "width"})
+        if name in ("encoder_hidden_states", "input_ids"):
+            a[1] = "tokens"
+        axes[name] = a
+    for o in outputs:
+        if component in ("unet", "vae_decoder"):
+            axes[o] = {0: "batch", 2: "out_height", 3: "out_width"}
+        else:
+            axes[o] = {0: "batch"} if o == "pooled_output" else {0: "batch", 1: "tokens"}
+    return axes
+
+
+# --------------------------------------------------------------------------- the verb
+
+def resolve_shapes(model_dir: Path | str, component: str, profile: str | None, shapes: str | None = None,
+                   min_shapes: str | None = None, opt_shapes: str | None = None,
+                   max_shapes: str | None = None) -> InputShapes:
+    base = get_profile(profile).shapes(component, model_dims(model_dir)) if profile else None
+    return apply_overrides(base, shapes=shapes, min_shapes=min_shapes, opt_shapes=opt_shapes,
+                           max_shapes=max_shapes)
+
+
+def export(config: ExportConfig, progress: Any = None) -> ExportResult:
+    """Export one component of a diffusers folder to `out_dir/<component>.onnx`."""
+    import numpy as np
+    import onnx
+    import torch
+
+    t0 = time.perf_counter()
+    if not _is_local(config.model_dir) and not str(config.model_dir).count("/") == 1:
+        raise TrtkitError(f"model folder {config.model_dir} does not exist")
+    shapes = resolve_shapes(config.model_dir, config.component, config.profile, config.shapes)
+    out_dir = ensure_writable_dir(Path(config.out_dir))
+    step = progress or (lambda msg: None)
+
+    step(f"loading {config.component}")
+    module = load_component(config.model_dir, config.component)
+    sdxl = config.component == "unet" and getattr(module.config, "addition_embed_type", None) == "text_time"
+    if config.component == "unet":
+        expected = {"sample", "timestep", "encoder_hidden_states"} | ({"text_embeds", "time_ids"} if sdxl else set())
+        extra = set(shapes) - expected
+        if extra:
+            raise TrtkitError(f"input {sorted(extra)[0]!r} is not an input of this UNet; "
+                              f"its inputs are: {', '.join(sorted(expected))}")
+        shapes = {k: shapes[k] for k in ("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids")
+                  if k in shapes}
+    wrapper, scope = _wrapper(config.component, module, sdxl)
+    n_params = sum(p.numel() for p in module.parameters())
+    n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    use_external = config.external_data if config.external_data is not None else n_bytes > TWO_GB - (64 << 20)
+    outputs = OUTPUT_NAMES[config.component]
+    vocab = getattr(getattr(module, "config", None), "vocab_size", 1000)
+    feeds = example_inputs(shapes, "opt", config.seed, vocab)
+    args = tuple(torch.from_numpy(v) for v in feeds.values())
+
+    dest = out_dir / f"{config.component}.onnx"
+    data_name = f"{config.component}.onnx.data"
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=out_dir) as tmpd:
+        tmp = Path(tmpd) / "raw.onnx"
+        step(f"exporting {config.component} ({n_params / 1e6:.1f} M parameters)")
+        try:
+            with _quiet(), torch.no_grad():
+                torch.onnx.export(wrapper, args, str(tmp), dynamo=False, opset_version=config.opset,
+                                  input_names=list(shapes), output_names=outputs,
+                                  dynamic_axes=_dynamic_axes(shapes, outputs, config.component),
+                                  do_constant_folding=True)
+        except Exception as e:  # the exporter's own errors are long; keep the first line
+            raise TrtkitError(f"ONNX export of {config.component} failed: {str(e).splitlines()[0]}") from e
+
+        step("shape inference")
+        staged = Path(tmpd) / dest.name
+        model = onnx.load(str(tmp))
+        _set_meta(model, {META_COMPONENT: config.component, META_SCOPE: f"/{scope}/",
+                          META_PROFILE: config.profile or "", META_SOURCE: str(config.model_dir)})
+        if use_external:
+            onnx.save(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                      location=data_name, size_threshold=1024)
+            del model
+            onnx.shape_inference.infer_shapes_path(str(staged), str(staged))
+        else:
+            model = onnx.shape_inference.infer_shapes(model)
+            onnx.save(model, str(staged))
+            del model
+
+        result = ExportResult(path=dest, component=config.component, inputs=shapes,
+                              external_data=(dest.parent / data_name) if use_external else None,
+                              seconds=0.0, num_params=n_params)
+        if config.check:
+            step("checking against torch (onnxruntime)")
+            with torch.no_grad():
+                ref = wrapper(*args)
+            ref = [r.numpy() for r in (ref if isinstance(ref, tuple) else (ref,))]
+            got = run_onnxruntime(staged, feeds)
+            abs_err = max(float(np.max(np.abs(g - r))) for g, r in zip(got, ref))
+            scale = max(float(np.max(np.abs(r))) for r in ref) or 1.0
+            result.max_abs_err, result.max_rel_err = abs_err, abs_err / scale
+        # Move into place: data first, then the model, so a model file never points at missing data.
+        if use_external:
+            os.replace(Path(tmpd) / data_name, dest.parent / data_name)
+        os.replace(staged, dest)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _set_meta(model: Any, props: dict[str, str]) -> None:
+    existing = {p.key: p for p in model.metadata_props}
+    for k, v in props.items():
+        if k in existing:
+            existing[k].value = v
+        else:
+            entry = model.metadata_props.add()
+            entry.key, entry.value = k, v
+
+
+def read_meta(model: Any) -> dict[str, str]:
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def run_onnxruntime(path: Path | str, feeds: dict[str, Any]) -> list[Any]:
+    """Run an ONNX file on onnxruntime's CPU provider (the numerical reference of the tests)."""
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise TrtkitError("onnxruntime is not installed; pip install 'trtkit[dev]' or pass --no-check") from e
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    names = {i.name for i in sess.get_inputs()}
+    return sess.run(None, {k: v for k, v in feeds.items() if k in names})
+
+
+def copy_onnx(src: Path, dest: Path) -> None:
+    """Copy an ONNX file and its external data file(s) (same relative locations)."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors
+
+    shutil.copy2(src, dest)
+    model = onnx.load(str(src), load_external_data=False)
+    for t in _get_all_tensors(model):
+        for e in t.external_data:
+            if e.key == "location" and (src.parent / e.value).exists():
+                target = dest.parent / e.value
+                if not target.exists():
+                    shutil.copy2(src.parent / e.value, target)
