@@ -65,10 +65,28 @@ def _stage_export(s: DemoState) -> tuple[str, list[Path]]:
             f"{r.max_abs_err:.2g}", [r.path])
 
 
-STAGES: list[tuple[str, Callable[[DemoState], tuple[str, list[Path]]]]] = [
+StageFn = Callable[[DemoState], tuple[str, list[Path]]]
+
+# Later stages live beside the code they drive ("module:function"), each raising Skipped when this
+# machine cannot run it (no backend, no GPU).
+STAGES: list[tuple[str, StageFn | str]] = [
     ("model", _stage_model),
     ("export", _stage_export),
+    ("calibrate", "trtkit.calibration.demo_stage:demo_stage"),
+    ("quantize", "trtkit.graph.demo_stage:demo_stage"),
+    ("build", "trtkit.builder.demo_stage:demo_stage"),
+    ("inspect", "trtkit.inspector.demo_stage:demo_stage"),
+    ("run", "trtkit.runtime.demo_stage:demo_stage"),
 ]
+
+
+def _resolve(fn: StageFn | str) -> StageFn:
+    if callable(fn):
+        return fn
+    import importlib
+
+    module, attr = fn.split(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def run_demo(config: DemoConfig, on_stage: Callable[[StageResult], None] | None = None) -> list[StageResult]:
@@ -77,7 +95,7 @@ def run_demo(config: DemoConfig, on_stage: Callable[[StageResult], None] | None 
     for name, fn in STAGES:
         t0 = time.perf_counter()
         try:
-            msg, files = fn(state)
+            msg, files = _resolve(fn)(state)
             res = StageResult(name, "done", msg, time.perf_counter() - t0, files)
         except Skipped as e:
             res = StageResult(name, "skipped", str(e), time.perf_counter() - t0)
