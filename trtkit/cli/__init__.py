@@ -45,6 +45,11 @@ def _root(
                         format="%(levelname)s %(name)s: %(message)s")
     if debug:
         os.environ["TRTKIT_DEBUG"] = "1"
+    if not verbose:
+        # The libraries read these on import (later, inside the commands): keep their chatter out.
+        for var in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
+            os.environ.setdefault(var, "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 for _name in COMMAND_MODULES:
