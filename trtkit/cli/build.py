@@ -1,7 +1,76 @@
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import typer
+
+from trtkit.cli._common import console, err_console
 
 
 def register(app: typer.Typer) -> None:
-    """Commands of this family are added by their own issue (see the issue tracker)."""
+    @app.command("build")
+    def build(
+        onnx: Path = typer.Argument(..., help="The ONNX model (its external data file beside it)."),
+        output: Path = typer.Option(None, "--output", "-o", help="The plan to write (default: ONNX name + .plan); "
+                                    "metadata goes to the same name + .json."),
+        profile: list[str] = typer.Option([], "--profile", "-p", help="Shape profile (see `trtkit profiles`), once per "
+                                          "TensorRT optimization profile; or a shapes string for a fixed one."),
+        fp16: bool = typer.Option(False, "--fp16", help="FP16 (with --int8/--fp8: the unquantized rest in FP16)."),
+        int8: bool = typer.Option(False, "--int8", help="INT8 Q/DQ (needs --calib unless the ONNX has Q/DQ)."),
+        fp8: bool = typer.Option(False, "--fp8", help="FP8 Q/DQ (compute capability 8.9 or later)."),
+        calib: Path = typer.Option(None, "--calib", help="Calibration file from `trtkit calibrate`."),
+        quant_level: float = typer.Option(None, "--quant-level", help="How much the Q/DQ pass quantizes."),
+        opt_level: int = typer.Option(None, "--opt-level", min=0, max=5,
+                                      help="Builder optimization level 0-5 (default 4 for 8-bit, else 3)."),
+        timing_cache: Path = typer.Option(None, "--timing-cache", help="Load/save TensorRT's timing cache here "
+                                          "(TensorRT-RTX has none: ignored)."),
+        workspace: str = typer.Option(None, "--workspace", help="Workspace memory limit, e.g. 8G or 512M."),
+        static: bool = typer.Option(False, "--static", help="Fixed shapes: each profile's opt shapes only."),
+        shapes: str = typer.Option(None, "--shapes", help="trtexec-style fixed shapes, e.g. sample:2x4x128x128."),
+        min_shapes: str = typer.Option(None, "--min-shapes"),
+        opt_shapes: str = typer.Option(None, "--opt-shapes"),
+        max_shapes: str = typer.Option(None, "--max-shapes"),
+        backend: str = typer.Option(None, "--backend", help="trt or rtx (default: what is installed)."),
+        target_cc: list[str] = typer.Option([], "--target-cc", help="TensorRT-RTX target compute capability, "
+                                            "e.g. 8.9 (repeat for more; default: its portable set)."),
+        model_dir: Path = typer.Option(None, "--model-dir", help="The diffusers folder the profiles read sizes from "
+                                       "(default: the one recorded at export)."),
+        force: bool = typer.Option(False, "--force", help="Rebuild even if an identical build exists."),
+        verbose: bool = typer.Option(False, "--verbose", help="TensorRT's log and every parser error."),
+    ) -> None:
+        """Build a TensorRT (or TensorRT-RTX) engine from an ONNX model, with metadata beside it."""
+        from trtkit.builder.build import build as do_build
+        from trtkit.builder.config import BuildConfig
+        from trtkit.builder.network import ParseError
+        from trtkit.errors import TrtkitError
+
+        if int8 and fp8:
+            raise TrtkitError("choose one of --int8 and --fp8")
+        precision = "int8" if int8 else "fp8" if fp8 else "fp16" if fp16 else "fp32"
+        if verbose:
+            logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+            logging.getLogger().setLevel(logging.DEBUG)
+        cfg = BuildConfig(
+            onnx=onnx, output=output or onnx.with_suffix(".plan"), profiles=tuple(profile), shapes=shapes,
+            min_shapes=min_shapes, opt_shapes=opt_shapes, max_shapes=max_shapes, precision=precision,
+            fp16_base=fp16 and precision in ("int8", "fp8"), calib=calib, quant_level=quant_level,
+            opt_level=opt_level, timing_cache=timing_cache, workspace=workspace, static=static, backend=backend,
+            target_cc=tuple(target_cc), model_dir=model_dir, force=force, verbose=verbose)
+        try:
+            r = do_build(cfg)
+        except ParseError as e:
+            if verbose or len(e.errors) > 1:
+                err_console.print(f"ONNX parser errors ({len(e.errors)}):")
+                for line in e.errors if verbose else e.errors[:10]:
+                    err_console.print(f"  {line}", markup=False)
+            raise
+        for note in r.notes:
+            console.print(f"note: {note}", markup=False)
+        if r.cached:
+            console.print(f"up to date: {r.plan} (built earlier in {r.build_seconds:.1f} s); --force rebuilds")
+            return
+        size = r.plan.stat().st_size / 2**20
+        console.print(f"built {r.plan} ({size:.1f} MiB, {r.precision}, {r.backend}, profiles "
+                      f"{', '.join(r.profiles) or 'static'}) in {r.build_seconds:.1f} s")
+        console.print(f"metadata {r.metadata}" + (f", layers {r.layers}" if r.layers else ""))

@@ -1,0 +1,299 @@
+"""`build(BuildConfig) -> BuildResult`: ONNX to a TensorRT plan through the network API.
+
+Steps: read the ONNX (no weights), resolve and check the profiles, compute the cache key (a hit
+returns at once), prepare the graph for the backend's precision model (FP16 conversion / Q/DQ pass
+on strongly typed backends, builder flags on TensorRT 10), parse with `parse_from_file`, build with
+a progress monitor, then write the plan atomically, the layer JSON and the metadata file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trtkit
+from trtkit._files import atomic_path, ensure_writable_dir, sha256_files, write_bytes_atomic, write_text_atomic
+from trtkit.builder import metadata as md
+from trtkit.builder.config import EIGHT_BIT, RTX_DEFAULT_TARGETS, BuildConfig
+from trtkit.builder.network import (add_profiles, network_flags, network_io, parse_onnx, set_rtx_targets)
+from trtkit.builder.progress import BuildProgress, cancel_on_sigint, make_monitor, progress_display
+from trtkit.builder.shapes import ProfileShapes, resolve_profiles
+from trtkit.builder.source import OnnxSource, read_onnx
+from trtkit.errors import TrtkitError
+
+log = logging.getLogger(__name__)
+
+CALIBRATE_HINT = ("calibrate first: trtkit calibrate MODEL_DIR -o calib.json, then pass --calib calib.json "
+                  "(or give an ONNX that already has Q/DQ nodes)")
+
+
+@dataclass
+class BuildResult:
+    plan: Path
+    metadata: Path
+    layers: Path | None  # the engine inspector JSON, where it could be made
+    cached: bool  # True: an identical earlier build was reused
+    seconds: float  # this call's wall time
+    build_seconds: float  # TensorRT's build time (of the earlier build on a cache hit)
+    cache_key: str
+    profiles: list[str] = field(default_factory=list)
+    precision: str = "fp32"
+    backend: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+def _strongly_typed(backend: Any) -> bool:
+    # TensorRT 11 and TensorRT-RTX removed the precision flags: types come from the graph.
+    return bool(backend.strongly_typed_only or backend.major >= 11)
+
+
+def _check_backend(config: BuildConfig, backend: Any) -> None:
+    if backend.is_rtx:
+        return
+    if config.target_cc:
+        raise TrtkitError("--target-cc is for TensorRT-RTX (--backend rtx); TensorRT builds for the GPU it runs on")
+    if backend.gpu is None:
+        raise TrtkitError(f"TensorRT {backend.version} needs a CUDA GPU to build ({backend.why_not_run or 'none found'}); "
+                          "use --backend rtx to build on the CPU with TensorRT-RTX")
+
+
+def _calib_files(calib: Path) -> list[Path]:
+    side = calib.with_suffix(".safetensors")
+    return [calib, side] if side.is_file() else [calib]
+
+
+def _check_precision(config: BuildConfig, source: OnnxSource, notes: list[str]) -> None:
+    if config.calib is not None and not config.calib.is_file():
+        raise TrtkitError(f"calibration file {config.calib} does not exist")
+    if config.precision not in EIGHT_BIT:
+        if source.has_qdq:
+            notes.append(f"the ONNX already has {'/'.join(source.qdq_types)} Q/DQ nodes; they are built as given")
+        return
+    if source.has_qdq:
+        if config.precision not in source.qdq_types:
+            raise TrtkitError(f"{source.path.name} already has {'/'.join(source.qdq_types)} Q/DQ nodes, not "
+                              f"{config.precision}; build it with --{source.qdq_types[0]} or start from the "
+                              "unquantized ONNX")
+        notes.append(f"the ONNX already has {config.precision} Q/DQ nodes: Q/DQ pass skipped"
+                     + ("; --calib ignored" if config.calib else ""))
+        return
+    if config.precision == "int8" and config.calib is None:
+        raise TrtkitError(f"--int8 needs calibration for {source.path.name}, which has no Q/DQ nodes; {CALIBRATE_HINT}")
+
+
+def _key_material(config: BuildConfig, backend: Any, source: OnnxSource, profiles: list[ProfileShapes],
+                  onnx_sha: str, calib_sha: str | None) -> dict[str, Any]:
+    return {
+        "trtkit": trtkit.__version__, "backend": backend.name, "backend_version": backend.version,
+        "target": list(config.rtx_targets) if backend.is_rtx else [backend.gpu, backend.compute_capability],
+        "onnx_sha256": onnx_sha, "calib_sha256": calib_sha if not source.has_qdq else None,
+        "precision": config.precision, "fp16_base": config.fp16_base, "quant_level": config.quant_level,
+        "profiles": [p.to_json() for p in profiles], "opt_level": config.effective_opt_level,
+        "workspace": config.workspace,
+    }
+
+
+def _prepare_onnx(config: BuildConfig, backend: Any, source: OnnxSource, work: Path,
+                  notes: list[str]) -> OnnxSource:
+    """The graph TensorRT will parse: the Q/DQ pass and/or FP16 conversion where the precision needs them."""
+    path = source.path
+    if config.precision in EIGHT_BIT and not source.has_qdq:
+        path = _quantize(config, path, work / "model.qdq.onnx")
+        notes.append(f"{config.precision} Q/DQ pass applied" + (f" with {config.calib.name}" if config.calib else ""))
+    fp16 = config.precision == "fp16" or (config.precision in EIGHT_BIT and config.fp16_base)
+    if fp16 and _strongly_typed(backend):
+        path = _convert_fp16(path, work / "model.fp16.onnx")
+        notes.append("FP16 graph conversion applied (strongly typed network)")
+    return source if path == source.path else read_onnx(path)
+
+
+def _quantize(config: BuildConfig, onnx_path: Path, output: Path) -> Path:
+    try:
+        from trtkit.graph.qdq import QuantizeConfig, quantize
+    except ImportError as e:
+        raise TrtkitError(f"--{config.precision} needs the Q/DQ pass (trtkit.graph.qdq), which this install "
+                          f"lacks ({e})") from e
+    kw: dict[str, Any] = dict(onnx_path=onnx_path, output=output, precision=config.precision, calib=config.calib)
+    if config.quant_level is not None:
+        kw["level"] = config.quant_level
+    result = quantize(QuantizeConfig(**kw))
+    return _result_path(result, output)
+
+
+def _convert_fp16(onnx_path: Path, output: Path) -> Path:
+    try:
+        from trtkit.graph.fp16 import convert_fp16
+    except ImportError as e:
+        raise TrtkitError(f"FP16 on a strongly typed backend needs the FP16 conversion (trtkit.graph.fp16), "
+                          f"which this install lacks ({e})") from e
+    return _result_path(convert_fp16(onnx_path, output), output)
+
+
+def _result_path(result: Any, default: Path) -> Path:
+    if isinstance(result, (str, os.PathLike)):
+        return Path(result)
+    for attr in ("path", "output"):
+        value = getattr(result, attr, None)
+        if isinstance(value, (str, os.PathLike)):
+            return Path(value)
+    return default
+
+
+def _precision_flags(config: BuildConfig, backend: Any, graph: OnnxSource) -> list[str]:
+    """TensorRT 10 builder flags: what the user asked for plus the types of the Q/DQ in the graph."""
+    if _strongly_typed(backend):
+        return []
+    want: list[str] = []
+    if config.precision == "fp16" or config.fp16_base:
+        want.append("FP16")
+    for t in ({config.precision} & set(EIGHT_BIT)) | set(graph.qdq_types):
+        want.append(t.upper())
+    flags = [f for f in dict.fromkeys(want) if f in backend.precision_flags]
+    missing = [f for f in dict.fromkeys(want) if f not in backend.precision_flags]
+    if missing:
+        raise TrtkitError(f"TensorRT {backend.version} has no {'/'.join(missing)} builder flag")
+    return flags
+
+
+def _last_errors(logger: Any, since: int) -> str:
+    msgs = [m for lvl, m in getattr(logger, "messages", [])[since:] if lvl >= logging.ERROR]
+    return msgs[-1].splitlines()[0] if msgs else "see the log above (--verbose)"
+
+
+def build(config: BuildConfig, progress: BuildProgress | None = None) -> BuildResult:
+    """Build `config.onnx` into `config.output` (+ `.json`, `.layers.json`). One-line TrtkitError on bad input.
+
+    `progress` lets a caller watch or cancel (`progress.cancel()`) from another thread.
+    """
+    from trtkit.backend import load_backend
+
+    t0 = time.perf_counter()
+    notes: list[str] = []
+    backend = load_backend(config.backend)
+    _check_backend(config, backend)
+    source = read_onnx(config.onnx)
+    profiles, dims_from = resolve_profiles(config, source)
+    _check_precision(config, source, notes)
+    out_dir = ensure_writable_dir(config.output.parent)
+
+    onnx_sha = source.sha256()
+    calib_sha = sha256_files(_calib_files(config.calib)) if config.calib else None
+    key = md.cache_key(_key_material(config, backend, source, profiles, onnx_sha, calib_sha))
+    names = [p.name for p in profiles]
+    if not config.force and md.is_cache_hit(config.output, config.metadata_path, key):
+        doc = md.read_metadata(config.metadata_path) or {}
+        layers = config.layers_path if config.layers_path.is_file() else None
+        log.info("cache hit: %s was built with the same inputs and settings (key %s)", config.output, key[:12])
+        return BuildResult(config.output, config.metadata_path, layers, True, time.perf_counter() - t0,
+                           float(doc.get("build_seconds", 0.0)), key, names, config.precision, backend.name,
+                           ["cache hit: same ONNX, settings and backend; --force rebuilds"])
+
+    trt = backend.trt
+    strongly_typed = _strongly_typed(backend)
+    with tempfile.TemporaryDirectory(prefix=f".{config.output.name}.work-", dir=out_dir) as work_dir:
+        graph = _prepare_onnx(config, backend, source, Path(work_dir), notes)
+        flags = _precision_flags(config, backend, graph)
+
+        builder = trt.Builder(backend.logger)
+        network = builder.create_network(network_flags(backend, strongly_typed))
+        parser = parse_onnx(backend, network, graph.path)
+        io = network_io(network)
+        cfg = builder.create_builder_config()
+        for f in flags:
+            cfg.set_flag(getattr(trt.BuilderFlag, f))
+        cfg.builder_optimization_level = config.effective_opt_level
+        cfg.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+        if config.workspace is not None:
+            cfg.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, config.workspace)
+        if backend.is_rtx:
+            set_rtx_targets(backend, cfg, config.rtx_targets)
+            if config.timing_cache is not None:
+                notes.append("--timing-cache ignored: TensorRT-RTX has no timing cache (it keeps a runtime cache "
+                             "when engines run)")
+                log.warning(notes[-1])
+        timing_cache = _load_timing_cache(cfg, config, notes) if not backend.is_rtx else None
+        add_profiles(builder, cfg, network, profiles)
+
+        state = progress or BuildProgress()
+        log_mark = len(getattr(backend.logger, "messages", []))
+        with atomic_path(config.output) as tmp_plan:
+            title = f"building {config.output.name} ({config.precision}, {backend.name} {backend.version})"
+            with progress_display(config.progress, title) as display:
+                if progress is None:
+                    state = BuildProgress(display)
+                monitor = make_monitor(trt, state)
+                cfg.progress_monitor = monitor
+                tb = time.perf_counter()
+                with cancel_on_sigint(state):
+                    plan = builder.build_serialized_network(network, cfg)
+                build_seconds = time.perf_counter() - tb
+            if plan is None or state.cancelled:
+                if state.cancelled:
+                    raise TrtkitError(f"build cancelled ({state.cancel_reason}); no plan written")
+                raise TrtkitError(f"TensorRT could not build {config.onnx.name}: {_last_errors(backend.logger, log_mark)}")
+            with open(tmp_plan, "wb") as f:
+                f.write(memoryview(plan))
+            plan_sha = sha256_files([tmp_plan])
+            plan_bytes = tmp_plan.stat().st_size
+            # The old metadata goes before the new plan lands, so no stale key ever vouches for it.
+            config.metadata_path.unlink(missing_ok=True)
+            config.layers_path.unlink(missing_ok=True)
+        if timing_cache is not None and config.timing_cache is not None:
+            write_bytes_atomic(config.timing_cache, bytes(memoryview(cfg.get_timing_cache().serialize())))
+        layers_text, layers_reason = md.engine_layers(backend, plan) if config.save_layers else (None, "not asked")
+        del plan, cfg, parser, network, builder, monitor  # TensorRT objects go before the monitor they point at
+    layers_path = None
+    if layers_text is not None:
+        layers_path = write_text_atomic(config.layers_path, layers_text)
+
+    doc = {
+        "trtkit_version": trtkit.__version__,
+        "backend": {"name": backend.name, "module": trt.__name__, "version": backend.version},
+        "target": ({"compute_capabilities": list(config.rtx_targets or RTX_DEFAULT_TARGETS),
+                    "default_targets": not config.rtx_targets} if backend.is_rtx else
+                   {"gpu": backend.gpu, "compute_capability": ".".join(map(str, backend.compute_capability or ()))}),
+        "precision": {"requested": config.precision, "fp16_base": config.fp16_base, "qdq_types": list(graph.qdq_types),
+                      "strongly_typed": strongly_typed, "builder_flags": flags},
+        "profiles": [p.to_json() for p in profiles],
+        "io": io,
+        "settings": {"opt_level": config.effective_opt_level, "workspace": config.workspace,
+                     "profiling_verbosity": "DETAILED", "static": config.static,
+                     "timing_cache": str(config.timing_cache) if timing_cache is not None else None,
+                     "quant_level": config.quant_level, "shapes": config.shapes, "min_shapes": config.min_shapes,
+                     "opt_shapes": config.opt_shapes, "max_shapes": config.max_shapes,
+                     "extra": dict(config.extra)},
+        "onnx": {"path": str(source.path.resolve()), "sha256": onnx_sha,
+                 "files": [p.name for p in (source.path, *source.data_files)], "component": source.component,
+                 "scope": source.metadata.get("trtkit.scope"), "dims_from": dims_from},
+        "calib": {"path": str(config.calib.resolve()), "sha256": calib_sha} if config.calib else None,
+        "build_seconds": round(build_seconds, 3),
+        "plan": {"path": config.output.name, "bytes": plan_bytes, "sha256": plan_sha},
+        "layers": {"saved": layers_path is not None, "path": layers_path.name if layers_path else None,
+                   "reason": layers_reason or "engine inspector JSON (DETAILED)"},
+        "notes": notes,
+        "cache_key": key,
+    }
+    md.write_metadata(config.metadata_path, doc)
+    return BuildResult(config.output, config.metadata_path, layers_path, False, time.perf_counter() - t0,
+                       build_seconds, key, names, config.precision, backend.name, notes)
+
+
+def _load_timing_cache(cfg: Any, config: BuildConfig, notes: list[str]) -> Any:
+    """Load (or start) the timing cache; a mismatched one is replaced rather than failing the build."""
+    if config.timing_cache is None:
+        return None
+    data = config.timing_cache.read_bytes() if config.timing_cache.is_file() else b""
+    cache = cfg.create_timing_cache(data)
+    if not cfg.set_timing_cache(cache, False):
+        notes.append(f"timing cache {config.timing_cache} is from another GPU or TensorRT; starting a new one")
+        log.warning(notes[-1])
+        cache = cfg.create_timing_cache(b"")
+        cfg.set_timing_cache(cache, False)
+    if config.effective_opt_level == 0:
+        notes.append("optimization level 0 ignores the timing cache")
+    return cache

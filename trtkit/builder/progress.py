@@ -1,0 +1,134 @@
+"""TensorRT's build progress (phases, nested, with steps) on a rich progress bar, and Ctrl-C as a
+clean cancel: `step_complete` returns False, TensorRT stops, the builder raises "build cancelled".
+
+`BuildProgress` holds the state and is plain Python (thread-safe, testable without TensorRT);
+`make_monitor` wraps it in a subclass of the backend's `IProgressMonitor`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class BuildProgress:
+    """Phase/step bookkeeping behind the progress monitor; every method may be called from any thread."""
+
+    def __init__(self, display: Any = None, max_depth: int = 3) -> None:
+        self._lock = threading.Lock()
+        self._display = display  # a rich Progress or None (then log lines)
+        self._max_depth = max_depth  # deeper phases (thousands of reformat timings) are counted, not shown
+        self._phases: dict[str, dict[str, Any]] = {}
+        self._cancel = threading.Event()
+        self.cancel_reason = ""
+        self.steps = 0
+        self.phases_seen: list[str] = []
+
+    # -- cancelling
+    def cancel(self, reason: str = "cancelled") -> None:
+        if not self._cancel.is_set():
+            self.cancel_reason = reason
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    # -- the IProgressMonitor protocol
+    def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+        with self._lock:
+            parent = self._phases.get(parent_phase) if parent_phase else None
+            depth = parent["depth"] + 1 if parent else 0
+            task = None
+            if self._display is not None and depth < self._max_depth:
+                task = self._display.add_task(("  " * depth) + phase_name, total=max(num_steps, 1))
+            elif self._display is None and depth < 2:
+                log.info("%s%s (%d steps)", "  " * depth, phase_name, num_steps)
+            self._phases[phase_name] = {"depth": depth, "task": task, "total": num_steps}
+            if phase_name not in self.phases_seen:
+                self.phases_seen.append(phase_name)
+
+    def step_complete(self, phase_name: str, step: int) -> bool:
+        with self._lock:
+            self.steps += 1
+            ph = self._phases.get(phase_name)
+            if ph is not None and ph["task"] is not None:
+                self._display.update(ph["task"], completed=step + 1)
+        return not self._cancel.is_set()
+
+    def phase_finish(self, phase_name: str) -> None:
+        with self._lock:
+            ph = self._phases.pop(phase_name, None)
+            if ph is not None and ph["task"] is not None:
+                self._display.remove_task(ph["task"])
+
+
+def make_monitor(trt: Any, state: BuildProgress) -> Any:
+    """An instance of a `trt.IProgressMonitor` subclass forwarding to `state`.
+
+    The caller keeps it referenced for the whole build (TensorRT holds only a raw pointer).
+    """
+
+    class _Monitor(trt.IProgressMonitor):  # type: ignore[misc, name-defined]
+        def __init__(self) -> None:
+            trt.IProgressMonitor.__init__(self)  # the pybind trampoline needs this explicit call
+
+        def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+            state.phase_start(phase_name, parent_phase, num_steps)
+
+        def step_complete(self, phase_name: str, step: int) -> bool:
+            return state.step_complete(phase_name, step)
+
+        def phase_finish(self, phase_name: str) -> None:
+            state.phase_finish(phase_name)
+
+    return _Monitor()
+
+
+@contextlib.contextmanager
+def cancel_on_sigint(state: BuildProgress) -> Iterator[None]:
+    """While building, the first Ctrl-C asks TensorRT to stop; a second one interrupts at once.
+
+    TensorRT calls the monitor on the thread that called the build, so Python runs this handler
+    at the next callback and `step_complete` then returns False.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if state.cancelled:
+            raise KeyboardInterrupt
+        state.cancel("interrupted (Ctrl-C)")
+        log.warning("Ctrl-C: cancelling the build (press again to stop at once)")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def progress_display(enabled: bool, title: str) -> Iterator[Any]:
+    """A rich Progress on a terminal (stderr), else None (the monitor logs phases instead)."""
+    if not enabled or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    t0 = time.perf_counter()
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=Console(stderr=True, highlight=False), transient=True) as prog:
+        prog.add_task(title, total=None)
+        yield prog
+    log.debug("build display closed after %.1f s", time.perf_counter() - t0)
