@@ -1,0 +1,340 @@
+"""`inspect(...)`: one path -> an ONNX coverage report or an engine report; two plans -> a comparison.
+
+The engine report answers "did the quantization reach the kernels?": layers by precision, share of the
+UNet's compute by precision, fused attention per attention block, and for every Q/DQ-carrying ONNX node
+whether it ended in an 8-bit kernel, with the likely reason where it did not.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trtkit.errors import TrtkitError
+from trtkit.inspector.engine_report import EngineSource, _get, load_engine, meta_backend, meta_onnx
+from trtkit.inspector.layers import ATTENTION_HINTS, EIGHT_BIT, LOW_BIT, Layer
+from trtkit.inspector.onnx_report import OnnxReport, OnnxScan, module_of, node_block, onnx_report, scan_onnx
+
+COMPUTE_KINDS = ("conv", "matmul", "attention", "myelin")
+_ATTN_NODE = re.compile(r"^(?P<module>.*/attn\d*)/(?P<op>MatMul|MatMul_1|Softmax)$")
+
+
+@dataclass(frozen=True)
+class AttentionStatus:
+    module: str
+    block: str
+    status: str  # "fused" | "not fused" | "unknown"
+    detail: str
+    layers: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"module": self.module, "block": self.block, "status": self.status, "detail": self.detail,
+                "layers": list(self.layers)}
+
+
+@dataclass(frozen=True)
+class CrossCheck:
+    node: str
+    kind: str
+    module: str
+    block: str
+    expected: str  # "int8" / "fp8"
+    outcome: str  # "8-bit" | "fell back" | "unknown"
+    precision: str  # what the layer ran in
+    layer: str | None
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"node": self.node, "kind": self.kind, "module": self.module, "block": self.block,
+                "expected": self.expected, "outcome": self.outcome, "precision": self.precision,
+                "layer": self.layer, "reason": self.reason}
+
+
+@dataclass
+class EngineReport:
+    src: EngineSource
+    onnx: OnnxScan | None
+    attention: list[AttentionStatus]
+    crosscheck: list[CrossCheck]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def layers(self) -> tuple[Layer, ...]:
+        return self.src.layers.layers if self.src.layers else ()
+
+    def layer_block(self, layer: Layer) -> str:
+        blocks = Counter(node_block(n, self.onnx.scope if self.onnx else "/unet/") for n in layer.onnx_nodes)
+        return blocks.most_common(1)[0][0] if blocks else "(io)"
+
+    def by_precision(self) -> dict[str, int]:
+        return dict(Counter(x.precision for x in self.layers).most_common())
+
+    def by_kind(self) -> dict[str, dict[str, int]]:
+        out: dict[str, Counter[str]] = defaultdict(Counter)
+        for x in self.layers:
+            out[x.kind][x.precision] += 1
+        return {k: dict(v) for k, v in sorted(out.items())}
+
+    def compute_share(self) -> dict[str, Any]:
+        """Share of UNet compute by precision: FLOPs where the layer dimensions give them, else layer count."""
+        compute = [x for x in self.layers if x.kind in COMPUTE_KINDS]
+        flops: Counter[str] = Counter()
+        unestimated = []
+        for x in compute:
+            f = x.flops()
+            if f is None:
+                unestimated.append(x)
+            else:
+                flops[x.precision] += f
+        total = sum(flops.values())
+        by_count = Counter(x.precision for x in compute)
+        if total > 0:
+            share = {k: v / total for k, v in flops.most_common()}
+            basis = "flops"
+        else:
+            n = sum(by_count.values()) or 1
+            share = {k: v / n for k, v in by_count.most_common()}
+            basis = "layer count"
+        return {"basis": basis, "share": share, "flops": dict(flops), "compute_layers": len(compute),
+                "layers_without_flops": len(unestimated) if basis == "flops" else len(compute),
+                "by_count": dict(by_count)}
+
+    def block_picture(self) -> dict[str, dict[str, float]]:
+        """Per UNet block: weight (FLOPs, or 1 per compute layer) by precision, for the HTML picture."""
+        out: dict[str, Counter[str]] = defaultdict(Counter)
+        for x in self.layers:
+            if x.kind not in COMPUTE_KINDS:
+                continue
+            out[self.layer_block(x)][x.precision] += x.flops() or 0.0
+        if not any(sum(c.values()) for c in out.values()):  # no FLOPs anywhere: count layers
+            out = defaultdict(Counter)
+            for x in self.layers:
+                if x.kind in COMPUTE_KINDS:
+                    out[self.layer_block(x)][x.precision] += 1
+        return {b: dict(c) for b, c in sorted(out.items(), key=lambda kv: _block_order(kv[0]))}
+
+    def to_json(self) -> dict[str, Any]:
+        meta = self.src.metadata
+        built_by, version = meta_backend(meta)
+        return {
+            "kind": "engine", "plan": str(self.src.plan), "source": self.src.source,
+            "backend": built_by or self.src.header.flavour, "tensorrt_version": version or self.src.header.version_str,
+            "precision": _get(meta, "precision", "build.precision"), "metadata": meta,
+            "layer_schema": self.src.layers.schema if self.src.layers else None,
+            "verbosity": self.src.layers.verbosity if self.src.layers else None,
+            "notes": self.src.notes + self.notes,
+            "summary": {"layers": len(self.layers), "by_precision": self.by_precision(), "by_kind": self.by_kind(),
+                        "compute_share": self.compute_share(), "blocks": self.block_picture()},
+            "attention": [a.to_json() for a in self.attention],
+            "crosscheck": [c.to_json() for c in self.crosscheck],
+            "io": [t.to_json() for t in self.src.layers.io] if self.src.layers else [],
+            "layers": [dict(x.to_json(), block=self.layer_block(x),
+                            time_ms=(self.src.timings_ms or {}).get(x.name)) for x in self.layers],
+            "onnx": str(self.onnx.path) if self.onnx else None,
+        }
+
+
+def _block_order(block: str) -> tuple[int, str]:
+    order = ("conv_in", "time_embedding", "add_embedding", "down_blocks", "mid_block", "up_blocks",
+             "conv_norm_out", "conv_out")
+    for i, p in enumerate(order):
+        if block.startswith(p):
+            return i, block
+    return len(order), block
+
+
+def _node_index(layers: tuple[Layer, ...]) -> dict[str, list[Layer]]:
+    idx: dict[str, list[Layer]] = defaultdict(list)
+    for x in layers:
+        for n in x.onnx_nodes:
+            idx[n].append(x)
+    return idx
+
+
+def attention_status(layers: tuple[Layer, ...], scan: OnnxScan | None) -> list[AttentionStatus]:
+    """Per attention module: did Q·Kᵀ, Softmax and ·V end in one fused attention kernel?"""
+    idx = _node_index(layers)
+    cores: dict[str, tuple[str, tuple[str, ...]]] = {}
+    if scan is not None:
+        for a in scan.attention:
+            cores[a.module] = (a.block, a.nodes)
+    else:  # from the node names the layers carry
+        found: dict[str, list[str]] = defaultdict(list)
+        for n in idx:
+            m = _ATTN_NODE.match(n)
+            if m:
+                found[m.group("module")].append(n)
+        for mod, nodes in found.items():
+            cores[module_of(mod + "/x", "/unet/")] = (node_block(mod + "/x"), tuple(sorted(nodes)))
+    out = []
+    names_only = bool(layers) and all(not x.detailed for x in layers)
+    for module, (block, nodes) in cores.items():
+        holders = {id(x): x for n in nodes for x in idx.get(n, [])}
+        hl = tuple(holders.values())
+        if not hl or any(n not in idx for n in nodes):
+            why = ("layer names only: a Myelin region names just its first and last node" if names_only else
+                   "the layer information does not list these nodes")
+            out.append(AttentionStatus(module, block, "unknown", why, tuple(x.name for x in hl)))
+            continue
+        if len(hl) == 1:
+            x = hl[0]
+            hint = next((h for h in ATTENTION_HINTS if h in x.tactic.lower() or h in x.type.lower()), None)
+            if hint:
+                out.append(AttentionStatus(module, block, "fused", f"one {x.type or 'layer'} layer, "
+                                           f"{x.precision}, tactic {x.tactic or '?'}", (x.name,)))
+            elif x.kind == "myelin":
+                out.append(AttentionStatus(module, block, "fused", f"one Myelin region ({x.precision}); the "
+                                           "kernel name does not say MHA", (x.name,)))
+            else:
+                out.append(AttentionStatus(module, block, "unknown", f"one {x.type or 'layer'} layer "
+                                           "with no attention tactic", (x.name,)))
+            continue
+        out.append(AttentionStatus(module, block, "not fused", f"{len(hl)} separate layers: "
+                                   + ", ".join(sorted({x.type or x.kind for x in hl})), tuple(x.name for x in hl)))
+    return sorted(out, key=lambda a: (_block_order(a.block), a.module))
+
+
+def cross_check(layers: tuple[Layer, ...], scan: OnnxScan) -> list[CrossCheck]:
+    """For each Q/DQ-carrying linear/conv/attention node: 8-bit kernel or fallback, and the likely reason."""
+    idx = _node_index(layers)
+    reformat_for: dict[str, list[Layer]] = defaultdict(list)
+    for x in layers:
+        if x.reformat_for:
+            reformat_for[x.reformat_for].append(x)
+    producers_of: dict[str, Layer] = {}
+    for x in layers:
+        for t in x.outputs:
+            producers_of[t.name] = x
+    out = []
+    for q in scan.quantized:
+        holders = idx.get(q.node, [])
+        expected = q.qtype or "?"
+        if not holders:
+            out.append(CrossCheck(q.node, q.kind, q.module, q.block, expected, "unknown", "?", None,
+                                  "no layer lists this ONNX node (names-only layer information, or the node "
+                                  "was folded away)"))
+            continue
+        x = next((h for h in holders if h.kind not in ("qdq", "reformat")), holders[0])
+        prec = x.precision
+        if prec in LOW_BIT:
+            note = "" if prec.lower() == expected else f" ({prec} where the ONNX asked {expected.upper()})"
+            out.append(CrossCheck(q.node, q.kind, q.module, q.block, expected, "8-bit", prec, x.name,
+                                  f"{x.type or x.kind} kernel{note}"))
+            continue
+        if prec == "?":
+            out.append(CrossCheck(q.node, q.kind, q.module, q.block, expected, "unknown", prec, x.name,
+                                  "layer names only: precision not recorded"))
+            continue
+        if x.kind == "myelin" or x.type.lower() == "myelin":
+            out.append(CrossCheck(q.node, q.kind, q.module, q.block, expected, "unknown", prec, x.name,
+                                  "inside a Myelin region: its I/O is " + prec + ", the kernels inside are not "
+                                  "listed"))
+            continue
+        out.append(CrossCheck(q.node, q.kind, q.module, q.block, expected, "fell back", prec, x.name,
+                              _fallback_reason(q, x, idx, reformat_for, producers_of)))
+    return out
+
+
+def _fallback_reason(q: Any, x: Layer, idx: dict[str, list[Layer]], reformat_for: dict[str, list[Layer]],
+                     producers_of: dict[str, Layer]) -> str:
+    if q.kind in ("linear", "conv") and not (q.act_q and q.weight_q):
+        side = "weight" if q.weight_q else "activation"
+        return f"missing pair: only the {side} has Q/DQ, so TensorRT cannot pick an 8-bit kernel"
+    standalone = [h for f in q.feeders for h in idx.get(f, []) if h.kind == "qdq" and h is not x]
+    if standalone:
+        return f"unfused Q/DQ: {standalone[0].name} ran as its own layer instead of fusing into the {q.kind}"
+    ref = reformat_for.get(x.name, [])
+    for t in x.inputs:
+        p = producers_of.get(t.name)
+        if p is not None and p.kind == "reformat":
+            ref.append(p)
+    ref += [h for f in q.feeders for h in idx.get(f, []) if h.kind == "reformat"]
+    if ref:
+        return (f"reformat: {ref[0].name} converts the input to {x.inputs[0].dtype if x.inputs else '?'} "
+                "in front of it")
+    return f"TensorRT chose a {x.precision} kernel (no faster or no supported 8-bit tactic for this shape)"
+
+
+def engine_report(plan: str | Path, onnx: str | Path | None = None, backend: str | None = None,
+                  profile_layers: bool = False) -> EngineReport:
+    plan = Path(plan)
+    src = load_engine(plan, backend=backend, profile_layers=profile_layers)
+    notes: list[str] = []
+    onnx_path = Path(onnx) if onnx else meta_onnx(src.metadata, plan)
+    if onnx and not Path(onnx).is_file():
+        raise TrtkitError(f"--onnx {onnx}: no such file")
+    scan = scan_onnx(onnx_path) if onnx_path else None
+    if scan is None:
+        notes.append("no ONNX model (pass --onnx model.onnx, or build with trtkit so the metadata records it): "
+                     "no cross-check of Q/DQ against the engine")
+    layers = src.layers.layers if src.layers else ()
+    attention = attention_status(layers, scan) if layers else []
+    cc = cross_check(layers, scan) if (layers and scan) else []
+    if scan is not None and not scan.quantized:
+        notes.append(f"{scan.path.name} has no Q/DQ: nothing to cross-check")
+    return EngineReport(src=src, onnx=scan, attention=attention, crosscheck=cc, notes=notes)
+
+
+@dataclass
+class Comparison:
+    a: EngineReport
+    b: EngineReport
+    rows: list[dict[str, Any]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": "compare", "a": self.a.to_json()["summary"], "b": self.b.to_json()["summary"],
+                "plans": [str(self.a.src.plan), str(self.b.src.plan)], "rows": self.rows,
+                "notes": {"a": self.a.src.notes + self.a.notes, "b": self.b.src.notes + self.b.notes}}
+
+
+_COMPUTE_OP = re.compile(r"/(Conv|MatMul|Gemm|Softmax|ConvTranspose)(_\d+)?$")
+
+
+def compare(a: EngineReport, b: EngineReport) -> Comparison:
+    """Layer by layer, matched by the ONNX compute nodes (Conv/MatMul/Gemm/Softmax) each layer carries."""
+    ia, ib = _node_index(a.layers), _node_index(b.layers)
+    nodes = [n for n in dict.fromkeys([*ia, *ib]) if _COMPUTE_OP.search(n)]
+    rows = []
+    for n in nodes:
+        la = next(iter(ia.get(n, [])), None)
+        lb = next(iter(ib.get(n, [])), None)
+        rows.append({
+            "node": n, "block": node_block(n),
+            "a_precision": la.precision if la else None, "b_precision": lb.precision if lb else None,
+            "a_layer": la.name if la else None, "b_layer": lb.name if lb else None,
+            "a_type": la.type if la else None, "b_type": lb.type if lb else None,
+            "same": (la.precision if la else None) == (lb.precision if lb else None),
+        })
+    return Comparison(a, b, rows)
+
+
+Report = OnnxReport | EngineReport | Comparison
+
+
+def _is_onnx(path: Path) -> bool:
+    return path.suffix.lower() == ".onnx"
+
+
+def inspect(path: str | Path, path2: str | Path | None = None, *, onnx: str | Path | None = None,
+            backend: str | None = None, profile_layers: bool = False) -> Report:
+    """The `trtkit inspect` verb: dispatch on the file(s)."""
+    p = Path(path)
+    if not p.exists():
+        raise TrtkitError(f"{p}: no such file")
+    if path2 is not None:
+        p2 = Path(path2)
+        if _is_onnx(p) or _is_onnx(p2):
+            raise TrtkitError("comparing takes two engine plans; inspect an .onnx model on its own")
+        return compare(engine_report(p, onnx, backend, profile_layers),
+                       engine_report(p2, onnx, backend, profile_layers))
+    if _is_onnx(p):
+        if profile_layers:
+            raise TrtkitError("--profile-layers times an engine's layers; pass a plan, not an .onnx model")
+        return onnx_report(p)
+    return engine_report(p, onnx, backend, profile_layers)
+
+
+__all__ = ["inspect", "engine_report", "compare", "EngineReport", "Comparison", "OnnxReport", "EIGHT_BIT"]
