@@ -92,27 +92,40 @@ def _key_material(config: BuildConfig, backend: Any, source: OnnxSource, profile
         "trtkit": trtkit.__version__, "backend": backend.name, "backend_version": backend.version,
         "target": list(config.rtx_targets) if backend.is_rtx else [backend.gpu, backend.compute_capability],
         "onnx_sha256": onnx_sha, "calib_sha256": calib_sha if not source.has_qdq else None,
-        "precision": config.precision, "fp16_base": config.fp16_base, "quant_level": config.quant_level,
+        "precision": config.precision, "fp16_rest": _fp16_rest(config, source), "quant_level": config.quant_level,
         "profiles": [p.to_json() for p in profiles], "opt_level": config.effective_opt_level,
         "workspace": config.workspace,
     }
 
 
-def _prepare_onnx(config: BuildConfig, backend: Any, source: OnnxSource, work: Path,
-                  notes: list[str]) -> OnnxSource:
+def _prepare_onnx(config: BuildConfig, backend: Any, source: OnnxSource, profiles: list[ProfileShapes],
+                  work: Path, notes: list[str]) -> OnnxSource:
     """The graph TensorRT will parse: the Q/DQ pass and/or FP16 conversion where the precision needs them."""
     path = source.path
+    fp16 = config.precision == "fp16" or (config.precision in EIGHT_BIT and _fp16_rest(config, source))
     if config.precision in EIGHT_BIT and not source.has_qdq:
-        path = _quantize(config, path, work / "model.qdq.onnx")
-        notes.append(f"{config.precision} Q/DQ pass applied" + (f" with {config.calib.name}" if config.calib else ""))
-    fp16 = config.precision == "fp16" or (config.precision in EIGHT_BIT and config.fp16_base)
+        preset = next((p.name for p in profiles if ":" not in p.name and p.name in config.profiles), None)
+        path, fp16_done = _quantize(config, path, work / "model.qdq.onnx", fp16, preset)
+        notes.append(f"{config.precision} Q/DQ pass applied" + (f" with {config.calib.name}" if config.calib else "")
+                     + (", the rest converted to FP16" if fp16_done else ""))
+        fp16 = fp16 and not fp16_done
     if fp16 and _strongly_typed(backend):
         path = _convert_fp16(path, work / "model.fp16.onnx")
         notes.append("FP16 graph conversion applied (strongly typed network)")
     return source if path == source.path else read_onnx(path)
 
 
-def _quantize(config: BuildConfig, onnx_path: Path, output: Path) -> Path:
+def _fp16_rest(config: BuildConfig, source: OnnxSource) -> bool:
+    if config.fp16_base is not None:
+        return config.fp16_base
+    return config.precision in EIGHT_BIT and not source.has_qdq
+
+
+def _quantize(config: BuildConfig, onnx_path: Path, output: Path, fp16: bool,
+              preset: str | None) -> tuple[Path, bool]:
+    """Run the Q/DQ pass; (its output, whether it also converted the rest to FP16)."""
+    import dataclasses
+
     try:
         from trtkit.graph.qdq import QuantizeConfig, quantize
     except ImportError as e:
@@ -121,8 +134,15 @@ def _quantize(config: BuildConfig, onnx_path: Path, output: Path) -> Path:
     kw: dict[str, Any] = dict(onnx_path=onnx_path, output=output, precision=config.precision, calib=config.calib)
     if config.quant_level is not None:
         kw["level"] = config.quant_level
+    # Optional knobs of the pass, passed where it has them: FP16 for the rest in the same pass, and
+    # the profile whose sample inputs it runs when it calibrates by itself.
+    fields = {f.name for f in dataclasses.fields(QuantizeConfig)}
+    if "fp16" in fields:
+        kw["fp16"] = fp16
+    if "profile" in fields and preset is not None:
+        kw["profile"] = preset
     result = quantize(QuantizeConfig(**kw))
-    return _result_path(result, output)
+    return _result_path(result, output), bool(kw.get("fp16"))
 
 
 def _convert_fp16(onnx_path: Path, output: Path) -> Path:
@@ -144,12 +164,12 @@ def _result_path(result: Any, default: Path) -> Path:
     return default
 
 
-def _precision_flags(config: BuildConfig, backend: Any, graph: OnnxSource) -> list[str]:
+def _precision_flags(config: BuildConfig, backend: Any, source: OnnxSource, graph: OnnxSource) -> list[str]:
     """TensorRT 10 builder flags: what the user asked for plus the types of the Q/DQ in the graph."""
     if _strongly_typed(backend):
         return []
     want: list[str] = []
-    if config.precision == "fp16" or config.fp16_base:
+    if config.precision == "fp16" or _fp16_rest(config, source):
         want.append("FP16")
     for t in ({config.precision} & set(EIGHT_BIT)) | set(graph.qdq_types):
         want.append(t.upper())
@@ -196,8 +216,8 @@ def build(config: BuildConfig, progress: BuildProgress | None = None) -> BuildRe
     trt = backend.trt
     strongly_typed = _strongly_typed(backend)
     with tempfile.TemporaryDirectory(prefix=f".{config.output.name}.work-", dir=out_dir) as work_dir:
-        graph = _prepare_onnx(config, backend, source, Path(work_dir), notes)
-        flags = _precision_flags(config, backend, graph)
+        graph = _prepare_onnx(config, backend, source, profiles, Path(work_dir), notes)
+        flags = _precision_flags(config, backend, source, graph)
 
         builder = trt.Builder(backend.logger)
         network = builder.create_network(network_flags(backend, strongly_typed))
@@ -257,7 +277,7 @@ def build(config: BuildConfig, progress: BuildProgress | None = None) -> BuildRe
         "target": ({"compute_capabilities": list(config.rtx_targets or RTX_DEFAULT_TARGETS),
                     "default_targets": not config.rtx_targets} if backend.is_rtx else
                    {"gpu": backend.gpu, "compute_capability": ".".join(map(str, backend.compute_capability or ()))}),
-        "precision": {"requested": config.precision, "fp16_base": config.fp16_base, "qdq_types": list(graph.qdq_types),
+        "precision": {"requested": config.precision, "fp16_rest": _fp16_rest(config, source), "qdq_types": list(graph.qdq_types),
                       "strongly_typed": strongly_typed, "builder_flags": flags},
         "profiles": [p.to_json() for p in profiles],
         "io": io,

@@ -67,7 +67,9 @@ class BuildConfig:
     opt_shapes: str | None = None
     max_shapes: str | None = None
     precision: str = "fp32"
-    fp16_base: bool = False  # with int8/fp8: the unquantized rest in FP16 (trtexec --fp16 --int8)
+    # int8/fp8: the unquantized rest in FP16. None: yes when the Q/DQ pass runs (NVIDIA's recipe,
+    # trtexec --fp16 --int8), no for an ONNX that arrives with its Q/DQ (built as given).
+    fp16_base: bool | None = None
     calib: Path | None = None
     quant_level: float | None = None  # Q/DQ pass level; None: the pass's default
     opt_level: int | None = None  # None: 4 for 8-bit builds, 3 otherwise

@@ -16,7 +16,9 @@ def register(app: typer.Typer) -> None:
                                     "metadata goes to the same name + .json."),
         profile: list[str] = typer.Option([], "--profile", "-p", help="Shape profile (see `trtkit profiles`), once per "
                                           "TensorRT optimization profile; or a shapes string for a fixed one."),
-        fp16: bool = typer.Option(False, "--fp16", help="FP16 (with --int8/--fp8: the unquantized rest in FP16)."),
+        fp16: bool = typer.Option(False, "--fp16", help="FP16 (with --int8/--fp8, which do it by default: the "
+                                  "unquantized rest in FP16)."),
+        fp32_rest: bool = typer.Option(False, "--fp32-rest", help="With --int8/--fp8: keep the unquantized rest in FP32."),
         int8: bool = typer.Option(False, "--int8", help="INT8 Q/DQ (needs --calib unless the ONNX has Q/DQ)."),
         fp8: bool = typer.Option(False, "--fp8", help="FP8 Q/DQ (compute capability 8.9 or later)."),
         calib: Path = typer.Option(None, "--calib", help="Calibration file from `trtkit calibrate`."),
@@ -47,6 +49,8 @@ def register(app: typer.Typer) -> None:
 
         if int8 and fp8:
             raise TrtkitError("choose one of --int8 and --fp8")
+        if fp32_rest and (fp16 or not (int8 or fp8)):
+            raise TrtkitError("--fp32-rest goes with --int8 or --fp8, without --fp16")
         precision = "int8" if int8 else "fp8" if fp8 else "fp16" if fp16 else "fp32"
         if verbose:
             logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
@@ -54,7 +58,7 @@ def register(app: typer.Typer) -> None:
         cfg = BuildConfig(
             onnx=onnx, output=output or onnx.with_suffix(".plan"), profiles=tuple(profile), shapes=shapes,
             min_shapes=min_shapes, opt_shapes=opt_shapes, max_shapes=max_shapes, precision=precision,
-            fp16_base=fp16 and precision in ("int8", "fp8"), calib=calib, quant_level=quant_level,
+            fp16_base=False if fp32_rest else (True if fp16 and (int8 or fp8) else None), calib=calib, quant_level=quant_level,
             opt_level=opt_level, timing_cache=timing_cache, workspace=workspace, static=static, backend=backend,
             target_cc=tuple(target_cc), model_dir=model_dir, force=force, verbose=verbose)
         try:
