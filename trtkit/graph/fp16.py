@@ -1,0 +1,222 @@
+"""Strongly typed FP16: every float tensor FP16 except FP32 islands where precision needs it, with
+explicit Casts at the island borders (TensorRT 11 / TensorRT-RTX build only what the types say).
+
+Our own pass rather than nvidia-modelopt's AutoCast: modelopt is not installed here (and pulls torch),
+and the pass must place Q/DQ scales in the type of the region that reads them, which AutoCast does
+not know about.
+
+FP32 islands by default:
+* `InstanceNormalization` (diffusers' GroupNorm): ONNX gives it no FP32 accumulation attribute
+  (LayerNormalization has `stash_type=1`, so it stays FP16 safely);
+* the sinusoidal timestep / time-id embeddings (`time_proj`, `add_time_proj`, Sin/Cos): timesteps up to
+  1000 and time ids of 1024 lose their fractional part in FP16, as diffusers keeps them FP32 too;
+* whatever the caller names (the Q/DQ pass keeps 8-bit attention cores FP32: TensorRT has FP32
+  accumulation kernels only for 8-bit MHA).
+`Resize` roi/scales stay FP32 (the ONNX schema types them float).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from trtkit.errors import TrtkitError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_KEEP_FP32_OPS = ("InstanceNormalization", "Sin", "Cos")
+FP32_SCOPES = ("time_proj", "add_time_proj")
+FP32_ONLY_INPUTS = {("Resize", 1), ("Resize", 2)}
+SCALE_INPUTS = {("QuantizeLinear", 1), ("DequantizeLinear", 1)}
+FP16_MIN_NORMAL = 2.0**-14
+F32, F16 = np.dtype(np.float32), np.dtype(np.float16)
+
+
+@dataclass
+class Fp16Stats:
+    fp16_nodes: int = 0
+    fp32_nodes: int = 0
+    casts: int = 0
+
+    def summary(self) -> str:
+        return f"{self.fp16_nodes} nodes FP16, {self.fp32_nodes} kept FP32, {self.casts} casts"
+
+
+def _is_float(t: gs.Tensor, dt: np.dtype) -> bool:
+    if isinstance(t, gs.Constant):
+        try:
+            return np.dtype(t.dtype) == dt
+        except TypeError:
+            return False
+    return t.dtype is not None and np.dtype(t.dtype) == dt
+
+
+def _in_fp32_scope(name: str) -> bool:
+    return any(p in FP32_SCOPES for p in name.split("/"))
+
+
+def to_fp16(graph: gs.Graph, keep_fp32_nodes: Iterable[str] = (), keep_fp32_ops: Iterable[str] = DEFAULT_KEEP_FP32_OPS,
+            io_dtype: str = "float32") -> Fp16Stats:
+    """Convert a graph in place. Float32 tensors become float16 unless read/written by an FP32 island."""
+    if io_dtype not in ("float32", "float16"):
+        raise TrtkitError(f"io_dtype {io_dtype!r} is not float32 or float16")
+    keep_nodes, keep_ops = set(keep_fp32_nodes), set(keep_fp32_ops)
+    stats = Fp16Stats()
+    fp32: dict[int, bool] = {}  # id(node) -> stays FP32
+
+    def plain(n: gs.Node) -> bool:
+        return n.name in keep_nodes or n.op in keep_ops or _in_fp32_scope(n.name or "")
+
+    qdq = [n for n in graph.nodes if n.op in ("QuantizeLinear", "DequantizeLinear")]
+    for n in graph.nodes:
+        if n.op not in ("QuantizeLinear", "DequantizeLinear", "Constant"):
+            fp32[id(n)] = plain(n)
+
+    def region_of_readers(t: gs.Tensor) -> bool:
+        readers = [c for c in t.outputs if id(c) in fp32]
+        return bool(readers) and all(fp32[id(c)] for c in readers)
+
+    # A Q/DQ pair takes the type of the region its DQ feeds (the scale's type is the DQ output type).
+    for n in qdq:
+        if n.op == "DequantizeLinear":
+            fp32[id(n)] = region_of_readers(n.outputs[0])
+    for n in qdq:
+        if n.op == "QuantizeLinear":
+            dqs = [c for c in n.outputs[0].outputs if id(c) in fp32]
+            fp32[id(n)] = bool(dqs) and all(fp32[id(c)] for c in dqs)
+    for n in graph.nodes:
+        if n.op == "Constant":
+            fp32[id(n)] = not any(not fp32.get(id(c), True) for c in n.outputs[0].outputs)
+
+    # Graph inputs in the I/O type.
+    if io_dtype == "float16":
+        for t in graph.inputs:
+            if _is_float(t, F32):
+                t.dtype = F16
+
+    # Outputs of FP16 nodes become FP16.
+    for n in graph.nodes:
+        if fp32[id(n)]:
+            stats.fp32_nodes += 1
+            continue
+        stats.fp16_nodes += 1
+        if n.op == "Cast" and n.attrs.get("to") == onnx.TensorProto.FLOAT:
+            n.attrs["to"] = onnx.TensorProto.FLOAT16
+        elif n.op == "ConstantOfShape" and isinstance(n.attrs.get("value"), gs.Constant):
+            v = n.attrs["value"]
+            if _is_float(v, F32):
+                n.attrs["value"] = gs.Constant(v.name, np.asarray(v.values, np.float16))
+        elif n.op == "Constant" and isinstance(n.attrs.get("value"), gs.Constant):
+            v = n.attrs["value"]
+            if _is_float(v, F32):
+                n.attrs["value"] = gs.Constant(v.name, np.asarray(v.values, np.float16))
+        for o in n.outputs:
+            if _is_float(o, F32):
+                o.dtype = F16
+            elif n.op == "DequantizeLinear" or (n.op == "Cast" and n.attrs.get("to") == onnx.TensorProto.FLOAT16):
+                o.dtype = F16
+
+    consts: dict[tuple[str, str], gs.Constant] = {}
+    casts: dict[tuple[str, str], gs.Variable] = {}
+    new_nodes: list[gs.Node] = []
+
+    def const_as(c: gs.Constant, dt: np.dtype, scale: bool) -> gs.Constant:
+        key = (c.name, dt.name)
+        if key not in consts:
+            v = np.asarray(c.values)
+            if scale and dt == F16:
+                v = np.maximum(np.abs(v), FP16_MIN_NORMAL)
+            consts[key] = gs.Constant(f"{c.name}_{'fp16' if dt == F16 else 'fp32'}", np.asarray(v, dtype=dt))
+        return consts[key]
+
+    def cast_as(t: gs.Variable, dt: np.dtype) -> gs.Variable:
+        key = (t.name, dt.name)
+        if key not in casts:
+            out = gs.Variable(f"{t.name}_cast_{'fp16' if dt == F16 else 'fp32'}", dtype=dt, shape=t.shape)
+            to = onnx.TensorProto.FLOAT16 if dt == F16 else onnx.TensorProto.FLOAT
+            new_nodes.append(gs.Node("Cast", f"{t.name}/Cast_{'fp16' if dt == F16 else 'fp32'}",
+                                     attrs={"to": to}, inputs=[t], outputs=[out]))
+            casts[key] = out
+            stats.casts += 1
+        return casts[key]
+
+    for n in list(graph.nodes):
+        if n.op == "Cast":
+            continue  # Cast reads any type
+        want = F32 if fp32[id(n)] else F16
+        other = F16 if want == F32 else F32
+        for i, t in enumerate(n.inputs):
+            if t is None or (isinstance(t, gs.Variable) and t.name == ""):
+                continue
+            target = F32 if (n.op, i) in FP32_ONLY_INPUTS else want
+            wrong = F16 if target == F32 else F32
+            if not _is_float(t, wrong):
+                continue
+            if isinstance(t, gs.Constant):
+                n.inputs[i] = const_as(t, target, (n.op, i) in SCALE_INPUTS)
+            else:
+                n.inputs[i] = cast_as(t, target)
+        del other
+    graph.nodes.extend(new_nodes)
+
+    # Graph outputs in the I/O type.
+    want_io = F16 if io_dtype == "float16" else F32
+    for idx, t in enumerate(list(graph.outputs)):
+        cur = np.dtype(t.dtype) if t.dtype is not None else None
+        if cur not in (F16, F32) or cur == want_io:
+            continue
+        inner = gs.Variable(f"{t.name}_{cur.name}", dtype=cur, shape=t.shape)
+        for p in list(t.inputs):
+            p.outputs[p.outputs.index(t)] = inner
+        for c in list(t.outputs):
+            for j, x in enumerate(c.inputs):
+                if x is t:
+                    c.inputs[j] = inner
+        to = onnx.TensorProto.FLOAT16 if want_io == F16 else onnx.TensorProto.FLOAT
+        graph.nodes.append(gs.Node("Cast", f"{t.name}/Cast_io", attrs={"to": to}, inputs=[inner], outputs=[t]))
+        t.dtype = want_io
+        stats.casts += 1
+    return stats
+
+
+def convert_fp16(onnx_path: Path | str, output: Path | str, *, io_dtype: str = "float32",
+                 keep_fp32_ops: Iterable[str] = DEFAULT_KEEP_FP32_OPS, keep_fp32_nodes: Iterable[str] = ()) -> Path:
+    """FP32 ONNX (with or without Q/DQ) -> strongly typed FP16 ONNX at `output`."""
+    from trtkit.graph.qdq import _load, write_model
+
+    src, dest = Path(onnx_path), Path(output)
+    if dest.resolve() == src.resolve():
+        raise TrtkitError("the output must not overwrite the input ONNX")
+    model = _load(src)
+    if not any(_elem(i) == onnx.TensorProto.FLOAT for i in (*model.graph.input, *model.graph.output,
+                                                              *model.graph.value_info)) and \
+            not any(t.data_type == onnx.TensorProto.FLOAT for t in model.graph.initializer):
+        raise TrtkitError(f"{src.name} has no FP32 tensors to convert")
+    if not model.graph.value_info:  # the pass needs every tensor's type
+        model = onnx.shape_inference.infer_shapes(model)
+    meta = {p.key: p.value for p in model.metadata_props}
+    from trtkit.graph.patterns import quiet_gs
+
+    with quiet_gs():
+        graph = gs.import_onnx(model)
+        del model
+        stats = to_fp16(graph, keep_fp32_nodes=keep_fp32_nodes, keep_fp32_ops=keep_fp32_ops, io_dtype=io_dtype)
+        log.info("fp16: %s", stats.summary())
+        graph.cleanup().toposort()
+        out = gs.export_onnx(graph)
+        del graph
+    from trtkit.graph.qdq import _set_meta
+
+    meta["trtkit.fp16"] = stats.summary()
+    _set_meta(out, meta)
+    return write_model(out, dest)
+
+
+def _elem(vi: onnx.ValueInfoProto) -> int:
+    return vi.type.tensor_type.elem_type
