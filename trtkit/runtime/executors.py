@@ -1,0 +1,226 @@
+"""Step executors: one UNet call on buffers bound once.
+
+The loop (graph_runner.py) owns every buffer; an executor is told their addresses once (`bind`) and
+then, per step, reads `sample`, `timestep` and the conditioning and writes `noise_pred` (`__call__`).
+Two implementations:
+  * TorchExecutor: the diffusers UNet in torch (fp16 on a GPU, optionally torch.compile'd). It sees the
+    loop's cuda-python buffers as torch tensors without copies (DLPack, or the CUDA array interface).
+  * TensorRTExecutor: a TensorRT engine (engine.py), `execute_async_v3` on the loop's stream; no torch.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from trtkit.errors import TrtkitError
+
+# The UNet's I/O names, as the exporter writes them (foundation contract).
+UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids")
+UNET_OUTPUT = "noise_pred"
+
+
+@dataclass(frozen=True)
+class LoopShape:
+    """Shapes of one denoising loop: everything a captured graph depends on besides addresses."""
+
+    batch: int  # images
+    latent_channels: int
+    latent_height: int
+    latent_width: int
+    cfg: bool
+    text_len: int
+    text_dim: int
+    pooled_dim: int | None  # SDXL text_embeds width; None for SD 1.x/2.x
+    time_ids_dim: int | None
+
+    @property
+    def unet_batch(self) -> int:
+        return self.batch * (2 if self.cfg else 1)
+
+    @property
+    def latent(self) -> tuple[int, ...]:
+        return (self.batch, self.latent_channels, self.latent_height, self.latent_width)
+
+    def unet_io(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """name -> (shape, kind); kind "io" takes the executor's dtype, "f32" is float32."""
+        b = self.unet_batch
+        out: dict[str, tuple[tuple[int, ...], str]] = {
+            "sample": ((b, self.latent_channels, self.latent_height, self.latent_width), "io"),
+            "timestep": ((1,), "f32"),
+            "encoder_hidden_states": ((b, self.text_len, self.text_dim), "io"),
+        }
+        if self.pooled_dim is not None:
+            out["text_embeds"] = ((b, self.pooled_dim), "io")
+            out["time_ids"] = ((b, self.time_ids_dim or 6), "io")
+        out[UNET_OUTPUT] = ((b, self.latent_channels, self.latent_height, self.latent_width), "io")
+        return out
+
+
+class StepExecutor(ABC):
+    """One UNet evaluation on bound buffers."""
+
+    name: str = "executor"
+    io_dtype: str = "float32"  # dtype of sample / conditioning / noise_pred
+    uses_torch_stream: bool = False  # True: the runner captures with torch.cuda.graph (see graph_runner)
+
+    @abstractmethod
+    def check_shape(self, shape: LoopShape) -> None:
+        """Raise TrtkitError (one line) if this executor cannot run `shape`."""
+
+    @abstractmethod
+    def bind(self, arrays: dict[str, Any]) -> None:
+        """Remember the buffers (numpy arrays on the CPU, cuda.DeviceArray on a GPU); called once per shape."""
+
+    @abstractmethod
+    def __call__(self, stream: int) -> None:
+        """Enqueue one UNet call on `stream` (0 on the CPU)."""
+
+    def fingerprint(self) -> tuple:
+        """Anything besides the bound buffers that a captured graph bakes in (weight addresses...)."""
+        return ()
+
+
+# ------------------------------------------------------------------------------------------------
+# torch
+
+
+def as_torch(arr: Any, dtype: str) -> Any:
+    """A torch tensor over `arr`'s memory (no copy): numpy via from_numpy, device arrays via DLPack
+    (cuda.core's Buffer exports it) or, where cuda.core is missing, the CUDA array interface."""
+    import torch
+
+    tdt = getattr(torch, dtype)
+    if isinstance(arr, np.ndarray):
+        t = torch.from_numpy(arr)
+        return t if dtype == str(arr.dtype) else t.view(tdt)
+    from trtkit.runtime.cuda import DeviceArray
+
+    assert isinstance(arr, DeviceArray)
+    t = None
+    try:
+        try:
+            from cuda.core import Buffer
+        except ImportError:
+            from cuda.core.experimental import Buffer  # type: ignore[no-redef]
+        buf = Buffer.from_handle(arr.ptr, arr.nbytes)
+        raw = torch.from_dlpack(buf)
+        if raw.data_ptr() == arr.ptr and raw.numel() * raw.element_size() == arr.nbytes:
+            t = raw.view(torch.uint8).view(tdt).view(arr.shape)
+            t._trtkit_owner = (buf, arr)  # type: ignore[attr-defined]
+    except Exception:
+        t = None
+    if t is None:
+        typestr = {"float32": "<f4", "float16": "<f2", "bfloat16": "<f2", "int32": "<i4"}[dtype]
+
+        class _Cai:
+            __cuda_array_interface__ = {"shape": tuple(arr.shape), "typestr": typestr, "data": (arr.ptr, False),
+                                        "version": 2, "strides": None}
+
+        t = torch.as_tensor(_Cai(), device="cuda")
+        if dtype == "bfloat16":
+            t = t.view(torch.bfloat16)
+    if t.data_ptr() != arr.ptr:  # pragma: no cover - a bridge that copied would break the graph silently
+        raise RuntimeError("the torch view of a device buffer is not zero-copy")
+    return t
+
+
+class TorchExecutor(StepExecutor):
+    """The diffusers UNet in torch. `compile=True` wraps it in torch.compile (no CUDA graphs of its own:
+    the runner captures the whole loop)."""
+
+    name = "torch"
+    uses_torch_stream = True
+
+    def __init__(self, unet: Any, compile: bool = False, compile_mode: str | None = None) -> None:
+        import torch
+
+        self.unet = unet
+        p = next(unet.parameters())
+        self.device = p.device
+        self.io_dtype = str(p.dtype).replace("torch.", "")
+        self.uses_torch_stream = self.device.type == "cuda"
+        self.sdxl = getattr(unet.config, "addition_embed_type", None) == "text_time"
+        self.fn = torch.compile(unet, fullgraph=True, mode=compile_mode) if compile else unet
+        self.compiled = compile
+        self.t: dict[str, Any] = {}
+
+    def check_shape(self, shape: LoopShape) -> None:
+        cfg = self.unet.config
+        if shape.latent_channels != cfg.in_channels:
+            raise TrtkitError(f"latent channels {shape.latent_channels} != UNet in_channels {cfg.in_channels}")
+        cross = cfg.cross_attention_dim
+        cross = cross[0] if isinstance(cross, (list, tuple)) else cross
+        if shape.text_dim != cross:
+            raise TrtkitError(f"encoder_hidden_states width {shape.text_dim} != UNet cross_attention_dim {cross}")
+        if self.sdxl and shape.pooled_dim is None:
+            raise TrtkitError("this UNet takes SDXL added conditions (text_embeds, time_ids); none were given")
+        if self.sdxl:
+            want = cfg.projection_class_embeddings_input_dim
+            got = shape.pooled_dim + (shape.time_ids_dim or 6) * cfg.addition_time_embed_dim
+            if want != got:
+                raise TrtkitError(f"text_embeds {shape.pooled_dim} + time_ids give {got} added features, "
+                                  f"the UNet expects {want}")
+        if shape.latent_height % 8 or shape.latent_width % 8:
+            raise TrtkitError(f"latent {shape.latent_height}x{shape.latent_width} must be a multiple of 8 "
+                              "(image size a multiple of 64)")
+
+    def bind(self, arrays: dict[str, Any]) -> None:
+        t = {}
+        for name, arr in arrays.items():
+            dt = "float32" if name == "timestep" else self.io_dtype
+            t[name] = as_torch(arr, dt)
+            if str(t[name].dtype) != f"torch.{dt}":  # pragma: no cover
+                raise RuntimeError(f"{name}: bound as {t[name].dtype}, expected {dt}")
+        # diffusers pipelines pass the timestep as a 0-d tensor: a view keeps torch.compile's guards the same
+        t["timestep0"] = t["timestep"][0]
+        self.t = t
+
+    def __call__(self, stream: int) -> None:
+        import torch
+
+        t = self.t
+        if self.uses_torch_stream and torch.cuda.current_stream().cuda_stream != stream:  # pragma: no cover
+            raise RuntimeError("TorchExecutor called outside the loop's torch stream")
+        kw: dict[str, Any] = {}
+        if self.sdxl:
+            kw["added_cond_kwargs"] = {"text_embeds": t["text_embeds"], "time_ids": t["time_ids"]}
+        with torch.no_grad():
+            out = self.fn(t["sample"], t["timestep0"], encoder_hidden_states=t["encoder_hidden_states"],
+                          return_dict=False, **kw)[0]
+            t[UNET_OUTPUT].copy_(out)
+
+    def fingerprint(self) -> tuple:
+        # A graph bakes in the weights' addresses: replacing a parameter (not updating it in place) needs a
+        # new capture.
+        return tuple(p.data_ptr() for p in self.unet.parameters())
+
+
+# ------------------------------------------------------------------------------------------------
+# TensorRT
+
+
+class TensorRTExecutor(StepExecutor):
+    """A TensorRT UNet engine (engine.Engine) run with execute_async_v3 on the loop's stream."""
+
+    name = "tensorrt"
+    uses_torch_stream = False
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.io_dtype = engine.dtype_of(UNET_OUTPUT)
+
+    def check_shape(self, shape: LoopShape) -> None:
+        self.engine.check_shapes({k: s for k, (s, _) in shape.unet_io().items() if k != UNET_OUTPUT})
+
+    def bind(self, arrays: dict[str, Any]) -> None:
+        self.engine.bind(arrays)
+
+    def __call__(self, stream: int) -> None:
+        self.engine.execute(stream)
+
+    def fingerprint(self) -> tuple:
+        return self.engine.fingerprint()

@@ -1,0 +1,197 @@
+"""Text -> image through the runtime: text encoders and VAE from the diffusers folder (torch), the UNet
+from `engines/unet.plan` (TensorRT) when given, else the torch UNet; the denoising loop on the
+LoopRunner (one CUDA graph on a GPU, the eager numpy-reference loop on a CPU)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trtkit.errors import TrtkitError
+from trtkit.runtime.executors import LoopShape, StepExecutor, TorchExecutor
+from trtkit.runtime.graph_runner import LoopRunner
+from trtkit.runtime.schedulers import SCHEDULERS, StepTables, draw_noise, make_tables, scheduler_name
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model_dir: Path
+    prompt: str
+    negative_prompt: str = ""
+    steps: int = 30
+    guidance: float = 7.5
+    scheduler: str | None = None  # None: the folder's scheduler
+    seed: int = 0
+    height: int | None = None
+    width: int | None = None
+    cuda_graph: bool = True
+    engines: Path | None = None
+    trust_engine: bool = False
+    device: str | None = None  # None: cuda if present
+    compile: bool = False
+
+
+@dataclass
+class RunResult:
+    image: Any  # PIL image
+    latents: np.ndarray
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    executor: str = ""
+    cuda_graph: bool = False
+
+
+def default_device() -> str:
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:  # pragma: no cover
+        return "cpu"
+
+
+def load_pipeline(model_dir: Path, device: str) -> Any:
+    import torch
+    from diffusers import DiffusionPipeline
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "model_index.json").is_file():
+        raise TrtkitError(f"{model_dir} is not a diffusers pipeline folder (no model_index.json)")
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    kw: dict[str, Any] = {}
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(model_dir), torch_dtype=dtype, **kw)
+    except Exception as e:
+        raise TrtkitError(f"cannot load the pipeline in {model_dir}: {str(e).splitlines()[0]}") from e
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def is_sdxl(pipe: Any) -> bool:
+    return getattr(pipe.unet.config, "addition_embed_type", None) == "text_time"
+
+
+def encode(pipe: Any, prompt: str | list[str], negative_prompt: str | list[str] | None, cfg: bool,
+           height: int, width: int, device: str) -> tuple[dict[str, Any], LoopShape]:
+    """The UNet conditioning, [uncond; cond] on the batch axis when `cfg`, as the diffusers pipelines make it."""
+    import torch
+
+    with torch.no_grad():
+        if is_sdxl(pipe):
+            pe, npe, pooled, npooled = pipe.encode_prompt(prompt, device=device, do_classifier_free_guidance=cfg,
+                                                         negative_prompt=negative_prompt or None)
+            b = pe.shape[0]
+            tid = torch.tensor([[height, width, 0, 0, height, width]] * b, dtype=pe.dtype, device=pe.device)
+            cond = {"encoder_hidden_states": torch.cat([npe, pe]) if cfg else pe,
+                    "text_embeds": torch.cat([npooled, pooled]) if cfg else pooled,
+                    "time_ids": torch.cat([tid, tid]) if cfg else tid}
+            pooled_dim, tdim = pooled.shape[-1], 6
+        else:
+            pe, npe = pipe.encode_prompt(prompt, device, 1, cfg, negative_prompt=negative_prompt or None)
+            b = pe.shape[0]
+            cond = {"encoder_hidden_states": torch.cat([npe, pe]) if cfg else pe}
+            pooled_dim, tdim = None, None
+    f = pipe.vae_scale_factor
+    shape = LoopShape(batch=b, latent_channels=pipe.unet.config.in_channels, latent_height=height // f,
+                      latent_width=width // f, cfg=cfg, text_len=pe.shape[1], text_dim=pe.shape[2],
+                      pooled_dim=pooled_dim, time_ids_dim=tdim)
+    return cond, shape
+
+
+def initial_latents(shape: LoopShape, tables: StepTables, seed: int) -> np.ndarray:
+    """Gaussian latents from a CPU torch generator (as diffusers' randn_tensor draws them), times
+    the scheduler's init_noise_sigma."""
+    import torch
+
+    g = torch.Generator("cpu").manual_seed(seed)
+    x = torch.randn(shape.latent, generator=g, dtype=torch.float32).numpy()
+    return x * np.float32(tables.init_noise_sigma)
+
+
+def decode(pipe: Any, latents: np.ndarray, output_type: str = "pil") -> Any:
+    import torch
+
+    vae = pipe.vae
+    dtype = vae.dtype
+    if dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        vae.to(torch.float32)  # the fp16 SDXL VAE overflows; diffusers upcasts it the same way
+        dtype = torch.float32
+    z = torch.from_numpy(latents).to(vae.device, dtype)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    z = z / vae.config.scaling_factor + shift
+    with torch.no_grad():
+        img = vae.decode(z, return_dict=False)[0]
+    return pipe.image_processor.postprocess(img, output_type=output_type)
+
+
+def make_executor(pipe: Any, engines: Path | None, trust_engine: bool, compile: bool, device: str) -> StepExecutor:
+    if engines is not None:
+        plan = Path(engines) / "unet.plan"
+        if not plan.is_file():
+            raise TrtkitError(f"{engines} has no unet.plan")
+        if device != "cuda":
+            raise TrtkitError("TensorRT engines need a CUDA GPU; none found")
+        from trtkit.runtime.engine import Engine
+        from trtkit.runtime.executors import TensorRTExecutor
+
+        return TensorRTExecutor(Engine.load(plan, trust_engine=trust_engine))
+    return TorchExecutor(pipe.unet, compile=compile)
+
+
+class Pipeline:
+    """A loaded pipeline + executor + loop runner, reusable across prompts (graphs are kept)."""
+
+    def __init__(self, model_dir: Path, engines: Path | None = None, device: str | None = None,
+                 cuda_graph: bool = True, trust_engine: bool = False, compile: bool = False) -> None:
+        self.device = device or default_device()
+        self.pipe = load_pipeline(Path(model_dir), self.device)
+        self.executor = make_executor(self.pipe, engines, trust_engine, compile, self.device)
+        self.runner = LoopRunner(self.executor, device=self.device, use_graph=cuda_graph)
+
+    def tables(self, scheduler: str | None, steps: int) -> StepTables:
+        name = scheduler or scheduler_name(self.pipe.scheduler)
+        if name not in SCHEDULERS:
+            raise TrtkitError(f"unknown scheduler {name!r}", hint=f"choose one of {', '.join(SCHEDULERS)}")
+        return make_tables(self.pipe.scheduler, steps, name)
+
+    def __call__(self, cfg: RunConfig) -> RunResult:
+        t0 = time.perf_counter()
+        unet_cfg = self.pipe.unet.config
+        f = self.pipe.vae_scale_factor
+        height = cfg.height or unet_cfg.sample_size * f
+        width = cfg.width or unet_cfg.sample_size * f
+        if height % 8 or width % 8:
+            raise TrtkitError(f"height and width must be multiples of 8, got {height}x{width}")
+        use_cfg = cfg.guidance > 1.0
+        tables = self.tables(cfg.scheduler, cfg.steps)
+        cond, shape = encode(self.pipe, cfg.prompt, cfg.negative_prompt, use_cfg, height, width, self.device)
+        t1 = time.perf_counter()
+        x = initial_latents(shape, tables, cfg.seed)
+        noise = draw_noise(tables, shape.latent, cfg.seed + 1)
+        lat = self.runner(shape, tables, x_init=x, guidance=cfg.guidance, noise=noise, **cond)
+        t2 = time.perf_counter()
+        image = decode(self.pipe, lat)[0]
+        t3 = time.perf_counter()
+        return RunResult(image=image, latents=lat, executor=self.executor.name, cuda_graph=self.runner.use_graph,
+                         timings_ms={"encode": (t1 - t0) * 1e3, "denoise": (t2 - t1) * 1e3,
+                                     "decode": (t3 - t2) * 1e3, "total": (t3 - t0) * 1e3})
+
+
+def run(cfg: RunConfig, output: Path | None = None) -> RunResult:
+    """`trtkit run`: one image, saved atomically to `output` when given."""
+    pipe = Pipeline(cfg.model_dir, engines=cfg.engines, device=cfg.device, cuda_graph=cfg.cuda_graph,
+                    trust_engine=cfg.trust_engine, compile=cfg.compile)
+    res = pipe(cfg)
+    if output is not None:
+        from trtkit._files import atomic_path
+
+        output = Path(output)
+        if output.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+            raise TrtkitError(f"output {output} must end in .png, .jpg or .webp")
+        with atomic_path(output) as tmp:
+            res.image.save(tmp, format={".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(
+                output.suffix.lower(), "PNG"))
+    return res
