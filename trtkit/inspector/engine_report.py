@@ -116,7 +116,7 @@ def meta_backend(meta: dict[str, Any] | None) -> tuple[str | None, str | None]:
 
 
 def meta_onnx(meta: dict[str, Any] | None, plan: Path) -> Path | None:
-    p = _get(meta, "onnx.path", "onnx", "source.path", "source", "onnx_path", "model")
+    p = _get(meta, "onnx.path", "onnx", "onnx_path")
     if isinstance(p, dict):
         p = p.get("path")
     if not isinstance(p, str):
@@ -154,7 +154,7 @@ def check_version(plan: Path, header: PlanHeader, meta: dict[str, Any] | None, b
 
 
 def check_metadata_matches(plan: Path, meta: dict[str, Any] | None) -> None:
-    size = _get(meta, "plan.size", "plan_size", "plan_bytes", "size_bytes")
+    size = _get(meta, "plan.bytes", "plan.size", "plan_size", "plan_bytes")
     actual = plan.stat().st_size
     if isinstance(size, int) and size != actual:
         what = "truncated" if actual < size else "not the plan its metadata describes"
@@ -215,12 +215,12 @@ def load_engine(plan: str | Path, backend: str | None = None, profile_layers: bo
             notes.append("layer information has names only (engine built at LAYER_NAMES_ONLY verbosity): no "
                          "precisions, formats or tactics; rebuild with DETAILED profiling verbosity")
         return EngineSource(plan, header, meta, layers, "saved", notes, None, be.name if be else None)
-    saved = _get(meta, "layers_saved", "layers.saved", "layer_info_saved", "inspect.layers_saved")
-    reason = (f"the build recorded why: {_get(meta, 'layers_reason', 'layers.reason', 'layers_note')}"
-              if _get(meta, "layers_reason", "layers.reason", "layers_note") else
+    saved = _get(meta, "layers.saved", "layers_saved")
+    recorded = _get(meta, "layers.reason", "layers_reason") if saved is False else None
+    reason = (f"the build recorded: {recorded}" if recorded else
               "the build could not deserialize the engine to save it" if saved is False else
               f"no {layers_path.name} beside the plan")
-    notes.append(f"no per-layer information: {reason}")
+    notes.append(f"no per-layer information, so no layer precisions, fusion or Q/DQ cross-check: {reason}")
     return EngineSource(plan, header, meta, None, "none", notes, None, be.name if be else None)
 
 

@@ -111,6 +111,8 @@ def _engine_sections(r: EngineReport, prefix: str = "") -> str:
            f'precision <b>{e(j["precision"] or "?")}</b> &middot; layer information from <b>{e(j["source"])}</b>'
            f' ({e(j["layer_schema"] or "-")}, {e(j["verbosity"] or "-")})'
            + (f' &middot; ONNX <code>{e(j["onnx"])}</code>' if j["onnx"] else "") + "</p>"]
+    if j["metadata_summary"]:
+        out.append("<h2>Engine metadata</h2>" + table(["", ""], [[e(k), e(v)] for k, v in j["metadata_summary"]]))
     out += [f'<div class="note">{e(n)}</div>' for n in j["notes"]]
     if not r.layers:
         return "".join(out)

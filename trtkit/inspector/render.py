@@ -73,6 +73,11 @@ def render_engine(r: EngineReport, console: Console, *, all_layers: bool = True)
     j = r.to_json()
     console.print(f"[bold]Engine[/] {r.src.plan}  backend {j['backend']} {j['tensorrt_version'] or '?'}  "
                   f"precision {j['precision'] or '?'}  layers from: {r.src.source}")
+    if j["metadata_summary"]:
+        t = Table(show_header=False, box=None, padding=(0, 2))
+        for label, text in j["metadata_summary"]:
+            t.add_row(f"[dim]{label}[/]", text)
+        console.print(t)
     for note in j["notes"]:
         console.print(f"  [yellow]note[/] {note}")
     if not r.layers:

@@ -122,7 +122,7 @@ class EngineReport:
         return {
             "kind": "engine", "plan": str(self.src.plan), "source": self.src.source,
             "backend": built_by or self.src.header.flavour, "tensorrt_version": version or self.src.header.version_str,
-            "precision": _get(meta, "precision", "build.precision"), "metadata": meta,
+            "precision": _precision(meta), "metadata": meta, "metadata_summary": metadata_summary(meta),
             "layer_schema": self.src.layers.schema if self.src.layers else None,
             "verbosity": self.src.layers.verbosity if self.src.layers else None,
             "notes": self.src.notes + self.notes,
@@ -135,6 +135,61 @@ class EngineReport:
                             time_ms=(self.src.timings_ms or {}).get(x.name)) for x in self.layers],
             "onnx": str(self.onnx.path) if self.onnx else None,
         }
+
+
+def _dims(d: Any) -> str:
+    return "x".join(str(v) for v in d) if isinstance(d, list) else str(d)
+
+
+def metadata_summary(meta: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """What the engine's metadata file says, as (label, text) rows: read even where the plan cannot be."""
+    if not meta:
+        return []
+    rows: list[tuple[str, str]] = []
+    be = meta.get("backend")
+    if isinstance(be, dict):
+        rows.append(("built with", f"{be.get('module') or be.get('name')} {be.get('version', '?')}"
+                     + (f", trtkit {meta['trtkit_version']}" if meta.get("trtkit_version") else "")))
+    tgt = meta.get("target")
+    if isinstance(tgt, dict):
+        rows.append(("target", tgt.get("gpu") or ("compute capabilities " + ", ".join(
+            map(str, tgt.get("compute_capabilities") or [])))))
+    prec = meta.get("precision")
+    if isinstance(prec, dict):
+        rows.append(("precision", f"{prec.get('requested')}; Q/DQ types: {', '.join(prec.get('qdq_types') or []) or 'none'}"
+                     f"; strongly typed: {prec.get('strongly_typed')}; builder flags: "
+                     f"{', '.join(prec.get('builder_flags') or []) or 'none'}"))
+    for prof in meta.get("profiles") or []:
+        if isinstance(prof, dict) and isinstance(prof.get("shapes"), dict):
+            shapes = "; ".join(f"{k} {_dims(v.get('min'))} / {_dims(v.get('opt'))} / {_dims(v.get('max'))}"
+                               for k, v in prof["shapes"].items() if isinstance(v, dict))
+            rows.append((f"profile {prof.get('name', '')} (min/opt/max)", shapes))
+    io = meta.get("io")
+    if isinstance(io, dict):
+        for side in ("inputs", "outputs"):
+            items = io.get(side) or []
+            rows.append((side, ", ".join(f"{t.get('name')} {t.get('dtype')} {_dims(t.get('shape'))}"
+                                          for t in items if isinstance(t, dict))))
+    onnx = meta.get("onnx")
+    if isinstance(onnx, dict) and onnx.get("path"):
+        rows.append(("ONNX", str(onnx["path"])))
+    if meta.get("build_seconds") is not None:
+        rows.append(("build time", f"{meta['build_seconds']} s"))
+    plan = meta.get("plan")
+    if isinstance(plan, dict) and plan.get("bytes"):
+        rows.append(("plan size", f"{plan['bytes'] / 2**20:.1f} MiB"))
+    layers = meta.get("layers")
+    if isinstance(layers, dict):
+        rows.append(("layer information", "saved" if layers.get("saved") else str(layers.get("reason", "not saved"))))
+    return rows
+
+
+def _precision(meta: dict[str, Any] | None) -> str | None:
+    p = _get(meta, "precision.requested", "precision")
+    if isinstance(p, dict):
+        return None
+    types = _get(meta, "precision.qdq_types")
+    return f"{p} (Q/DQ {', '.join(types)})" if p and types else p
 
 
 def _block_order(block: str) -> tuple[int, str]:

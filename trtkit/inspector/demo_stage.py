@@ -1,0 +1,39 @@
+"""Demo stage: Q/DQ coverage of the quantized (or exported) UNet, the engine report where there is an
+engine, both on one HTML page in the demo folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def demo_stage(state: Any) -> tuple[str, list[Path]]:
+    from trtkit._files import write_text_atomic
+    from trtkit.cli._common import console
+    from trtkit.demo import Skipped
+    from trtkit.inspector.html import combined_html
+    from trtkit.inspector.render import render
+    from trtkit.inspector.report import engine_report, inspect
+
+    onnx = state.quantized or state.onnx
+    if onnx is None and state.engine is None:
+        raise Skipped("no ONNX model or engine from the earlier stages")
+    sections: list[tuple[str, Any]] = []
+    parts = []
+    if onnx is not None:
+        rep = inspect(onnx)
+        sections.append((f"Q/DQ coverage of {Path(onnx).name}", rep))
+        render(rep, console)
+        s = rep.scan.summary()
+        q = sum(d.get("int8", 0) + d.get("fp8", 0) for d in s.values())
+        parts.append(f"{Path(onnx).name}: {q} of {sum(d['total'] for d in s.values())} linear/conv/attention "
+                     "nodes behind Q/DQ")
+    if state.engine is not None:
+        erep = engine_report(state.engine, onnx=onnx)
+        sections.append((f"Engine {Path(state.engine).name}", erep))
+        render(erep, console, all_layers=False)
+        parts.append(f"engine: {len(erep.layers)} layers ({erep.src.source})" if erep.layers else
+                     "engine: metadata only (no layer information on this machine)")
+    out = Path(state.config.workdir) / "report.html"
+    write_text_atomic(out, combined_html("trtkit demo: inspect", sections))
+    return "; ".join(parts), [out]
