@@ -1,7 +1,67 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
+
+from trtkit.cli._common import console, err_console
 
 
 def register(app: typer.Typer) -> None:
-    """Commands of this family are added by their own issue (see the issue tracker)."""
+    @app.command("calibrate")
+    def calibrate(
+        model_dir: Path = typer.Argument(..., help="A diffusers pipeline folder."),
+        prompts: Path = typer.Option(None, "--prompts", help="Prompt file, one per line (default: the built-in one)."),
+        num_prompts: int = typer.Option(32, "--num-prompts", help="How many prompts of the file to use."),
+        steps: int = typer.Option(30, "--steps", help="Denoising steps per prompt batch (use your inference count)."),
+        batch: int = typer.Option(2, "--batch", help="Prompts per pipeline call (one calibration pass)."),
+        int8: bool = typer.Option(False, "--int8", help="INT8 ranges (the default)."),
+        fp8: bool = typer.Option(False, "--fp8", help="FP8 E4M3 ranges (level 4 by default)."),
+        level: float = typer.Option(None, "--level", help="Quantization level 1, 2, 2.5, 3, 4 (default 3 INT8, 4 FP8)."),
+        percentile: float = typer.Option(None, "--percentile",
+                                         help="Share of the steps (early first) whose ranges are used."),
+        reduction: str = typer.Option(None, "--reduction", help="max, min, mean, min-mean or global-min."),
+        smoothquant: bool = typer.Option(None, "--smoothquant/--no-smoothquant",
+                                         help="SmoothQuant the INT8 linear layers (default on for INT8)."),
+        alpha: float = typer.Option(None, "--alpha", help="Fixed SmoothQuant alpha (default: searched per layer)."),
+        height: int = typer.Option(None, "--height", help="Image height (default: the model's native size)."),
+        width: int = typer.Option(None, "--width"),
+        guidance_scale: float = typer.Option(None, "--guidance-scale"),
+        seed: int = typer.Option(0, "--seed"),
+        device: str = typer.Option(None, "--device", help="cuda or cpu (default: cuda where there is one)."),
+        out: Path = typer.Option(Path("calib.json"), "--output", "-o", help="Calibration file to write."),
+    ) -> None:
+        """Calibrate a pipeline's UNet for INT8/FP8: per-step ranges, Percentile Quant, SmoothQuant."""
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from trtkit.calibration.calibrate import CalibrateConfig, Recipe
+        from trtkit.calibration.calibrate import calibrate as do_calibrate
+        from trtkit.errors import TrtkitError
+
+        if int8 and fp8:
+            raise TrtkitError("--int8 and --fp8 exclude each other")
+        base = Recipe()
+        recipe = Recipe(precision="fp8" if fp8 else "int8", level=level,
+                        percentile=base.percentile if percentile is None else percentile,
+                        reduction=base.reduction if reduction is None else reduction,
+                        smoothquant=smoothquant, alpha=alpha)
+        cfg = CalibrateConfig(model_dir=model_dir, out=out, prompts=prompts, num_prompts=num_prompts, steps=steps,
+                              batch=batch, recipe=recipe, height=height, width=width,
+                              guidance_scale=guidance_scale, seed=seed, device=device)
+        with Progress(TextColumn("calibrate"), BarColumn(), MofNCompleteColumn(), TextColumn("batches"),
+                      TimeElapsedColumn(), TextColumn("{task.description}"), console=err_console,
+                      transient=True, disable=not err_console.is_terminal) as prog:
+            task = prog.add_task("", total=None)
+
+            def progress(done: int, total: int, msg: str) -> None:
+                prog.update(task, completed=done, total=total, description=msg[:40])
+                if not err_console.is_terminal:
+                    err_console.print(f"  calibrate: {done}/{total} prompt batches")
+
+            path = do_calibrate(cfg, progress=progress)
+        from trtkit import calibfile
+
+        cal = calibfile.load(path)
+        extra = f", SmoothQuant on {len(cal.smooth)} linear layers" if cal.smooth else ""
+        console.print(f"wrote {path} ({cal.precision}, level {cal.settings.get('level'):g}, "
+                      f"{len(cal.activations)} inputs{extra})")
