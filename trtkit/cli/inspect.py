@@ -20,13 +20,16 @@ def register(app: typer.Typer) -> None:
                                             help="Time each layer over a few runs (TensorRT + GPU only)."),
         backend: str | None = typer.Option(None, "--backend", help="trt or rtx (default: $TRTKIT_BACKEND, "
                                            "else whichever is installed)."),
+        from_files: bool = typer.Option(False, "--from-files", help="Read the layer information `trtkit build` "
+                                        "saved beside the plan even where this machine could load the engine."),
         layers: bool = typer.Option(True, "--layers/--no-layers", help="List every layer in the terminal."),
     ) -> None:
         """Report Q/DQ coverage (.onnx) or per-layer precision, fusion and the Q/DQ cross-check (plan)."""
         from trtkit.cli._common import console, err_console, print_json
         from trtkit.inspector.report import inspect
 
-        report = inspect(path, path2, onnx=onnx, backend=backend, profile_layers=profile_layers)
+        report = inspect(path, path2, onnx=onnx, backend=backend, profile_layers=profile_layers,
+                         from_files=from_files)
         if html is not None:
             from trtkit.inspector.html import write_html
 

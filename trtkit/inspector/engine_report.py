@@ -187,19 +187,23 @@ def _try_backend(name: str | None) -> tuple[Any | None, str]:
 
 
 def load_engine(plan: str | Path, backend: str | None = None, profile_layers: bool = False,
-                runs: int = 10) -> EngineSource:
+                runs: int = 10, from_files: bool = False) -> EngineSource:
+    """`from_files`: read the saved layer information even where this machine could deserialize the plan."""
     plan = Path(plan)
+    if from_files and profile_layers:
+        raise TrtkitError("--profile-layers runs the engine; it cannot be combined with --from-files")
     header = read_plan_header(plan)
     meta = read_metadata(plan)
     check_metadata_matches(plan, meta)
     be, why_none = _try_backend(backend)
     check_version(plan, header, meta, be)
     notes: list[str] = []
-    if be is not None and be.can_run and (header.flavour == be.name):
+    if be is not None and be.can_run and header.flavour == be.name and not from_files:
         layers, timings = _from_inspector(plan, be, profile_layers, runs)
         return EngineSource(plan, header, meta, layers, "inspector", notes, timings, be.name)
-    why = why_none or (be.why_not_run if be is not None and not be.can_run else
-                       f"the plan is a {header.flavour} plan and the backend is {be.name if be else '-'}")
+    why = ("--from-files" if from_files else why_none or (
+        be.why_not_run if be is not None and not be.can_run else
+        f"the plan is a {header.flavour} plan and the backend is {be.name if be else '-'}"))
     if profile_layers:
         raise TrtkitError(f"--profile-layers needs TensorRT and a GPU that can run this engine: {why}")
     notes.append(f"engine not deserialized ({why}); read the files `trtkit build` saved beside it")

@@ -71,7 +71,7 @@ def stacked_bars(rows: dict[str, dict[str, float]], unit: str, width: int = 560)
     keys = list(dict.fromkeys(k for r in rows.values() for k in r))
     label_w, bar_h, gap = 150, 18, 6
     height = len(rows) * (bar_h + gap) + 10
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{label_w + width + 120}" height="{height}" '
+    parts = [f'<svg width="{label_w + width + 120}" height="{height}" '
              f'role="img" aria-label="per-block precision">']
     for i, (name, vals) in enumerate(rows.items()):
         y = 5 + i * (bar_h + gap)

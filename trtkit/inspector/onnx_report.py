@@ -76,13 +76,15 @@ class OnnxScan:
         return [n for n in self.nodes if n.quantized]
 
     def summary(self) -> dict[str, dict[str, int]]:
-        """{kind: {"total": n, "int8": n, "fp8": n, ...}}"""
+        """{kind: {"total": n, "int8": n, "fp8": n, "weight-only": n, ...}}: both inputs behind Q/DQ counts as
+        quantized in that type; one side only (no 8-bit kernel possible) is counted apart."""
         out: dict[str, dict[str, int]] = {}
         for n in self.nodes:
             d = out.setdefault(n.kind, {"total": 0})
             d["total"] += 1
             if n.qtype:
-                d[n.qtype] = d.get(n.qtype, 0) + 1
+                key = n.qtype if (n.act_q and n.weight_q) else ("weight-only" if n.weight_q else "activation-only")
+                d[key] = d.get(key, 0) + 1
         return out
 
     def to_json(self) -> dict[str, Any]:

@@ -314,9 +314,9 @@ def _fallback_reason(q: Any, x: Layer, idx: dict[str, list[Layer]], reformat_for
 
 
 def engine_report(plan: str | Path, onnx: str | Path | None = None, backend: str | None = None,
-                  profile_layers: bool = False) -> EngineReport:
+                  profile_layers: bool = False, from_files: bool = False) -> EngineReport:
     plan = Path(plan)
-    src = load_engine(plan, backend=backend, profile_layers=profile_layers)
+    src = load_engine(plan, backend=backend, profile_layers=profile_layers, from_files=from_files)
     notes: list[str] = []
     onnx_path = Path(onnx) if onnx else meta_onnx(src.metadata, plan)
     if onnx and not Path(onnx).is_file():
@@ -374,7 +374,7 @@ def _is_onnx(path: Path) -> bool:
 
 
 def inspect(path: str | Path, path2: str | Path | None = None, *, onnx: str | Path | None = None,
-            backend: str | None = None, profile_layers: bool = False) -> Report:
+            backend: str | None = None, profile_layers: bool = False, from_files: bool = False) -> Report:
     """The `trtkit inspect` verb: dispatch on the file(s)."""
     p = Path(path)
     if not p.exists():
@@ -383,13 +383,13 @@ def inspect(path: str | Path, path2: str | Path | None = None, *, onnx: str | Pa
         p2 = Path(path2)
         if _is_onnx(p) or _is_onnx(p2):
             raise TrtkitError("comparing takes two engine plans; inspect an .onnx model on its own")
-        return compare(engine_report(p, onnx, backend, profile_layers),
-                       engine_report(p2, onnx, backend, profile_layers))
+        return compare(engine_report(p, onnx, backend, profile_layers, from_files),
+                       engine_report(p2, onnx, backend, profile_layers, from_files))
     if _is_onnx(p):
         if profile_layers:
             raise TrtkitError("--profile-layers times an engine's layers; pass a plan, not an .onnx model")
         return onnx_report(p)
-    return engine_report(p, onnx, backend, profile_layers)
+    return engine_report(p, onnx, backend, profile_layers, from_files)
 
 
 __all__ = ["inspect", "engine_report", "compare", "EngineReport", "Comparison", "OnnxReport", "EIGHT_BIT"]

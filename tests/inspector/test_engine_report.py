@@ -1,0 +1,175 @@
+"""Bad plans give one-line errors; real plans are inspected where this machine can run them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import write_engine
+
+from trtkit.errors import TrtkitError
+from trtkit.inspector.engine_report import load_engine, read_plan_header
+
+
+def _one_line(excinfo: pytest.ExceptionInfo) -> str:
+    msg = str(excinfo.value)
+    assert "\n" not in msg
+    return msg
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b"hello, I am a text file\n" * 4, "is not a TensorRT plan (it is a text file)"),
+    (b'{"Layers": []}', "is not a TensorRT plan (it is JSON text)"),
+    (b"\x08\x0a\x12\x07pytorch" + bytes(60), "it looks like an ONNX model"),
+    (bytes(range(200, 256)) * 2, "is not a TensorRT plan (unknown header"),
+    (b"", "is empty"),
+])
+def test_not_a_plan(tmp_path, content, needle):
+    p = tmp_path / "x.plan"
+    p.write_bytes(content)
+    with pytest.raises(TrtkitError) as ei:
+        load_engine(p)
+    assert needle in _one_line(ei)
+
+
+def test_real_onnx_renamed_to_plan(tmp_path, qdq_onnx):
+    p = tmp_path / "model.plan"
+    p.write_bytes(qdq_onnx.read_bytes())
+    with pytest.raises(TrtkitError, match="looks like an ONNX model"):
+        load_engine(p)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(TrtkitError, match="no such file"):
+        load_engine(tmp_path / "nope.plan")
+
+
+@pytest.mark.rtx
+def test_rtx_header(rtx_plan_bytes, tmp_path):
+    from trtkit.backend import load_backend
+
+    p = tmp_path / "m.plan"
+    p.write_bytes(rtx_plan_bytes)
+    h = read_plan_header(p)
+    assert h.flavour == "rtx" and h.size_field == len(rtx_plan_bytes)
+    assert h.version_str == load_backend("rtx").version  # e.g. 1.7.1.116, read from bytes 24..27
+
+
+@pytest.mark.rtx
+@pytest.mark.parametrize("keep", [16, 100, 0.5, -1])
+def test_truncated_plan(rtx_plan_bytes, tmp_path, keep):
+    n = int(len(rtx_plan_bytes) * keep) if isinstance(keep, float) else (keep if keep > 0 else len(rtx_plan_bytes) - 1)
+    p = tmp_path / "cut.plan"
+    p.write_bytes(rtx_plan_bytes[:n])
+    with pytest.raises(TrtkitError) as ei:
+        load_engine(p)
+    assert "is truncated" in _one_line(ei)
+
+
+@pytest.mark.rtx
+def test_truncated_per_metadata(rtx_plan_bytes, tmp_path):
+    """A plan whose header was not checked (full TensorRT) is still caught by the size `trtkit build` recorded."""
+    plan = write_engine(tmp_path, rtx_plan_bytes, None, {"plan": {"bytes": len(rtx_plan_bytes) + 10}})
+    with pytest.raises(TrtkitError, match=r"is truncated: \d+ bytes, its metadata records"):
+        load_engine(plan)
+
+
+@pytest.mark.rtx
+def test_plan_from_another_version(rtx_plan_bytes, tmp_path):
+    old = bytearray(rtx_plan_bytes)
+    old[24:28] = bytes([1, 5, 0, 12])  # a TensorRT-RTX 1.5.0.12 plan
+    p = tmp_path / "old.plan"
+    p.write_bytes(bytes(old))
+    with pytest.raises(TrtkitError) as ei:
+        load_engine(p)
+    msg = _one_line(ei)
+    assert "was built with TensorRT-RTX 1.5.0.12 but TensorRT-RTX 1.7" in msg and "rebuild it" in msg
+
+
+@pytest.mark.rtx
+def test_plan_from_another_version_per_metadata(rtx_plan_bytes, tmp_path):
+    """Where the header carries no version (full TensorRT plans), the metadata's backend version decides;
+    an RTX header's own version wins over the metadata."""
+    from trtkit.backend import load_backend
+    from trtkit.inspector.engine_report import check_version
+
+    plan = write_engine(tmp_path, rtx_plan_bytes, None, None)
+    header = read_plan_header(plan)
+    header_no_version = type(header)(header.flavour, header.size_field, None)
+    meta = {"backend": {"name": "rtx", "version": "1.4.2.1"}}
+    with pytest.raises(TrtkitError, match="built with TensorRT-RTX 1.4.2.1"):
+        check_version(plan, header_no_version, meta, load_backend("rtx"))
+    check_version(plan, header, meta, load_backend("rtx"))  # the header's own version matches: fine
+
+
+@pytest.mark.rtx
+def test_profile_layers_without_gpu_is_one_line(rtx_plan_bytes, tmp_path):
+    from trtkit.backend import load_backend
+
+    if load_backend("rtx").can_run:
+        pytest.skip("this machine can run the engine")
+    plan = write_engine(tmp_path, rtx_plan_bytes, None, None)
+    with pytest.raises(TrtkitError) as ei:
+        load_engine(plan, profile_layers=True)
+    assert _one_line(ei).startswith("--profile-layers needs TensorRT and a GPU that can run this engine")
+
+
+def test_bad_metadata(tmp_path, rtx_plan_bytes):
+    pytest.importorskip("tensorrt_rtx")
+    plan = write_engine(tmp_path, rtx_plan_bytes, None, None)
+    plan.with_suffix(".json").write_text("{broken")
+    with pytest.raises(TrtkitError, match="engine metadata is not valid JSON"):
+        load_engine(plan)
+
+
+@pytest.mark.rtx
+@pytest.mark.gpu
+def test_inspector_on_a_real_engine(rtx_plan_bytes, tmp_path):
+    """Deserialize, set the opt shapes, run the engine inspector: the layers carry the ONNX node name."""
+    from trtkit.backend import load_backend
+
+    if not load_backend("rtx").can_run:
+        pytest.skip(load_backend("rtx").why_not_run)
+    plan = write_engine(tmp_path, rtx_plan_bytes, None, None)
+    src = load_engine(plan, backend="rtx")
+    assert src.source == "inspector" and src.layers is not None and src.layers.verbosity == "detailed"
+    assert any("/unet/mm/MatMul" in x.onnx_nodes or "/unet/mm/MatMul" in x.name for x in src.layers.layers)
+    assert all(d > 0 for x in src.layers.layers for t in x.inputs for d in (t.dims or ()))  # shapes resolved
+
+
+@pytest.mark.tensorrt
+def test_full_tensorrt_inspector_and_profiler(tmp_path):
+    """Full TensorRT on a GPU: build a tiny engine at DETAILED verbosity, inspect it and time its layers."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from trtkit.backend import load_backend
+
+    be = load_backend("trt")
+    trt = be.trt
+    w = numpy_helper.from_array(np.eye(64, dtype=np.float32), "W")
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="/unet/mm/MatMul"),
+                           helper.make_node("Relu", ["y"], ["z"], name="/unet/act/Relu")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 64])],
+                          [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["b", 64])], [w])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)]), str(tmp_path / "m.onnx"))
+    builder = trt.Builder(be.logger)
+    net = builder.create_network(0)
+    parser = trt.OnnxParser(net, be.logger)
+    assert parser.parse_from_file(str(tmp_path / "m.onnx"))
+    cfg = builder.create_builder_config()
+    cfg.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    prof = builder.create_optimization_profile()
+    prof.set_shape("x", (1, 64), (8, 64), (16, 64))
+    cfg.add_optimization_profile(prof)
+    plan = tmp_path / "m.plan"
+    plan.write_bytes(bytes(builder.build_serialized_network(net, cfg)))
+    src = load_engine(plan, backend="trt", profile_layers=True, runs=3)
+    assert src.source == "inspector" and src.layers.schema in ("trt10", "trt11")
+    assert any("/unet/mm/MatMul" in x.onnx_nodes for x in src.layers.layers)
+    assert src.timings_ms and all(v >= 0 for v in src.timings_ms.values())
+    # the opt shape (8, 64) resolved the dynamic batch
+    dims = [t.dims for x in src.layers.layers for t in x.inputs if t.dims]
+    assert dims and all(d[0] == 8 for d in dims if len(d) == 2)
+    json.dumps(src.layers.to_json())
