@@ -375,8 +375,13 @@ def _float_values(t: gs.Constant) -> np.ndarray:
     return np.asarray(t.values, dtype=np.float32)
 
 
-def _prefix(module: str) -> str:
-    return "/" + module.replace(".", "/")
+def _prefix(m: WeightedMatch | AttentionMatch) -> str:
+    """Names of inserted nodes continue the op's own scope (`/unet/.../to_q/input_quantizer/QuantizeLinear`,
+    as ModelOpt names them), so later passes and the builder's layer names still read as modules."""
+    node = m.node if isinstance(m, WeightedMatch) else m.bmm1
+    if "/" in node.strip("/"):
+        return node.rsplit("/", 1)[0]
+    return m.module
 
 
 def _fold_smooth_into_layernorm(x: gs.Variable, s: np.ndarray, g: gs.Graph) -> bool:
@@ -514,7 +519,7 @@ def _quantize(cfg: QuantizeConfig) -> QuantizeResult:
             shape = [1] * w.ndim
             shape[m.in_axis] = -1
             w = w * s.reshape(shape)
-        ins.weight(node, w, m.axis, _prefix(m.module))
+        ins.weight(node, w, m.axis, _prefix(m))
         groups.setdefault((m.input, None if s is None else s.tobytes()), []).append(m)
     # Activations: one Q/DQ per (tensor, smoothing).
     by_tensor: dict[str, list[tuple[str, bytes | None]]] = {}
@@ -522,7 +527,9 @@ def _quantize(cfg: QuantizeConfig) -> QuantizeResult:
         by_tensor.setdefault(key[0], []).append(key)
     for tname, keys in by_tensor.items():
         x = tensors[tname]
-        other_readers = [c for c in x.outputs if c.name not in {m.node for k in keys for m in groups[k]}]
+        # readers that see values (Shape only reads the shape, so a folded LayerNorm does not bother it)
+        other_readers = [c for c in x.outputs if c.name not in {m.node for k in keys for m in groups[k]}
+                         and c.op != "Shape"]
         for key in keys:
             ms = groups[key]
             src_t = x
@@ -531,15 +538,15 @@ def _quantize(cfg: QuantizeConfig) -> QuantizeResult:
                 if len(keys) == 1 and not other_readers and _fold_smooth_into_layernorm(x, s, graph):
                     pass
                 else:
-                    src_t = ins.mul(x, 1.0 / s, _prefix(ms[0].module))
+                    src_t = ins.mul(x, 1.0 / s, _prefix(ms[0]))
             slots = [(nodes[m.node], 0) for m in ms]
             a = max(amax[m.module] for m in ms)
-            ins.activation(src_t, a, _prefix(ms[0].module) + "/input_quantizer", slots)
+            ins.activation(src_t, a, _prefix(ms[0]) + "/input_quantizer", slots)
             for m in ms:
                 decisions[m.module] = _with_amax(decisions[m.module], a, source[m.module])
     for a in a_q:
         b1, b2 = nodes[a.bmm1], nodes[a.bmm2]
-        p = _prefix(a.module)
+        p = _prefix(a)
         ins.activation(tensors[a.q], amax[f"{a.module}.q_bmm"], f"{p}/q_bmm_quantizer", [(b1, 0)])
         ins.activation(tensors[a.k], amax[f"{a.module}.k_bmm"], f"{p}/k_bmm_quantizer", [(b1, 1)])
         ins.activation(tensors[a.v], amax[f"{a.module}.v_bmm"], f"{p}/v_bmm_quantizer", [(b2, 1)])
