@@ -82,6 +82,35 @@ def build_calibration(stats: Any, model: Any, recipe: Recipe, model_info: dict[s
     from trtkit.calibration import smoothquant as sq
 
     r = recipe.resolved()
+    with _one_thread():
+        return _build(stats, model, r, model_info, run)
+
+
+def _one_thread():  # type: ignore[no-untyped-def]
+    """The alpha search is thousands of tiny CPU matmuls: one thread avoids OpenMP spin on busy machines."""
+    import contextlib
+
+    import torch
+
+    @contextlib.contextmanager
+    def ctx():  # type: ignore[no-untyped-def]
+        n = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(n)
+
+    return ctx()
+
+
+def _build(stats: Any, model: Any, r: Recipe, model_info: dict[str, Any] | None,
+           run: dict[str, Any] | None) -> Calibration:
+    import numpy as np
+
+    from trtkit.calibration import percentile as pq
+    from trtkit.calibration import smoothquant as sq
+
     modules = dict(model.named_modules())
     cal = Calibration(precision=r.precision, model=model_info or {}, run=run or {})
     sq_report: dict[str, Any] = {}
