@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from trtkit._files import write_text_atomic
-from trtkit.inspector.onnx_report import OnnxReport
-from trtkit.inspector.report import Comparison, EngineReport
+from trtkit.inspector.onnx_report import OnnxReport, coverage_json
+from trtkit.inspector.report import Comparison, EngineReport, _block_order
 
 COLORS = {"INT8": "#2e7d32", "FP8": "#00838f", "INT4": "#66bb6a", "FP4": "#4dd0e1", "FP16": "#f9a825",
           "BF16": "#ffb300", "FP32": "#c62828", "quantized": "#2e7d32", "not quantized": "#bdbdbd"}
@@ -177,10 +177,9 @@ def _onnx_sections(r: OnnxReport) -> str:
         d[key] = d.get(key, 0.0) + 1
     out.append("<h2>Per-block picture</h2><p class='small'>Linear, conv and attention-matmul nodes of each "
                "UNet block by the Q/DQ type in front of them.</p>")
-    out.append(stacked_bars(dict(sorted(blocks.items())), "nodes"))
+    out.append(stacked_bars(dict(sorted(blocks.items(), key=lambda kv: _block_order(kv[0]))), "nodes"))
     if r.coverage is not None:
-        out.append("<h2>Coverage (graph pass)</h2><pre>" + e(json.dumps(_json(r), indent=1, default=str)[:20000])
-                   + "</pre>")
+        out.append(_coverage_sections(r.coverage))
     out.append("<h2>Nodes</h2><input placeholder=\"filter nodes\" oninput=\"filterRows(this, 'nodes')\">")
     out.append(table(["node", "op", "kind", "module", "block", "Q/DQ"],
                      [[f"<code>{e(n.node)}</code>", e(n.op), e(n.kind), f"<code>{e(n.module)}</code>", e(n.block),
@@ -188,8 +187,32 @@ def _onnx_sections(r: OnnxReport) -> str:
     return "".join(out)
 
 
-def _json(r: OnnxReport) -> Any:
-    return r.to_json()["coverage"]
+def _coverage_sections(cov: Any) -> str:
+    """The graph room's CoverageReport: per block and kind, and why the rest is not quantized."""
+    def cell(t: dict[str, Any]) -> str:
+        if not t.get("total"):
+            return "-"
+        types = ", ".join(t.get("types") or {})
+        return f"{t['quantized']}/{t['total']}" + (f" {types}" if types else "")
+
+    out = ["<h2>Coverage per module (graph pass)</h2>"]
+    head = getattr(cov, "precision", None)
+    if head:
+        out.append(f"<p class='small'>{e(str(head).upper())}, level {e(getattr(cov, 'level', '?'))}</p>")
+    try:
+        by_block, by_kind = cov.by_block(), cov.by_kind()
+        kinds = list(by_kind)
+        rows = [[e(b)] + [e(cell(per.get(k, {}))) for k in kinds] for b, per in by_block.items()]
+        rows.append(["<b>total</b>"] + [f"<b>{e(cell(by_kind[k]))}</b>" for k in kinds])
+        out.append(table(["block", *kinds], rows))
+        reasons = cov.reasons()
+        if reasons:
+            out.append("<h2>Not quantized, and why</h2>")
+            out.append(table(["modules", "reason"], [[str(n), e(r)] for r, n in reasons.items()]))
+    except (AttributeError, TypeError, KeyError):  # another CoverageReport shape: show its JSON
+        out.append("<pre>" + e(json.dumps(coverage_json(cov), indent=1, default=str)[:20000]) + "</pre>")
+    out += [f'<div class="note">{e(n)}</div>' for n in getattr(cov, "notes", []) or []]
+    return "".join(out)
 
 
 def _compare_sections(c: Comparison) -> str:
