@@ -1,0 +1,54 @@
+"""`trtkit quantize` as a user runs it, and the demo stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import onnx
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "trtkit", *args], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "200"})
+
+
+def test_quantize_cli(tmp_path: Path, tiny_unet_onnx: Path) -> None:
+    out = tmp_path / "q.onnx"
+    p = run_cli("quantize", str(tiny_unet_onnx), "--fp8", "--exclude", "attn2", "-o", str(out))
+    assert p.returncode == 0, p.stderr
+    assert "FP8 level 4: 78/148 linear, 26/35 conv, 12/24 attention quantized" in p.stdout
+    assert "excluded by --exclude attn2" in p.stdout
+    onnx.checker.check_model(str(out))
+    p = run_cli("quantize", str(tiny_unet_onnx), "--int8", "--level", "2", "--no-fp16", "--json", "-o", str(out))
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    assert doc["counts"]["linear"] == {"quantized": 24, "total": 148} and doc["level"] == 2.0
+
+
+def test_quantize_cli_errors(tmp_path: Path, tiny_unet_onnx: Path) -> None:
+    out = tmp_path / "q.onnx"
+    for args, needle in ((["--int8", "--fp8"], "exactly one of --int8 or --fp8"),
+                         (["--int8", "--level", "7"], "not one of"),
+                         (["--int8", "--calib", str(tmp_path / "none.json")], "does not exist")):
+        p = run_cli("quantize", str(tiny_unet_onnx), *args, "-o", str(out))
+        assert p.returncode == 2
+        errs = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+        assert len(errs) == 1 and needle in errs[0] and "Traceback" not in p.stderr
+    assert not out.exists()
+
+
+def test_demo_stage(tmp_path: Path, tiny_unet_onnx: Path) -> None:
+    from trtkit.demo import DemoConfig, DemoState
+    from trtkit.graph.demo_stage import demo_stage
+
+    state = DemoState(DemoConfig(workdir=tmp_path / "demo"), onnx=tiny_unet_onnx)
+    t0 = time.perf_counter()
+    msg, files = demo_stage(state)
+    assert time.perf_counter() - t0 < 15
+    assert state.quantized == tmp_path / "demo" / "onnx" / "unet.int8.onnx" == files[0]
+    assert "126/148 linear, 26/35 conv" in msg
