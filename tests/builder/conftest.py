@@ -55,6 +55,18 @@ def make_linear(path: Path, qdq: str | None = None, hidden: int = 64, external: 
     return path
 
 
+def sd15_like(path: Path) -> Path:
+    """A UNet-shaped ONNX without SDXL's text_embeds/time_ids (an SD 1.x export)."""
+    ins = [helper.make_tensor_value_info("sample", TensorProto.FLOAT, ["B", 4, "H", "W"]),
+           helper.make_tensor_value_info("timestep", TensorProto.FLOAT, [1]),
+           helper.make_tensor_value_info("encoder_hidden_states", TensorProto.FLOAT, ["B", 77, 64])]
+    out = helper.make_tensor_value_info("noise_pred", TensorProto.FLOAT, ["B", 4, "H", "W"])
+    g = helper.make_graph([helper.make_node("Identity", ["sample"], ["noise_pred"], name="/unet/Identity")],
+                          "sd15", ins, [out])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)]), str(path))
+    return path
+
+
 LINEAR_SHAPES = "x:4x64"
 
 

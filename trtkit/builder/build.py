@@ -8,6 +8,7 @@ a progress monitor, then write the plan atomically, the layer JSON and the metad
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import tempfile
@@ -17,10 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import trtkit
-from trtkit._files import atomic_path, ensure_writable_dir, sha256_files, write_bytes_atomic, write_text_atomic
+from trtkit._files import (
+    atomic_path,
+    ensure_writable_dir,
+    sha256_files,
+    write_bytes_atomic,
+    write_text_atomic,
+)
 from trtkit.builder import metadata as md
 from trtkit.builder.config import EIGHT_BIT, RTX_DEFAULT_TARGETS, BuildConfig
-from trtkit.builder.network import (add_profiles, network_flags, network_io, parse_onnx, set_rtx_targets)
+from trtkit.builder.network import add_profiles, network_flags, network_io, parse_onnx, set_rtx_targets
 from trtkit.builder.progress import BuildProgress, cancel_on_sigint, make_monitor, progress_display
 from trtkit.builder.shapes import ProfileShapes, resolve_profiles
 from trtkit.builder.source import OnnxSource, read_onnx
@@ -258,7 +265,7 @@ def build(config: BuildConfig, progress: BuildProgress | None = None) -> BuildRe
                 raise TrtkitError(f"TensorRT could not build {config.onnx.name}: {_last_errors(backend.logger, log_mark)}")
             with open(tmp_plan, "wb") as f:
                 f.write(memoryview(plan))
-            plan_sha = sha256_files([tmp_plan])
+            plan_sha = hashlib.sha256(memoryview(plan)).hexdigest()
             plan_bytes = tmp_plan.stat().st_size
             # The old metadata goes before the new plan lands, so no stale key ever vouches for it.
             config.metadata_path.unlink(missing_ok=True)

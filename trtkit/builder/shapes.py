@@ -9,8 +9,14 @@ from dataclasses import dataclass
 from trtkit.builder.config import BuildConfig
 from trtkit.builder.source import OnnxSource
 from trtkit.errors import TrtkitError
-from trtkit.profiles import (InputShapes, ModelDims, apply_overrides, check_against_inputs, fmt_dims,
-                             get_profile)
+from trtkit.profiles import (
+    InputShapes,
+    ModelDims,
+    apply_overrides,
+    check_against_inputs,
+    fmt_dims,
+    get_profile,
+)
 
 log = logging.getLogger(__name__)
 

@@ -90,19 +90,23 @@ def _qdq_types(model: Any) -> tuple[str, ...]:
             continue
         if n.op_type.startswith("TRT_FP8"):
             found.add("fp8")
-        elif n.op_type.startswith("TRT_INT4"):
+            continue
+        if n.op_type.startswith("TRT_INT4"):
             found.add("int4")
+            continue
+        attr = {a.name: a for a in n.attribute}
+        zp = n.input[2] if len(n.input) > 2 and n.input[2] else None
+        if zp is not None and (zp in init_types or zp in const_types):
+            dtype = init_types.get(zp, const_types.get(zp))
+        elif n.op_type == "QuantizeLinear" and "output_dtype" in attr and attr["output_dtype"].i:
+            dtype = attr["output_dtype"].i
         elif n.op_type == "QuantizeLinear":
-            attr = {a.name: a for a in n.attribute}
-            if "output_dtype" in attr and attr["output_dtype"].i:
-                found.add(by_dtype.get(attr["output_dtype"].i, "int8"))
-            elif len(n.input) > 2 and n.input[2]:
-                zp = n.input[2]
-                found.add(by_dtype.get(init_types.get(zp, const_types.get(zp, TensorProto.UINT8)), "int8"))
-            else:  # no zero point: ONNX defaults to uint8, which TensorRT imports as int8
-                found.add("int8")
-        elif n.op_type == "DequantizeLinear" and not found:
-            found.add("int8")  # refined by the Q nodes, which carry the type in practice
+            dtype = TensorProto.UINT8  # ONNX's default, which TensorRT imports as int8
+        elif n.input[0] in init_types:  # a DQ of a stored quantized weight
+            dtype = init_types[n.input[0]]
+        else:
+            continue  # a DQ fed by a Q: that Q says the type
+        found.add(by_dtype.get(dtype, "int8"))
     return tuple(sorted(found))
 
 

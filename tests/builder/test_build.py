@@ -1,0 +1,252 @@
+"""Real builds with TensorRT-RTX on the CPU (one target, SM89): the tiny UNet in FP16, INT8 and FP8
+with two optimization profiles, the cache, and every failure leaving nothing behind."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+from conftest import LINEAR_SHAPES, make_linear, sd15_like
+from onnx import helper
+
+from trtkit._files import sha256_files
+from trtkit.builder.build import BuildResult, build
+from trtkit.builder.config import BuildConfig
+from trtkit.builder.progress import BuildProgress
+from trtkit.errors import TrtkitError
+
+pytestmark = pytest.mark.rtx
+
+TARGET = ("8.9",)
+SMALL = "sample:2x4x16x16,timestep:1,encoder_hidden_states:2x77x64,text_embeds:2x32,time_ids:2x6"
+UNET_INPUTS = ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]
+
+
+def config(onnx: Path, out: Path, **kw) -> BuildConfig:  # type: ignore[no-untyped-def]
+    args = dict(onnx=onnx, output=out, profiles=("tiny-256", SMALL), target_cc=TARGET, progress=False) | kw
+    return BuildConfig(**args)
+
+
+def assert_nothing_left(out: Path) -> None:
+    """No plan, no metadata, no temporary file or work folder beside where the plan would be."""
+    assert not out.exists() and not out.with_suffix(".json").exists()
+    if out.parent.exists():
+        assert [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")] == []
+
+
+def check_metadata(r: BuildResult, onnx: Path, precision: str, qdq: list[str]) -> dict:
+    doc = json.loads(r.metadata.read_text())
+    assert doc["format"] == "trtkit-engine" and doc["cache_key"] == r.cache_key
+    assert doc["backend"]["name"] == "rtx" and doc["backend"]["module"] == "tensorrt_rtx"
+    assert doc["target"] == {"compute_capabilities": ["8.9"], "default_targets": False}
+    assert doc["precision"]["requested"] == precision and doc["precision"]["qdq_types"] == qdq
+    assert doc["precision"]["strongly_typed"] is True and doc["precision"]["builder_flags"] == []
+    assert [p["name"] for p in doc["profiles"]] == ["tiny-256", "shapes"]
+    assert doc["profiles"][0]["shapes"]["sample"] == {"min": [2, 4, 32, 32], "opt": [2, 4, 32, 32],
+                                                      "max": [8, 4, 32, 32]}
+    assert doc["profiles"][1]["shapes"]["sample"] == {"min": [2, 4, 16, 16], "opt": [2, 4, 16, 16],
+                                                      "max": [2, 4, 16, 16]}
+    ins = {t["name"]: t for t in doc["io"]["inputs"]}
+    assert list(ins) == UNET_INPUTS
+    assert ins["sample"]["shape"] == [-1, 4, -1, -1] and ins["sample"]["dtype"] == "float"
+    assert doc["io"]["outputs"] == [{"name": "noise_pred", "shape": [-1, 4, -1, -1], "dtype": "float"}]
+    assert doc["onnx"]["sha256"] == sha256_files([onnx]) and doc["onnx"]["component"] == "unet"
+    assert doc["settings"]["opt_level"] == (4 if precision in ("int8", "fp8") else 3)
+    assert doc["settings"]["profiling_verbosity"] == "DETAILED"
+    assert doc["plan"]["bytes"] == r.plan.stat().st_size and doc["plan"]["sha256"] == hashlib.sha256(r.plan.read_bytes()).hexdigest()
+    assert 0 < doc["build_seconds"] == pytest.approx(r.build_seconds, abs=1e-3)
+    assert doc["trtkit_version"] and doc["backend"]["version"]
+    # No GPU here: the layer JSON cannot be made, and the metadata says why.
+    assert doc["layers"]["saved"] is (r.layers is not None)
+    if r.layers is None:
+        assert doc["layers"]["reason"].startswith("not saved:")
+    return doc
+
+
+@pytest.fixture(scope="module")
+def fp16_build(tiny_unet_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[BuildConfig, BuildResult]:
+    pytest.importorskip("trtkit.graph.fp16")
+    cfg = config(tiny_unet_onnx, tmp_path_factory.mktemp("fp16") / "unet.plan", precision="fp16")
+    return cfg, build(cfg)
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A calibration file without ranges: the Q/DQ pass measures every range on its sample run."""
+    from trtkit.calibfile import Calibration, save
+
+    return save(Calibration(precision="int8", settings={"note": "test: ranges from the pass's sample run"}),
+                tmp_path_factory.mktemp("calib") / "calib.json")
+
+
+def test_fp16_two_profiles(fp16_build: tuple[BuildConfig, BuildResult], tiny_unet_onnx: Path) -> None:
+    cfg, r = fp16_build
+    assert not r.cached and r.plan == cfg.output and r.plan.stat().st_size > 1 << 20
+    assert r.profiles == ["tiny-256", "shapes"]
+    doc = check_metadata(r, tiny_unet_onnx, "fp16", [])
+    assert any("FP16 graph conversion" in n for n in doc["notes"])
+    assert doc["onnx"]["dims_from"].startswith("model folder")
+
+
+def test_second_build_is_cache_hit(fp16_build: tuple[BuildConfig, BuildResult]) -> None:
+    cfg, first = fp16_build
+    mtime = cfg.output.stat().st_mtime_ns
+    r = build(cfg)
+    assert r.cached and r.cache_key == first.cache_key and r.seconds < 10
+    assert r.build_seconds == pytest.approx(first.build_seconds, abs=1e-3)
+    assert cfg.output.stat().st_mtime_ns == mtime  # not rewritten
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_8bit_two_profiles(precision: str, tiny_unet_onnx: Path, calib: Path, tmp_path: Path) -> None:
+    pytest.importorskip("trtkit.graph.qdq")
+    r = build(config(tiny_unet_onnx, tmp_path / "unet.plan", precision=precision,
+                     calib=calib if precision == "int8" else None))
+    doc = check_metadata(r, tiny_unet_onnx, precision, [precision])
+    assert doc["precision"]["fp16_rest"] is True
+    assert any(f"{precision} Q/DQ pass applied" in n for n in doc["notes"])
+    assert (doc["calib"] is not None) is (precision == "int8")
+    assert doc["target"]["compute_capabilities"] == ["8.9"]
+
+
+@pytest.mark.parametrize("qdq", ["int8", "fp8"])
+def test_prequantized_onnx_built_as_given(qdq: str, tmp_path: Path) -> None:
+    onnx = make_linear(tmp_path / "in" / "m.onnx", qdq, external=True)
+    r = build(BuildConfig(onnx=onnx, output=tmp_path / "e.plan", shapes=LINEAR_SHAPES, precision=qdq,
+                          target_cc=TARGET, progress=False))
+    doc = json.loads(r.metadata.read_text())
+    assert doc["precision"]["qdq_types"] == [qdq] and doc["precision"]["fp16_rest"] is False
+    assert doc["onnx"]["files"] == ["m.onnx", "m.onnx.data"]
+    assert doc["onnx"]["sha256"] == sha256_files([onnx, onnx.parent / "m.onnx.data"])
+    assert "the ONNX already has" in doc["notes"][0] and doc["calib"] is None
+
+
+def test_cache_key_follows_inputs_and_settings(tmp_path: Path) -> None:
+    onnx = make_linear(tmp_path / "in" / "m.onnx", "int8")
+    base = dict(onnx=onnx, output=tmp_path / "e.plan", shapes=LINEAR_SHAPES, precision="int8", target_cc=TARGET,
+                progress=False)
+    first = build(BuildConfig(**base))
+    assert build(BuildConfig(**base)).cached
+    assert build(BuildConfig(**base, force=True)).cached is False
+    for change in (dict(opt_level=2), dict(workspace="256M"), dict(shapes="x:8x64")):
+        r = build(BuildConfig(**(base | change)))
+        assert not r.cached and r.cache_key != first.cache_key
+    make_linear(onnx, "int8", hidden=64)  # same bytes: still a hit
+    assert build(BuildConfig(**(base | dict(shapes="x:8x64")))).cached
+
+
+def test_default_and_fp8_targets(tmp_path: Path) -> None:
+    onnx = make_linear(tmp_path / "in" / "m.onnx", "fp8")
+    r = build(BuildConfig(onnx=onnx, output=tmp_path / "e.plan", shapes=LINEAR_SHAPES, precision="fp8",
+                          progress=False))
+    assert json.loads(r.metadata.read_text())["target"] == {"compute_capabilities": ["8.9", "12.0"],
+                                                            "default_targets": False}
+
+
+def test_timing_cache_is_ignored_on_rtx(tmp_path: Path) -> None:
+    onnx = make_linear(tmp_path / "in" / "m.onnx")
+    r = build(BuildConfig(onnx=onnx, output=tmp_path / "e.plan", shapes=LINEAR_SHAPES, target_cc=TARGET,
+                          timing_cache=tmp_path / "t.cache", workspace="64M", progress=False))
+    assert not (tmp_path / "t.cache").exists()
+    doc = json.loads(r.metadata.read_text())
+    assert any("--timing-cache ignored" in n for n in doc["notes"])
+    assert doc["settings"]["timing_cache"] is None and doc["settings"]["workspace"] == 64 << 20
+
+
+# --------------------------------------------------------------------------- failures leave nothing
+
+
+def test_wrong_profile_name(tiny_unet_onnx: Path, tmp_path: Path) -> None:
+    out = tmp_path / "e" / "unet.plan"
+    with pytest.raises(TrtkitError, match="unknown profile 'sdxl-2048'; known profiles: "):
+        build(config(tiny_unet_onnx, out, profiles=("sdxl-2048",)))
+    assert_nothing_left(out)
+
+
+def test_profile_input_missing_from_model(tmp_path: Path, tiny_model_dir: Path) -> None:
+    out = tmp_path / "unet.plan"
+    with pytest.raises(TrtkitError, match="'text_embeds' is not an input of sd15.onnx"):
+        build(config(sd15_like(tmp_path / "sd15.onnx"), out, profiles=("tiny-256",), model_dir=tiny_model_dir))
+    assert_nothing_left(out)
+
+
+def test_malformed_onnx(tmp_path: Path) -> None:
+    bad = tmp_path / "unet.onnx"
+    bad.write_bytes(b"\x08\x07garbage" * 100)
+    out = tmp_path / "unet.plan"
+    with pytest.raises(TrtkitError, match="not a valid ONNX model"):
+        build(config(bad, out))
+    assert_nothing_left(out)
+
+
+def test_int8_without_calibration(tiny_unet_onnx: Path, tmp_path: Path) -> None:
+    out = tmp_path / "unet.plan"
+    with pytest.raises(TrtkitError, match="--int8 needs calibration .* trtkit calibrate MODEL_DIR -o calib.json"):
+        build(config(tiny_unet_onnx, out, precision="int8"))
+    assert_nothing_left(out)
+
+
+def test_missing_calibration_file(tiny_unet_onnx: Path, tmp_path: Path) -> None:
+    out = tmp_path / "unet.plan"
+    with pytest.raises(TrtkitError, match="calibration file .* does not exist"):
+        build(config(tiny_unet_onnx, out, precision="int8", calib=tmp_path / "nope.json"))
+    assert_nothing_left(out)
+
+
+def test_qdq_type_mismatch(tmp_path: Path) -> None:
+    onnx = make_linear(tmp_path / "m.onnx", "int8")
+    with pytest.raises(TrtkitError, match="already has int8 Q/DQ nodes, not fp8"):
+        build(BuildConfig(onnx=onnx, output=tmp_path / "e.plan", shapes=LINEAR_SHAPES, precision="fp8"))
+    assert_nothing_left(tmp_path / "e.plan")
+
+
+def test_parser_error(tmp_path: Path) -> None:
+    bad = helper.make_node("NoSuchOp", ["r"], ["y"], name="/unet/custom/NoSuchOp", domain="custom.domain")
+    onnx = make_linear(tmp_path / "m.onnx", extra_node=bad)
+    out = tmp_path / "e.plan"
+    with pytest.raises(TrtkitError, match=r"cannot parse m.onnx: node /unet/custom/NoSuchOp \(NoSuchOp\)"):
+        build(BuildConfig(onnx=onnx, output=out, shapes=LINEAR_SHAPES, target_cc=TARGET, progress=False))
+    assert_nothing_left(out)
+
+
+class CancelAfter(BuildProgress):
+    """Cancels (directly, or by sending this process SIGINT) once the build has made `n` steps."""
+
+    def __init__(self, n: int, sigint: bool) -> None:
+        super().__init__()
+        self.n, self.sigint = n, sigint
+
+    def step_complete(self, phase_name: str, step: int) -> bool:
+        if self.steps == self.n and not self.cancelled:
+            if self.sigint:
+                os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C; the handler runs at the next bytecode
+            else:
+                self.cancel("asked")
+        return super().step_complete(phase_name, step)
+
+
+@pytest.mark.parametrize("sigint", [False, True], ids=["cancel", "ctrl-c"])
+def test_cancel_leaves_old_plan_alone(sigint: bool, tmp_path: Path) -> None:
+    onnx = make_linear(tmp_path / "in" / "m.onnx", "int8")
+    base = dict(onnx=onnx, output=tmp_path / "e.plan", shapes=LINEAR_SHAPES, precision="int8", target_cc=TARGET,
+                progress=False)
+    first = build(BuildConfig(**base))
+    plan, meta = first.plan.read_bytes(), first.metadata.read_text()
+    progress = CancelAfter(3, sigint)
+    with pytest.raises(TrtkitError, match="build cancelled"):
+        build(BuildConfig(**base, force=True), progress=progress)
+    assert progress.cancelled and progress.steps >= 3
+    assert first.plan.read_bytes() == plan and first.metadata.read_text() == meta  # the old build is intact
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".e.plan")] == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_cancelled_tiny_unet_leaves_nothing(tiny_unet_onnx: Path, tmp_path: Path) -> None:
+    out = tmp_path / "unet.plan"
+    with pytest.raises(TrtkitError, match="build cancelled"):
+        build(config(tiny_unet_onnx, out), progress=CancelAfter(50, sigint=True))
+    assert_nothing_left(out)
