@@ -1,0 +1,310 @@
+"""The denoising loop: diffusers as users call it vs the trtkit loop (eager / one CUDA graph), one process.
+
+Builds an SDXL-base (or SD 1.5) architecture UNet from the real config written below, with random weights,
+fp16, batch 1, guidance on, Euler (the SDXL default scheduler; the same for every row), and times:
+
+  diffusers            pipe(prompt_embeds=..., num_inference_steps=N, output_type="latent")
+  diffusers+compile    the same with pipe.unet = torch.compile(unet, fullgraph=True)
+  trtkit eager         LoopRunner(TorchExecutor(unet), use_graph=False)
+  trtkit graph         LoopRunner(TorchExecutor(unet)) : all N steps (UNet + guidance + scheduler) as ONE graph
+  trtkit graph+compile the same over the torch.compile'd UNet (the same compiled module as diffusers+compile)
+  N x 1-step graph     one captured UNet call replayed N times (the floor the loop graph is compared with)
+
+What is timed: the denoising loop, from initial latents to final latents, as each caller pays for it:
+diffusers rows include the pipeline's own per-step Python (scale_model_input, cat, guidance, step) and
+its setup (timesteps, latents, time ids); trtkit rows include uploading the initial latents and
+waiting for the stream. Text encoders and the VAE are left out of every row (the pipelines are built without
+them and take precomputed random prompt embeddings): they run once per image and are the same for all rows.
+Peak memory: torch.cuda.max_memory_allocated during the row (weights included) + trtkit's cuda-python buffers.
+
+Usage:  python benchmarks/bench_loop.py --arch sdxl --steps 30 --repeats 5 --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SDXL_UNET = {  # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
+    "act_fn": "silu", "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20], "block_out_channels": [320, 640, 1280],
+    "center_input_sample": False, "class_embed_type": None, "class_embeddings_concat": False,
+    "conv_in_kernel": 3, "conv_out_kernel": 3, "cross_attention_dim": 2048, "cross_attention_norm": None,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1, "dual_cross_attention": False, "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4,
+    "layers_per_block": 2, "mid_block_only_cross_attention": None, "mid_block_scale_factor": 1,
+    "mid_block_type": "UNetMidBlock2DCrossAttn", "norm_eps": 1e-05, "norm_num_groups": 32,
+    "num_attention_heads": None, "num_class_embeds": None, "only_cross_attention": False, "out_channels": 4,
+    "projection_class_embeddings_input_dim": 2816, "resnet_out_scale_factor": 1.0,
+    "resnet_skip_time_act": False, "resnet_time_scale_shift": "default", "sample_size": 128,
+    "time_cond_proj_dim": None, "time_embedding_act_fn": None, "time_embedding_dim": None,
+    "time_embedding_type": "positional", "timestep_post_act": None, "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "upcast_attention": None,
+    "use_linear_projection": True,
+}
+SD15_UNET = {  # stable-diffusion-v1-5 unet/config.json
+    "act_fn": "silu", "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False, "cross_attention_dim": 768,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
+    "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4, "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+SCHEDULER = {  # both models' training betas; Euler with SDXL's scheduler config
+    "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "interpolation_type": "linear",
+    "num_train_timesteps": 1000, "prediction_type": "epsilon", "steps_offset": 1, "timestep_spacing": "leading",
+    "use_karras_sigmas": False,
+}
+
+
+def build(arch: str, device: str, dtype: Any, seed: int) -> tuple[Any, Any, dict[str, Any], int]:
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import UNet2DConditionModel
+
+    if arch == "tiny":
+        from trtkit.tiny import tiny_config
+
+        cfg, res = tiny_config()["unet"], 256
+    else:
+        cfg, res = (SDXL_UNET, 1024) if arch == "sdxl" else (SD15_UNET, 512)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**cfg)
+    unet = unet.to(dtype).eval().requires_grad_(False)
+    sched = EulerDiscreteScheduler(**SCHEDULER)
+    g = torch.Generator("cpu").manual_seed(seed + 1)
+    d = cfg["cross_attention_dim"]
+
+    def rnd(*shape: int) -> Any:
+        return torch.randn(shape, generator=g).to(device, dtype)
+
+    emb = {"prompt_embeds": rnd(1, 77, d), "negative_prompt_embeds": rnd(1, 77, d)}
+    if cfg.get("addition_embed_type") == "text_time":
+        pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
+        emb.update(pooled_prompt_embeds=rnd(1, pooled), negative_pooled_prompt_embeds=rnd(1, pooled))
+        pipe = StableDiffusionXLPipeline(vae=None, text_encoder=None, text_encoder_2=None, tokenizer=None,
+                                         tokenizer_2=None, unet=unet, scheduler=sched, add_watermarker=False)
+    else:
+        pipe = StableDiffusionPipeline(vae=None, text_encoder=None, tokenizer=None, unet=unet, scheduler=sched,
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, unet, emb, res
+
+
+class Bench:
+    def __init__(self, device: str, warmup: int, repeats: int) -> None:
+        self.device, self.warmup, self.repeats = device, warmup, repeats
+        self.rows: list[dict[str, Any]] = []
+
+    def sync(self) -> None:
+        import torch
+
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def time(self, name: str, fn: Callable[[], Any], extra_bytes: int = 0, **info: Any) -> dict[str, Any]:
+        import torch
+
+        t0 = time.perf_counter()
+        for _ in range(self.warmup):
+            fn()
+        self.sync()
+        first = time.perf_counter() - t0
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        ms = []
+        for _ in range(self.repeats):
+            self.sync()
+            t = time.perf_counter()
+            fn()
+            self.sync()
+            ms.append((time.perf_counter() - t) * 1e3)
+        peak = (torch.cuda.max_memory_allocated() if self.device == "cuda" else 0) + extra_bytes
+        row = {"name": name, "median_ms": statistics.median(ms), "min_ms": min(ms), "all_ms": ms,
+               "warmup_s": first, "peak_gib": peak / 2**30, **info}
+        self.rows.append(row)
+        print(f"  {name:28s} {row['median_ms']:9.1f} ms  (min {row['min_ms']:.1f}, warm-up {first:.1f} s, "
+              f"peak {row['peak_gib']:.2f} GiB)", flush=True)
+        return row
+
+
+def event_ms(stream: Any, fn: Callable[[], None], repeats: int) -> float:
+    """Median device time of fn() enqueued on a torch stream (events on that stream)."""
+    import torch
+
+    out = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(stream):
+            a.record(stream)
+            fn()
+            b.record(stream)
+        b.synchronize()
+        out.append(a.elapsed_time(b))
+    return statistics.median(out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--arch", choices=["sdxl", "sd15", "tiny"], default="sdxl")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--guidance", type=float, default=7.5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+
+    import torch
+
+    from trtkit.runtime.executors import LoopShape, TorchExecutor
+    from trtkit.runtime.graph_runner import LoopRunner
+    from trtkit.runtime.pipeline import initial_latents
+    from trtkit.runtime.schedulers import make_tables
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    t_build = time.perf_counter()
+    pipe, unet, emb, res = build(args.arch, device, dtype, seed=0)
+    print(f"built {args.arch} UNet ({sum(p.numel() for p in unet.parameters()) / 1e9:.3f} B params) in "
+          f"{time.perf_counter() - t_build:.1f} s", flush=True)
+    N, g = args.steps, args.guidance
+    bench = Bench(device, args.warmup, args.repeats)
+    gen_seed = 123
+
+    tables = make_tables(pipe.scheduler, N, "euler")
+    sdxl = "pooled_prompt_embeds" in emb
+    lat = res // 8
+    shape = LoopShape(batch=1, latent_channels=4, latent_height=lat, latent_width=lat, cfg=True, text_len=77,
+                      text_dim=emb["prompt_embeds"].shape[-1],
+                      pooled_dim=emb["pooled_prompt_embeds"].shape[-1] if sdxl else None,
+                      time_ids_dim=6 if sdxl else None)
+    cond = {"encoder_hidden_states": torch.cat([emb["negative_prompt_embeds"], emb["prompt_embeds"]])}
+    if sdxl:
+        cond["text_embeds"] = torch.cat([emb["negative_pooled_prompt_embeds"], emb["pooled_prompt_embeds"]])
+        tid = torch.tensor([[res, res, 0, 0, res, res]] * 2, dtype=dtype, device=device)
+        cond["time_ids"] = tid
+    x = initial_latents(shape, tables, gen_seed)
+    x_lat = torch.from_numpy(x / np.float32(tables.init_noise_sigma)).to(device, dtype)
+
+    def diffusers_call() -> Any:
+        with torch.no_grad():
+            return pipe(**emb, num_inference_steps=N, guidance_scale=g, height=res, width=res,
+                        latents=x_lat, output_type="latent").images
+
+    print(f"{args.arch} {res}x{res}, {N} steps, guidance {g}, batch 1, {dtype}, {device}", flush=True)
+    r_diff = bench.time("diffusers", diffusers_call)
+    ref_latents = diffusers_call().float().cpu().numpy()
+
+    ex = TorchExecutor(unet)
+
+    def loop_fn(runner: LoopRunner) -> Callable[[], None]:
+        def fn() -> None:
+            runner.set_inputs(x_init=x)
+            runner.run()
+        return fn
+
+    eager = LoopRunner(ex, device=device, use_graph=False)
+    eager.prepare(shape, tables)
+    eager.set_inputs(guidance=g, **cond)
+    r_eager = bench.time("trtkit eager loop", loop_fn(eager), extra_bytes=getattr(eager.loop, "bytes", 0))
+    out_eager = eager.result()
+    results: dict[str, Any] = {}
+    if device == "cuda":
+        graph = LoopRunner(ex, device=device, use_graph=True)
+        graph.prepare(shape, tables)
+        graph.set_inputs(guidance=g, **cond)
+        t = time.perf_counter()
+        graph.set_inputs(x_init=x)
+        graph.run()
+        capture_s = time.perf_counter() - t
+        r_graph = bench.time("trtkit graph loop", loop_fn(graph), extra_bytes=graph.loop.bytes,
+                             capture_s=capture_s)
+        out_graph = graph.result()
+        results["graph_vs_eager_max_abs"] = float(np.abs(out_graph - out_eager).max())
+        results["graph_vs_eager_bit_identical"] = bool(np.array_equal(out_graph, out_eager))
+        results["trtkit_vs_diffusers_rel"] = float(np.abs(out_graph - ref_latents).max() / np.abs(ref_latents).max())
+        # the loop graph vs N replays of one captured UNet call (device time, events on the loop's stream)
+        one = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(one, stream=graph.stream):
+            ex(graph.stream.cuda_stream)
+        loop_dev = event_ms(graph.stream, graph.graph.replay, args.repeats)
+        n1_dev = event_ms(graph.stream, lambda: [one.replay() for _ in range(N)], args.repeats)
+        results.update(loop_graph_device_ms=loop_dev, n_x_one_step_graph_ms=n1_dev,
+                       loop_over_n_steps=loop_dev / n1_dev)
+        print(f"  loop graph {loop_dev:.1f} ms vs {N} x one-step graph {n1_dev:.1f} ms: "
+              f"{100 * (loop_dev / n1_dev - 1):+.2f}%", flush=True)
+        del one
+        graph.close()
+        if not args.no_compile:
+            exc = TorchExecutor(unet, compile=True)
+            gc_ = LoopRunner(exc, device=device, use_graph=True)
+            gc_.prepare(shape, tables)
+            gc_.set_inputs(guidance=g, **cond)
+            t = time.perf_counter()
+            gc_.set_inputs(x_init=x)
+            gc_.run()
+            gc_.result()
+            compile_s = time.perf_counter() - t
+            print(f"  torch.compile + warm-up + capture: {compile_s:.1f} s", flush=True)
+            r_gc = bench.time("trtkit graph loop + compile", loop_fn(gc_), extra_bytes=gc_.loop.bytes,
+                              compile_s=compile_s)
+            results["compiled_graph_vs_diffusers_rel"] = float(
+                np.abs(gc_.result() - ref_latents).max() / np.abs(ref_latents).max())
+            one = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(one, stream=gc_.stream):
+                exc(gc_.stream.cuda_stream)
+            loop_dev = event_ms(gc_.stream, gc_.graph.replay, args.repeats)
+            n1_dev = event_ms(gc_.stream, lambda: [one.replay() for _ in range(N)], args.repeats)
+            results.update(compiled_loop_graph_device_ms=loop_dev, compiled_n_x_one_step_graph_ms=n1_dev,
+                           compiled_loop_over_n_steps=loop_dev / n1_dev)
+            print(f"  compiled: loop graph {loop_dev:.1f} ms vs {N} x one-step graph {n1_dev:.1f} ms: "
+                  f"{100 * (loop_dev / n1_dev - 1):+.2f}%", flush=True)
+            del one
+            gc_.close()
+            pipe.unet = exc.fn  # the same compiled module: the guards match, no second compile
+            t = time.perf_counter()
+            diffusers_call()
+            print(f"  diffusers with the compiled UNet, first call: {time.perf_counter() - t:.1f} s", flush=True)
+            r_dc = bench.time("diffusers + compile", diffusers_call)
+            pipe.unet = unet
+    base = r_diff["median_ms"]
+    for r in bench.rows:
+        r["speedup_vs_diffusers"] = base / r["median_ms"]
+    env = {"python": platform.python_version(), "torch": torch.__version__,
+           "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name() if device == "cuda" else platform.processor()}
+    try:
+        import diffusers
+
+        env["diffusers"] = diffusers.__version__
+        from cuda import bindings
+
+        env["cuda-bindings"] = bindings.__version__
+    except Exception:
+        pass
+    summary = {"arch": args.arch, "resolution": res, "steps": N, "guidance": g, "dtype": str(dtype),
+               "argv": sys.argv, "env": env, "rows": bench.rows, **results}
+    print("\n| row | median ms | speedup vs diffusers | peak GiB |\n|---|---|---|---|")
+    for r in bench.rows:
+        print(f"| {r['name']} | {r['median_ms']:.1f} | {r['speedup_vs_diffusers']:.2f}x | {r['peak_gib']:.2f} |")
+    print(json.dumps({k: v for k, v in summary.items() if k != "rows"}, indent=1))
+    if args.out:
+        args.out.write_text(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
