@@ -12,8 +12,9 @@ def demo_stage(state: Any) -> tuple[str, list[Path]]:
     from trtkit.cli._common import console
     from trtkit.demo import Skipped
     from trtkit.inspector.html import combined_html
+    from trtkit.inspector.onnx_report import onnx_report
     from trtkit.inspector.render import render
-    from trtkit.inspector.report import engine_report, inspect
+    from trtkit.inspector.report import engine_report
 
     onnx = state.quantized or state.onnx
     if onnx is None and state.engine is None:
@@ -21,7 +22,7 @@ def demo_stage(state: Any) -> tuple[str, list[Path]]:
     sections: list[tuple[str, Any]] = []
     parts = []
     if onnx is not None:
-        rep = inspect(onnx)
+        rep = onnx_report(onnx)
         sections.append((f"Q/DQ coverage of {Path(onnx).name}", rep))
         render(rep, console)
         s = rep.scan.summary()

@@ -190,7 +190,7 @@ def scan_onnx(path: str | Path) -> OnnxScan:
                 continue
         kind = "attention" if is_attn else ("conv" if node.op_type.startswith("Conv") else "linear")
         module = module_of(node.name, scope)
-        if is_attn:
+        if m is not None:
             module = module_of(m.group("module") + "/x", scope)
         feeders = tuple(d.name for d in (a_dq, w_dq) if d is not None)
         nodes.append(QNode(node=node.name, op=node.op_type, kind=kind, module=module, block=block_of(module),
@@ -221,7 +221,9 @@ def coverage_json(report: Any) -> Any:
         return to_json()
     import dataclasses
 
-    return dataclasses.asdict(report) if dataclasses.is_dataclass(report) else str(report)
+    if dataclasses.is_dataclass(report) and not isinstance(report, type):
+        return dataclasses.asdict(report)
+    return str(report)
 
 
 @dataclass

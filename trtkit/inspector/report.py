@@ -81,7 +81,7 @@ class EngineReport:
     def compute_share(self) -> dict[str, Any]:
         """Share of UNet compute by precision: FLOPs where the layer dimensions give them, else layer count."""
         compute = [x for x in self.layers if x.kind in COMPUTE_KINDS]
-        flops: Counter[str] = Counter()
+        flops: dict[str, float] = defaultdict(float)
         unestimated = []
         for x in compute:
             f = x.flops()
@@ -92,7 +92,7 @@ class EngineReport:
         total = sum(flops.values())
         by_count = Counter(x.precision for x in compute)
         if total > 0:
-            share = {k: v / total for k, v in flops.most_common()}
+            share = {k: v / total for k, v in sorted(flops.items(), key=lambda kv: -kv[1])}
             basis = "flops"
         else:
             n = sum(by_count.values()) or 1
@@ -104,13 +104,13 @@ class EngineReport:
 
     def block_picture(self) -> dict[str, dict[str, float]]:
         """Per UNet block: weight (FLOPs, or 1 per compute layer) by precision, for the HTML picture."""
-        out: dict[str, Counter[str]] = defaultdict(Counter)
+        out: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         for x in self.layers:
             if x.kind not in COMPUTE_KINDS:
                 continue
             out[self.layer_block(x)][x.precision] += x.flops() or 0.0
         if not any(sum(c.values()) for c in out.values()):  # no FLOPs anywhere: count layers
-            out = defaultdict(Counter)
+            out = defaultdict(lambda: defaultdict(float))
             for x in self.layers:
                 if x.kind in COMPUTE_KINDS:
                     out[self.layer_block(x)][x.precision] += 1
@@ -217,13 +217,13 @@ def attention_status(layers: tuple[Layer, ...], scan: OnnxScan | None) -> list[A
         for a in scan.attention:
             cores[a.module] = (a.block, a.nodes)
     else:  # from the node names the layers carry
-        found: dict[str, list[str]] = defaultdict(list)
+        found: dict[str, set[str]] = defaultdict(set)
         for n in idx:
             m = _ATTN_NODE.match(n)
             if m:
-                found[m.group("module")].append(n)
-        for mod, nodes in found.items():
-            cores[module_of(mod + "/x", "/unet/")] = (node_block(mod + "/x"), tuple(sorted(nodes)))
+                found[m.group("module")].add(n)
+        for mod, names in found.items():
+            cores[module_of(mod + "/x", "/unet/")] = (node_block(mod + "/x"), tuple(sorted(names)))
     out = []
     names_only = bool(layers) and all(not x.detailed for x in layers)
     for module, (block, nodes) in cores.items():
