@@ -210,3 +210,18 @@ def test_bad_inputs_clear_errors(case: str, tmp_path: Path, tiny_unet_onnx: Path
         quantize(QuantizeConfig(**kw))
     assert "\n" not in str(e.value)
     assert not out.exists() and not list(tmp_path.glob(".qdq-*"))
+
+
+def test_external_data_input(tmp_path: Path, tiny_unet_onnx: Path, tiny_feeds) -> None:
+    """Weights in a .data file are read one by one; the result equals the in-file one."""
+    src = tmp_path / "ext" / "unet.onnx"
+    src.parent.mkdir()
+    onnx.save(onnx.load(str(tiny_unet_onnx)), str(src), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="unet.onnx.data", size_threshold=1024)
+    outs = []
+    for path in (src, tiny_unet_onnx):
+        r = quantize(QuantizeConfig(onnx_path=path, output=tmp_path / f"q{len(outs)}.onnx", precision="fp8"))
+        assert r.counts["attention"]["quantized"] == 24
+        outs.append(run_onnxruntime(r.path, tiny_feeds)[0])
+    assert not (tmp_path / "q0.onnx.data").exists()  # small result: one self-contained file
+    assert np.array_equal(outs[0], outs[1])

@@ -283,7 +283,8 @@ def _sample_feeds(model: onnx.ModelProto, profile: str, seed: int) -> dict[str, 
     return feeds
 
 
-def max_calibrate(model: onnx.ModelProto, tensors: list[str], profile: str, seed: int = 0) -> dict[str, float]:
+def max_calibrate(model: onnx.ModelProto, tensors: list[str], profile: str, seed: int = 0,
+                  base_dir: Path | None = None) -> dict[str, float]:
     """amax of each tensor over one onnxruntime run on sample inputs (intermediate tensors exposed as
     extra graph outputs on a copy of the model)."""
     import onnxruntime as ort
@@ -302,7 +303,16 @@ def max_calibrate(model: onnx.ModelProto, tensors: list[str], profile: str, seed
     opts.log_severity_level = 3
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor visible
     try:
-        sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        if _has_external(m):  # weights stay in their .data file: run from a file beside it
+            import tempfile
+
+            with tempfile.NamedTemporaryFile(suffix=".onnx", prefix=".trtkit-calib-", dir=base_dir) as f:
+                f.write(m.SerializeToString())
+                f.flush()
+                sess = ort.InferenceSession(f.name, opts, providers=["CPUExecutionProvider"])
+        else:
+            sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        del m
         outs = sess.run(tensors, feeds)
     except Exception as e:  # onnxruntime raises its own types
         raise TrtkitError(f"max calibration run failed in onnxruntime: {str(e).splitlines()[0]}") from e
@@ -371,8 +381,41 @@ class _Inserter:
         return out
 
 
-def _float_values(t: gs.Constant) -> np.ndarray:
-    return np.asarray(t.values, dtype=np.float32)
+def _has_external(model: onnx.ModelProto) -> bool:
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def _float_values(t: gs.Constant, base_dir: Path | None = None) -> np.ndarray:
+    """A constant's values as float32 without caching them in the graph (a 3 GB model's FP32 weights
+    are read one at a time, quantized and dropped); external data is read from base_dir."""
+    lazy = t._values if isinstance(t._values, LazyValues) else None
+    if lazy is None:
+        return np.asarray(t.values, dtype=np.float32)
+    proto = lazy.tensor
+    if proto.data_location == onnx.TensorProto.EXTERNAL:
+        from onnx.external_data_helper import load_external_data_for_tensor
+
+        tmp = onnx.TensorProto()
+        tmp.CopyFrom(proto)
+        load_external_data_for_tensor(tmp, str(base_dir or "."))
+        tmp.data_location = onnx.TensorProto.DEFAULT
+        del tmp.external_data[:]
+        return np.asarray(onnx.numpy_helper.to_array(tmp), dtype=np.float32)
+    return np.asarray(onnx.numpy_helper.to_array(proto), dtype=np.float32)
+
+
+def _materialize_external(graph: gs.Graph, base_dir: Path) -> None:
+    """Read the external data of the constants still in the graph (the unquantized ones) into the
+    graph, so it no longer points at the source's .data file."""
+    from onnx.external_data_helper import load_external_data_for_tensor
+
+    for t in graph.tensors().values():
+        if isinstance(t, gs.Constant) and isinstance(t._values, LazyValues):
+            proto = t._values.tensor
+            if proto.data_location == onnx.TensorProto.EXTERNAL:
+                load_external_data_for_tensor(proto, str(base_dir))
+                proto.data_location = onnx.TensorProto.DEFAULT
+                del proto.external_data[:]
 
 
 def _prefix(m: WeightedMatch | AttentionMatch) -> str:
@@ -384,29 +427,29 @@ def _prefix(m: WeightedMatch | AttentionMatch) -> str:
     return m.module
 
 
-def _fold_smooth_into_layernorm(x: gs.Variable, s: np.ndarray, g: gs.Graph) -> bool:
+def _fold_smooth_into_layernorm(x: gs.Variable, s: np.ndarray, base_dir: Path) -> bool:
     """x = LayerNorm(...) read only by the smoothed ops: divide gamma and beta by s instead of adding a Mul."""
     p = patterns.producer(x)
     if p is None or p.op != "LayerNormalization" or len(p.inputs) < 2:
         return False
     if not all(isinstance(t, gs.Constant) for t in p.inputs[1:3] if t is not None):
         return False
-    gamma = _float_values(p.inputs[1])
+    gamma = _float_values(p.inputs[1], base_dir)
     if gamma.shape != s.shape:
         return False
     p.inputs[1] = gs.Constant(f"{p.name}/gamma_smoothed", (gamma / s).astype(np.float32))
     if len(p.inputs) > 2 and p.inputs[2] is not None:
-        p.inputs[2] = gs.Constant(f"{p.name}/beta_smoothed", (_float_values(p.inputs[2]) / s).astype(np.float32))
+        p.inputs[2] = gs.Constant(f"{p.name}/beta_smoothed", (_float_values(p.inputs[2], base_dir) / s).astype(np.float32))
     return True
 
 
 # --------------------------------------------------------------------------- the verb
 
-def _load(path: Path) -> onnx.ModelProto:
+def _load(path: Path, external: bool = True) -> onnx.ModelProto:
     if not path.is_file():
         raise TrtkitError(f"ONNX file {path} does not exist")
     try:
-        return onnx.load(str(path))
+        return onnx.load(str(path), load_external_data=external)
     except Exception as e:  # protobuf DecodeError, missing external data
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TrtkitError(f"{path} is not a readable ONNX model: {first}") from e
@@ -437,7 +480,7 @@ def _quantize(cfg: QuantizeConfig) -> QuantizeResult:
         from trtkit.calibfile import load as load_calib
 
         cal = load_calib(cfg.calib)
-    model = _load(src)
+    model = _load(src, external=False)  # weights are read one by one when quantized
     opset = _opset(model)
     if opset < 13:
         raise TrtkitError(f"{src.name} has opset {opset}; per-channel Q/DQ needs opset >= 13 (re-export with 19)")
@@ -498,7 +541,7 @@ def _quantize(cfg: QuantizeConfig) -> QuantizeResult:
         smoothed = [k for k in need_run if cal is not None and k in cal.smooth]
         if smoothed:
             raise TrtkitError(f"calibration has a SmoothQuant vector but no amax for {smoothed[0]}")
-        run = max_calibrate(model, sorted(set(need_run.values())), cfg.profile, cfg.seed)
+        run = max_calibrate(model, sorted(set(need_run.values())), cfg.profile, cfg.seed, base_dir=src.parent)
         for k, t in need_run.items():
             amax[k], source[k] = run[t], "sample run"
         if cal is not None:
@@ -512,7 +555,7 @@ def _quantize(cfg: QuantizeConfig) -> QuantizeResult:
     for m in w_q:
         node = nodes[m.node]
         const = patterns._const_weight(node.inputs[1])[0]
-        w = _float_values(const)
+        w = _float_values(const, src.parent)
         s = _smooth(m)
         smooth_of[m.module] = s
         if s is not None:
@@ -535,7 +578,7 @@ def _quantize(cfg: QuantizeConfig) -> QuantizeResult:
             src_t = x
             if key[1] is not None:
                 s = smooth_of[ms[0].module]
-                if len(keys) == 1 and not other_readers and _fold_smooth_into_layernorm(x, s, graph):
+                if len(keys) == 1 and not other_readers and _fold_smooth_into_layernorm(x, s, src.parent):
                     pass
                 else:
                     src_t = ins.mul(x, 1.0 / s, _prefix(ms[0]))
@@ -554,6 +597,7 @@ def _quantize(cfg: QuantizeConfig) -> QuantizeResult:
         decisions[a.module] = _with_amax(decisions[a.module], amax[f"{a.module}.q_bmm"],
                                          source[f"{a.module}.q_bmm"])
     graph.cleanup()
+    _materialize_external(graph, src.parent)
     notes = list(matches.notes)
     if cfg.fp16:
         from trtkit.graph.fp16 import to_fp16
