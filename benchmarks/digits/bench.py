@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from model import NULL_CLASS, digits_images, load_model, make_scheduler
+from model import NULL_CLASS, SIZE, digits_images, load_model, make_scheduler
 
 from trtkit import calibfile
 from trtkit.calibration import fakequant, levels
@@ -73,7 +73,7 @@ def record_stats(unet, emb, args) -> StepStats:  # type: ignore[no-untyped-def]
     with tapped(unet, targets, stats.observe):
         for _ in range(n_pass):
             labels = torch.randint(0, 10, (args.calib_batch,), generator=g)
-            noise = torch.randn(args.calib_batch, 1, 16, 16, generator=g)
+            noise = torch.randn(args.calib_batch, 1, SIZE, SIZE, generator=g)
             stats.begin_pass()
             ddim(unet, emb, labels, noise, args.steps, args.guidance, on_step=lambda i: setattr(stats, "step", i))
     return stats
@@ -125,7 +125,7 @@ def main() -> None:
 
     g = torch.Generator().manual_seed(args.seed)
     labels = torch.arange(10).repeat_interleave(args.per_digit)
-    noise = torch.randn(len(labels), 1, 16, 16, generator=g)
+    noise = torch.randn(len(labels), 1, SIZE, SIZE, generator=g)
     modes = list(MODES) if args.modes == "all" else [m.strip() for m in args.modes.split(",")]
     results: dict[str, dict] = {}
     ref: torch.Tensor | None = None

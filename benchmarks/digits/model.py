@@ -15,7 +15,7 @@ from diffusers import DDIMScheduler, UNet2DConditionModel
 
 HERE = Path(__file__).resolve().parent
 WEIGHTS = HERE / "weights"
-SIZE = 16
+SIZE = 8
 NULL_CLASS = 10
 EMB_DIM = 32
 
@@ -39,12 +39,14 @@ def make_scheduler() -> DDIMScheduler:
 
 
 def digits_images() -> tuple[torch.Tensor, np.ndarray]:
-    """sklearn digits (1797 x 8x8, 0..16) upsampled bilinearly to 16x16 and scaled to [-1, 1]."""
+    """sklearn digits (1797 x 8x8, 0..16) at their native 8x8, scaled to [-1, 1].
+
+    Native size rather than upsampled: 16x16 costs 4x the CPU time (0.6 s per training step on this
+    shared 2-core machine) for no extra information."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0
-    x = torch.nn.functional.interpolate(x, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
     return (x * 2 - 1).clamp(-1, 1), d.target
 
 

@@ -160,6 +160,8 @@ def recorder(model: Any, recipe: Recipe, steps: int, sample_rows: int = 128, see
 
     r = recipe.resolved()
     targets = levels.targets(model, r.level)  # type: ignore[arg-type]
+    if r.precision != "fp8":  # NVIDIA's INT8 config has no BMM quantizers; the graph pass agrees
+        targets = {k: v for k, v in targets.items() if v != "attention"}
     linear = {k for k, v in targets.items() if v == "linear"} if r.precision == "int8" else set()
     return StepStats(steps, linear, sample_rows=sample_rows, seed=seed), targets
 
