@@ -281,7 +281,11 @@ def main() -> int:
             print(f"  diffusers with the compiled UNet, first call: {time.perf_counter() - t:.1f} s", flush=True)
             r_dc = bench.time("diffusers + compile", diffusers_call)
             pipe.unet = unet
-    base = r_diff["median_ms"]
+    # the host-bound diffusers row drifts with the host's load: time it again last, report both
+    r_diff2 = bench.time("diffusers (again, last)", diffusers_call)
+    base = min(r_diff["median_ms"], r_diff2["median_ms"])
+    results["baseline_ms"] = base
+    results["baseline_rule"] = "the lower of the two diffusers medians (first and last row)"
     for r in bench.rows:
         r["speedup_vs_diffusers"] = base / r["median_ms"]
     env = {"python": platform.python_version(), "torch": torch.__version__,

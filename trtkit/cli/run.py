@@ -1,7 +1,105 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
+
+from trtkit.cli._common import console, print_json
+
+
+def _config(model_dir: Path, engines: Path | None, prompt: str, negative_prompt: str, steps: int, guidance: float,
+            scheduler: str | None, seed: int, cuda_graph: bool, height: int | None, width: int | None,
+            trust_engine: bool, device: str | None, compile: bool):  # type: ignore[no-untyped-def]
+    from trtkit.errors import TrtkitError
+    from trtkit.runtime.pipeline import RunConfig
+    from trtkit.runtime.schedulers import SCHEDULERS
+
+    if scheduler is not None and scheduler not in SCHEDULERS:
+        raise TrtkitError(f"unknown scheduler {scheduler!r}", hint=f"choose one of {', '.join(SCHEDULERS)}")
+    if steps < 1:
+        raise TrtkitError("--steps must be >= 1")
+    if device not in (None, "cpu", "cuda"):
+        raise TrtkitError(f"--device must be cpu or cuda, got {device!r}")
+    return RunConfig(model_dir=model_dir, prompt=prompt, negative_prompt=negative_prompt, steps=steps,
+                     guidance=guidance, scheduler=scheduler, seed=seed, height=height, width=width,
+                     cuda_graph=cuda_graph, engines=engines, trust_engine=trust_engine, device=device,
+                     compile=compile)
 
 
 def register(app: typer.Typer) -> None:
-    """Commands of this family are added by their own issue (see the issue tracker)."""
+    common_help = "The diffusers pipeline folder (text encoders, VAE, and the UNet unless --engines has one)."
+
+    @app.command("run")
+    def run(
+        model_dir: Path = typer.Argument(..., help=common_help),
+        prompt: str = typer.Option(..., "--prompt", help="What to draw."),
+        negative_prompt: str = typer.Option("", "--negative-prompt"),
+        engines: Path = typer.Option(None, "--engines", help="Folder with unet.plan (TensorRT); else the torch UNet."),
+        steps: int = typer.Option(30, "--steps"),
+        guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale (<= 1: off)."),
+        scheduler: str = typer.Option(None, "--scheduler", help="euler | euler_a | ddim | dpmpp_2m "
+                                      "(default: the folder's scheduler)."),
+        seed: int = typer.Option(0, "--seed"),
+        cuda_graph: bool = typer.Option(True, "--cuda-graph/--no-cuda-graph",
+                                        help="Run all steps as one CUDA graph (GPU only)."),
+        height: int = typer.Option(None, "--height"),
+        width: int = typer.Option(None, "--width"),
+        trust_engine: bool = typer.Option(False, "--trust-engine", help="Allow plans that carry host code "
+                                          "(version-compatible plans). Only for plans you trust."),
+        device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda if present)."),
+        compile: bool = typer.Option(False, "--compile", help="torch.compile the torch UNet."),
+        output: Path = typer.Option(Path("out.png"), "--output", "-o", help="Image to write (.png/.jpg/.webp)."),
+        json_out: bool = typer.Option(False, "--json", help="Print the timings as JSON."),
+    ) -> None:
+        """Text -> image through the trtkit runtime (the denoising loop as one CUDA graph on a GPU)."""
+        from trtkit.runtime.pipeline import run as do_run
+
+        cfg = _config(model_dir, engines, prompt, negative_prompt, steps, guidance, scheduler, seed, cuda_graph,
+                      height, width, trust_engine, device, compile)
+        res = do_run(cfg, output)
+        info = {"output": str(output), "executor": res.executor, "cuda_graph": res.cuda_graph,
+                **{f"{k}_ms": round(v, 1) for k, v in res.timings_ms.items()}}
+        if json_out:
+            print_json(info)
+        else:
+            console.print(f"wrote {output} ({res.executor} UNet, {'one CUDA graph' if res.cuda_graph else 'eager loop'}"
+                          f", {res.timings_ms['total']:.0f} ms: denoise {res.timings_ms['denoise']:.0f} ms)")
+
+    @app.command("bench")
+    def bench(
+        model_dir: Path = typer.Argument(..., help=common_help),
+        prompt: str = typer.Option("a photo of an astronaut riding a horse", "--prompt"),
+        engines: Path = typer.Option(None, "--engines"),
+        steps: int = typer.Option(30, "--steps"),
+        guidance: float = typer.Option(7.5, "--guidance"),
+        scheduler: str = typer.Option(None, "--scheduler"),
+        cuda_graph: bool = typer.Option(True, "--cuda-graph/--no-cuda-graph"),
+        height: int = typer.Option(None, "--height"),
+        width: int = typer.Option(None, "--width"),
+        warmup: int = typer.Option(2, "--warmup", help="Untimed runs first (compilation, capture)."),
+        repeats: int = typer.Option(5, "--repeats"),
+        trust_engine: bool = typer.Option(False, "--trust-engine"),
+        device: str = typer.Option(None, "--device"),
+        compile: bool = typer.Option(False, "--compile"),
+        json_out: bool = typer.Option(False, "--json"),
+    ) -> None:
+        """Per-step and end-to-end latency (median of --repeats after --warmup runs)."""
+        from trtkit.runtime.pipeline import bench as do_bench
+
+        cfg = _config(model_dir, engines, prompt, "", steps, guidance, scheduler, 0, cuda_graph, height, width,
+                      trust_engine, device, compile)
+        s = do_bench(cfg, warmup, repeats).summary()
+        if json_out:
+            print_json(s)
+            return
+        from rich.table import Table
+
+        t = Table(title=f"trtkit bench: {s['executor']} UNet on {s['device']}, "
+                        f"{'one CUDA graph' if s['cuda_graph'] else 'eager loop'}, {steps} steps")
+        for col in ("", "median ms", "min ms"):
+            t.add_column(col, justify="right")
+        t.add_row("per step", f"{s['per_step_ms']:.2f}", f"{s['denoise_min_ms'] / steps:.2f}")
+        t.add_row("denoising loop", f"{s['denoise_ms']:.1f}", f"{s['denoise_min_ms']:.1f}")
+        t.add_row("end to end", f"{s['end_to_end_ms']:.1f}", f"{s['end_to_end_min_ms']:.1f}")
+        console.print(t)
+        console.print(f"warm-up {warmup}, repeats {repeats}")

@@ -129,7 +129,8 @@ def decode(pipe: Any, latents: np.ndarray, output_type: str = "pil") -> Any:
 
 def make_executor(pipe: Any, engines: Path | None, trust_engine: bool, compile: bool, device: str) -> StepExecutor:
     if engines is not None:
-        plan = Path(engines) / "unet.plan"
+        # a folder holding unet.plan, or the plan itself
+        plan = Path(engines) if Path(engines).suffix in (".plan", ".engine") else Path(engines) / "unet.plan"
         if not plan.is_file():
             raise TrtkitError(f"{engines} has no unet.plan")
         if device != "cuda":
@@ -195,3 +196,44 @@ def run(cfg: RunConfig, output: Path | None = None) -> RunResult:
             res.image.save(tmp, format={".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(
                 output.suffix.lower(), "PNG"))
     return res
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    steps: int
+    warmup: int
+    repeats: int
+    executor: str
+    cuda_graph: bool
+    device: str
+    end_to_end_ms: list[float]
+    denoise_ms: list[float]
+
+    @staticmethod
+    def _median(v: list[float]) -> float:
+        s = sorted(v)
+        return s[len(s) // 2] if len(s) % 2 else 0.5 * (s[len(s) // 2 - 1] + s[len(s) // 2])
+
+    def summary(self) -> dict[str, Any]:
+        e2e, den = self._median(self.end_to_end_ms), self._median(self.denoise_ms)
+        return {"device": self.device, "executor": self.executor, "cuda_graph": self.cuda_graph,
+                "steps": self.steps, "warmup": self.warmup, "repeats": self.repeats,
+                "end_to_end_ms": round(e2e, 2), "denoise_ms": round(den, 2),
+                "per_step_ms": round(den / self.steps, 3), "end_to_end_min_ms": round(min(self.end_to_end_ms), 2),
+                "denoise_min_ms": round(min(self.denoise_ms), 2)}
+
+
+def bench(cfg: RunConfig, warmup: int = 2, repeats: int = 5) -> BenchResult:
+    """`trtkit bench`: warm-up runs (compilation, capture), then `repeats` timed text -> image runs.
+    Per-step latency is the denoising loop's time over the steps; end to end adds text encoding and
+    the VAE decode."""
+    if warmup < 0 or repeats < 1:
+        raise TrtkitError("--warmup must be >= 0 and --repeats >= 1")
+    pipe = Pipeline(cfg.model_dir, engines=cfg.engines, device=cfg.device, cuda_graph=cfg.cuda_graph,
+                    trust_engine=cfg.trust_engine, compile=cfg.compile)
+    for _ in range(warmup):
+        pipe(cfg)
+    runs = [pipe(cfg).timings_ms for _ in range(repeats)]
+    return BenchResult(steps=cfg.steps, warmup=warmup, repeats=repeats, executor=pipe.executor.name,
+                       cuda_graph=pipe.runner.use_graph, device=pipe.device,
+                       end_to_end_ms=[r["total"] for r in runs], denoise_ms=[r["denoise"] for r in runs])

@@ -1,0 +1,85 @@
+"""`trtkit.accelerate(pipe)`: the user's call, unchanged, gives diffusers' own result (tiny SDXL, CPU)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import trtkit
+from trtkit.errors import TrtkitError
+from trtkit.runtime.schedulers import make_scheduler
+
+
+@pytest.fixture(scope="module")
+def sdxl(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
+    from diffusers import StableDiffusionXLPipeline
+
+    p = StableDiffusionXLPipeline.from_pretrained(str(tiny_model_dir))
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def _call(p, **kw):  # type: ignore[no-untyped-def]
+    return p("a red cube", negative_prompt="blurry", num_inference_steps=5, guidance_scale=6.0, height=128,
+             width=128, generator=torch.Generator("cpu").manual_seed(3), output_type="latent", **kw).images
+
+
+@pytest.mark.parametrize("name", ["euler", "euler_a", "ddim", "dpmpp_2m"])
+def test_same_call_same_latents(sdxl, name: str) -> None:  # type: ignore[no-untyped-def]
+    from diffusers import StableDiffusionXLPipeline
+
+    sdxl.scheduler = make_scheduler(name, sdxl.scheduler.config)
+    if type(sdxl) is not StableDiffusionXLPipeline:  # undo an earlier test's accelerate for the reference
+        sdxl.__class__ = StableDiffusionXLPipeline
+        sdxl._trtkit = None
+    want = _call(sdxl).numpy()
+    pipe = trtkit.accelerate(sdxl)
+    assert pipe is sdxl and isinstance(pipe, StableDiffusionXLPipeline) and type(pipe).__name__.startswith("Acc")
+    got = _call(pipe).numpy()
+    err = np.abs(got - want).max() / np.abs(want).max()
+    assert err < 1e-4, f"{name}: {err:.2e}"
+
+
+def test_images_and_fallback(sdxl, caplog) -> None:  # type: ignore[no-untyped-def]
+    pipe = trtkit.accelerate(sdxl)
+    img = pipe("x", num_inference_steps=2, height=64, width=64).images[0]
+    assert img.size == (64, 64)
+    seen = []
+    with caplog.at_level(logging.WARNING):
+        pipe("x", num_inference_steps=2, height=64, width=64, output_type="latent",
+             callback_on_step_end=lambda p, i, t, kw: seen.append(i) or kw)
+    assert seen == [0, 1] and "callback_on_step_end" in caplog.text  # diffusers' own loop ran
+
+
+def test_unsupported_scheduler_is_one_line_error(sdxl) -> None:  # type: ignore[no-untyped-def]
+    from diffusers import LMSDiscreteScheduler
+
+    old = sdxl.scheduler
+    sdxl.scheduler = LMSDiscreteScheduler.from_config(old.config)
+    try:
+        with pytest.raises(TrtkitError, match="no device tables"):
+            trtkit.accelerate(sdxl)
+    finally:
+        sdxl.scheduler = old
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["euler", "euler_a", "ddim", "dpmpp_2m"])
+def test_accelerate_on_gpu_fp16(tiny_model_dir: Path, name: str) -> None:
+    """fp16 on the GPU: diffusers keeps latents in fp16 between steps, the runtime in fp32, so the two
+    differ by fp16 rounding (stated tolerance: 2e-2 of the latents' range)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    p = StableDiffusionXLPipeline.from_pretrained(str(tiny_model_dir), torch_dtype=torch.float16).to("cuda")
+    p.set_progress_bar_config(disable=True)
+    p.scheduler = make_scheduler(name, p.scheduler.config)
+    want = _call(p).float().cpu().numpy()
+    pipe = trtkit.accelerate(p)
+    got = _call(pipe).float().cpu().numpy()
+    assert pipe._trtkit.runner.captures == 1
+    err = np.abs(got - want).max() / np.abs(want).max()
+    assert err < 2e-2, f"{name}: {err:.2e}"

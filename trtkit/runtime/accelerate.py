@@ -1,0 +1,145 @@
+"""`trtkit.accelerate(pipe, engines=DIR)`: an existing diffusers SD / SDXL pipeline runs its denoising
+loop on the trtkit runtime (one CUDA graph on a GPU; the TensorRT UNet when `engines` has unet.plan),
+with no other change to the user's script: `pipe(prompt, ...)` keeps its signature and return type.
+
+The pipeline object's class is swapped for a subclass whose `__call__` encodes the prompt, prepares
+latents and decodes exactly as diffusers does (its own `encode_prompt`, `prepare_latents`, generator
+use and ancestral noise draws), so the same seed gives the same image. Arguments the runtime does not
+handle (callbacks, IP-adapters, custom timesteps, ...) fall back to diffusers' own `__call__`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trtkit.errors import TrtkitError
+
+log = logging.getLogger(__name__)
+
+# Call arguments the accelerated path understands; anything else (non-default) goes to diffusers.
+HANDLED = {"prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "height", "width", "generator",
+           "latents", "output_type", "return_dict", "num_images_per_prompt", "prompt_embeds",
+           "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"}
+
+
+@dataclass
+class _Runtime:
+    runner: Any
+    executor: Any
+    original_call: Any
+    defaults: dict[str, Any]
+
+
+def accelerate(pipe: Any, engines: Path | str | None = None, cuda_graph: bool = True, trust_engine: bool = False,
+               compile: bool = False) -> Any:
+    """Make `pipe` (StableDiffusionPipeline / StableDiffusionXLPipeline) use the runtime; returns `pipe`."""
+    from trtkit.runtime.graph_runner import LoopRunner
+    from trtkit.runtime.pipeline import make_executor
+    from trtkit.runtime.schedulers import scheduler_name
+
+    if not hasattr(pipe, "unet") or not hasattr(pipe, "encode_prompt"):
+        raise TrtkitError(f"{type(pipe).__name__} is not a Stable Diffusion / SDXL text-to-image pipeline")
+    scheduler_name(pipe.scheduler)  # a one-line error now rather than at the first call
+    device = pipe.unet.device.type
+    executor = make_executor(pipe, Path(engines) if engines else None, trust_engine, compile, device)
+    runner = LoopRunner(executor, device=device, use_graph=cuda_graph)
+    base = type(pipe)
+    if getattr(pipe, "_trtkit", None) is not None:
+        base = base.__mro__[1]
+    sig = inspect.signature(base.__call__)
+    defaults = {k: p.default for k, p in sig.parameters.items() if p.default is not inspect.Parameter.empty}
+    rt = _Runtime(runner, executor, base.__call__, defaults)
+    if getattr(pipe, "_trtkit", None) is None:
+        pipe.__class__ = type(f"Accelerated{base.__name__}", (base,), {"__call__": _call})
+    object.__setattr__(pipe, "_trtkit", rt)
+    return pipe
+
+
+def _call(self: Any, *args: Any, **kwargs: Any) -> Any:
+    rt: _Runtime = self._trtkit
+    if args:  # positional prompt, as diffusers allows
+        kwargs = {**dict(zip(["prompt", "prompt_2"] if "prompt_2" in rt.defaults else ["prompt"], args)), **kwargs}
+    extra = {k: v for k, v in kwargs.items() if k not in HANDLED and v is not None
+             and not (k in rt.defaults and _same(v, rt.defaults[k]))}
+    if extra:
+        log.warning("trtkit.accelerate: %s not handled by the runtime; running diffusers' own loop",
+                    ", ".join(sorted(extra)))
+        return rt.original_call(self, **kwargs)
+    return _accelerated(self, rt, **kwargs)
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:
+        return False
+
+
+def _accelerated(pipe: Any, rt: _Runtime, prompt: Any = None, negative_prompt: Any = None,
+                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                 height: int | None = None, width: int | None = None, generator: Any = None, latents: Any = None,
+                 output_type: str = "pil", return_dict: bool = True, num_images_per_prompt: int = 1,
+                 prompt_embeds: Any = None, negative_prompt_embeds: Any = None, pooled_prompt_embeds: Any = None,
+                 negative_pooled_prompt_embeds: Any = None) -> Any:
+    import torch
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from trtkit.runtime.executors import LoopShape
+    from trtkit.runtime.pipeline import decode, is_sdxl
+    from trtkit.runtime.schedulers import make_tables, scheduler_name
+
+    steps = num_inference_steps or rt.defaults.get("num_inference_steps", 50)
+    g = rt.defaults.get("guidance_scale", 7.5) if guidance_scale is None else guidance_scale
+    f = pipe.vae_scale_factor
+    height = height or pipe.unet.config.sample_size * f
+    width = width or pipe.unet.config.sample_size * f
+    cfg = g > 1.0
+    device = pipe._execution_device
+    sdxl = is_sdxl(pipe)
+    with torch.no_grad():
+        if sdxl:
+            pe, npe, pooled, npooled = pipe.encode_prompt(
+                prompt=prompt, device=device, num_images_per_prompt=num_images_per_prompt,
+                do_classifier_free_guidance=cfg, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+                negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
+        else:
+            pe, npe = pipe.encode_prompt(prompt, device, num_images_per_prompt, cfg, negative_prompt,
+                                         prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds)
+        b = pe.shape[0]
+        cond = {"encoder_hidden_states": torch.cat([npe, pe]) if cfg else pe}
+        if sdxl:
+            tid = torch.tensor([[height, width, 0, 0, height, width]] * b, dtype=pe.dtype, device=device)
+            cond["text_embeds"] = torch.cat([npooled, pooled]) if cfg else pooled
+            cond["time_ids"] = torch.cat([tid, tid]) if cfg else tid
+        name = scheduler_name(pipe.scheduler)
+        tables = make_tables(pipe.scheduler, steps, name)
+        pipe.scheduler.set_timesteps(steps, device=device)  # as diffusers does before prepare_latents
+        lat = pipe.prepare_latents(b, pipe.unet.config.in_channels, height, width, pe.dtype, device, generator,
+                                   latents)
+        noise = None
+        if tables.uses_noise:  # the draws scheduler.step() would make, in the same order, from the same generator
+            noise = torch.stack([randn_tensor(lat.shape, generator=generator, device=lat.device, dtype=lat.dtype)
+                                 for _ in range(steps)]).float().cpu().numpy()
+    shape = LoopShape(batch=b, latent_channels=lat.shape[1], latent_height=lat.shape[2], latent_width=lat.shape[3],
+                      cfg=cfg, text_len=pe.shape[1], text_dim=pe.shape[2],
+                      pooled_dim=cond["text_embeds"].shape[-1] if sdxl else None, time_ids_dim=6 if sdxl else None)
+    out = rt.runner(shape, tables, x_init=lat.float().cpu().numpy(), guidance=g, noise=noise, **cond)
+    if output_type == "latent":
+        images: Any = torch.from_numpy(out).to(device, pe.dtype)
+    else:
+        images = decode(pipe, out, output_type=output_type)
+    pipe.maybe_free_model_hooks()
+    if not return_dict:
+        return (images,) if sdxl else (images, None)
+    if sdxl:
+        from diffusers.pipelines.stable_diffusion_xl import StableDiffusionXLPipelineOutput
+
+        return StableDiffusionXLPipelineOutput(images=images)
+    from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
+
+    return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None)

@@ -1,0 +1,45 @@
+"""Demo stage `run`: the tiny pipeline end to end through trtkit's runtime, writing image.png.
+
+CPU: the eager loop with the torch UNet (the numpy reference of the fused step). GPU: the loop as one
+CUDA graph, over the demo's TensorRT engine when the build stage made one that this machine can run,
+else over the torch UNet."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from trtkit.demo import Skipped
+
+
+def _engine_usable(engine: Path | None) -> bool:
+    if engine is None or not Path(engine).is_file():
+        return False
+    try:
+        from trtkit.backend import load_backend
+
+        be = load_backend()
+        return be.can_run and not be.is_rtx or (be.is_rtx and be.can_run)
+    except Exception:
+        return False
+
+
+def demo_stage(state: Any) -> tuple[str, list[Path]]:
+    if state.model_dir is None:
+        raise Skipped("no model (the model stage did not run)")
+    from trtkit.profiles import get_profile
+    from trtkit.runtime.pipeline import RunConfig, default_device, run
+
+    device = default_device()
+    h, w = get_profile(state.config.profile).resolution
+    engines = Path(state.engine) if device == "cuda" and _engine_usable(state.engine) else None
+    out = Path(state.config.workdir) / "image.png"
+    cfg = RunConfig(model_dir=Path(state.model_dir), prompt=state.config.prompt, steps=state.config.steps,
+                    seed=state.config.seed, height=h, width=w, device=device, cuda_graph=device == "cuda",
+                    engines=engines)
+    res = run(cfg, out)
+    state.image = out
+    how = "one CUDA graph" if res.cuda_graph else "eager loop"
+    t = res.timings_ms
+    return (f"{h}x{w}, {cfg.steps} steps, {res.executor} UNet, {how} on {device}: denoise {t['denoise']:.0f} ms, "
+            f"total {t['total']:.0f} ms", [out])
