@@ -139,3 +139,22 @@ def test_compare_int8_fp8(int8_engine, fp8_engine):
     assert len(c.rows) == 16
     assert sum(not r["same"] for r in c.rows) == 8
     json.dumps(c.to_json())
+
+
+def test_myelin_flops_from_the_onnx(tmp_path, rtx_plan_bytes, tiny_unet_onnx):
+    """A Myelin region has no dimensions of its own: its FLOPs come from the ONNX nodes it holds, at the opt
+    shapes the metadata records (the fixture's node names are the real tiny UNet's)."""
+    meta = _meta(rtx_plan_bytes, tiny_unet_onnx)
+    meta["profiles"][0]["shapes"] = {"sample": {"opt": [2, 4, 32, 32]}, "timestep": {"opt": [1]},
+                                     "encoder_hidden_states": {"opt": [2, 77, 64]}, "text_embeds": {"opt": [2, 32]},
+                                     "time_ids": {"opt": [2, 6]}}
+    plan = write_engine(tmp_path, rtx_plan_bytes, fixture_text("trt10_detailed.json"), meta)
+    rep = engine_report(plan, from_files=True)
+    myelin = next(x for x in rep.layers if x.type == "Myelin")
+    proj = 2 * (2 * 256 * 64) * 64  # to_q / to_k / to_v: [2, 256, 64] x [64, 64]
+    bmm = 2 * (2 * 4 * 256 * 256) * 16  # 4 heads of 16, 256 tokens, both batched matmuls
+    assert rep.layer_flops(myelin) == 3 * proj + 2 * bmm
+    cs = rep.compute_share()
+    assert cs["basis"] == "flops" and cs["layers_without_flops"] == 0
+    own = sum(x.flops() or 0 for x in rep.layers)
+    assert sum(cs["flops"].values()) == own + 3 * proj + 2 * bmm

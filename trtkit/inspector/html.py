@@ -123,8 +123,8 @@ def _engine_sections(r: EngineReport, prefix: str = "") -> str:
                      [[chip(p), f'<span class="num">{n}</span>', f'{100 * cs["share"].get(p, 0.0):.1f}%']
                       for p, n in s["by_precision"].items()]))
     if cs["basis"] == "flops" and cs["layers_without_flops"]:
-        out.append(f'<p class="small">{cs["layers_without_flops"]} compute layers (Myelin regions) have no FLOP '
-                   "estimate and are not in the shares.</p>")
+        out.append(f'<p class="small">{cs["layers_without_flops"]} compute layers have no FLOP estimate (no '
+                   "dimensions, and no ONNX shapes to estimate from) and are not in the shares.</p>")
     unit = "FLOPs" if cs["basis"] == "flops" else "layers"
     out.append(f"<h2>Per-block precision</h2><p class='small'>Compute of each UNet block by the precision its "
                f"layers ran in ({e(unit)}).</p>")

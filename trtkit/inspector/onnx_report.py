@@ -239,3 +239,60 @@ class OnnxReport:
 def onnx_report(path: str | Path) -> OnnxReport:
     scan = scan_onnx(path)
     return OnnxReport(scan=scan, coverage=coverage_report(path))
+
+
+def node_flops(path: str | Path, input_shapes: dict[str, list[int]] | None = None) -> dict[str, float]:
+    """2 x multiply-adds of every MatMul, Gemm and Conv node at the given input shapes (the profile's opt
+    shapes), for layers whose own dimensions give no estimate (Myelin regions). Empty when shapes do not
+    resolve. Uses onnxruntime's symbolic shape inference where installed (it resolves the exporter's
+    computed reshapes), else ONNX's own shape inference with data propagation (partial)."""
+    import onnx
+
+    model = _load(Path(path))
+    for inp in model.graph.input:
+        shape = (input_shapes or {}).get(inp.name)
+        dims = inp.type.tensor_type.shape.dim
+        if shape is not None and len(shape) == len(dims):
+            for d, v in zip(dims, shape, strict=True):
+                d.Clear()
+                d.dim_value = int(v)
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except Exception:  # not installed, or an op it does not know: fall back to ONNX's inference
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        except Exception:
+            return {}
+    if inferred is None:
+        return {}
+    shapes: dict[str, list[int | None]] = {}
+    for vi in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output):
+        shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+    for t in inferred.graph.initializer:
+        shapes[t.name] = list(t.dims)
+    out: dict[str, float] = {}
+    for node in inferred.graph.node:
+        if node.op_type not in WEIGHTED_OPS or len(node.input) < 2:
+            continue
+        y, a, w = shapes.get(node.output[0]), shapes.get(node.input[0]), shapes.get(node.input[1])
+        if not y or not a or None in y or None in a:
+            continue
+        n_out = 1
+        for d in y:
+            n_out *= int(d or 0)
+        if node.op_type.startswith("Conv"):
+            if not w or None in w or len(w) < 3:
+                continue
+            k = 1
+            for d in w[2:]:
+                k *= int(d or 0)
+            groups = next((at.i for at in node.attribute if at.name == "group"), 1) or 1
+            cin = a[1] or 0
+            out[node.name] = 2.0 * n_out * (cin / groups) * k
+        else:
+            trans_a = next((at.i for at in node.attribute if at.name == "transA"), 0)
+            kdim = a[0] if (node.op_type == "Gemm" and trans_a) else a[-1]
+            out[node.name] = 2.0 * n_out * int(kdim or 0)
+    return out

@@ -95,7 +95,8 @@ def render_engine(r: EngineReport, console: Console, *, all_layers: bool = True)
         t.add_row(_p(prec), _pct(share))
     console.print(t)
     if cs["basis"] == "flops" and cs["layers_without_flops"]:
-        console.print(f"  {cs['layers_without_flops']} compute layers (Myelin regions) have no FLOP estimate "
+        console.print(f"  {cs['layers_without_flops']} compute layers have no FLOP estimate (no dimensions, and no ONNX "
+                      "shapes to estimate from) "
                       "and are left out of the shares")
     if r.attention:
         t = _table(console, "attention module", "fused", "detail", title="fused attention per attention block")

@@ -60,6 +60,38 @@ class EngineReport:
     attention: list[AttentionStatus]
     crosscheck: list[CrossCheck]
     notes: list[str] = field(default_factory=list)
+    _flops: dict[int, float | None] | None = field(default=None, repr=False)
+
+    def opt_shapes(self) -> dict[str, list[int]]:
+        """Each input's opt shape (profile 0): from the metadata, else the TensorRT 11 I/O tensors."""
+        shapes: dict[str, list[int]] = {}
+        for prof in (_get(self.src.metadata, "profiles") or [])[:1]:
+            for name, rng in (prof.get("shapes") or {}).items() if isinstance(prof, dict) else []:
+                if isinstance(rng, dict) and isinstance(rng.get("opt"), list):
+                    shapes[name] = rng["opt"]
+        for t in self.src.layers.io if self.src.layers else ():
+            if t.name not in shapes and t.profiles and isinstance(t.profiles[0].get("OptShape"), list):
+                shapes[t.name] = t.profiles[0]["OptShape"]
+        return shapes
+
+    def layer_flops(self, layer: Layer) -> float | None:
+        """The layer's own estimate, else the FLOPs of the ONNX MatMul/Gemm/Conv nodes it holds (each node
+        counted in one layer only), at the opt shapes."""
+        if self._flops is None:
+            own = {x.index: x.flops() for x in self.layers}
+            missing = [x for x in self.layers if own[x.index] is None and x.kind in COMPUTE_KINDS]
+            per_node: dict[str, float] = {}
+            if missing and self.onnx is not None:
+                from trtkit.inspector.onnx_report import node_flops
+
+                per_node = node_flops(self.onnx.path, self.opt_shapes())
+            taken = {n for x in self.layers if own[x.index] is not None for n in x.onnx_nodes}
+            for x in missing:
+                nodes = [n for n in x.onnx_nodes if n in per_node and n not in taken]
+                taken.update(nodes)
+                own[x.index] = sum(per_node[n] for n in nodes) if nodes else None
+            self._flops = own
+        return self._flops.get(layer.index)
 
     @property
     def layers(self) -> tuple[Layer, ...]:
@@ -84,7 +116,7 @@ class EngineReport:
         flops: dict[str, float] = defaultdict(float)
         unestimated = []
         for x in compute:
-            f = x.flops()
+            f = self.layer_flops(x)
             if f is None:
                 unestimated.append(x)
             else:
@@ -108,7 +140,7 @@ class EngineReport:
         for x in self.layers:
             if x.kind not in COMPUTE_KINDS:
                 continue
-            out[self.layer_block(x)][x.precision] += x.flops() or 0.0
+            out[self.layer_block(x)][x.precision] += self.layer_flops(x) or 0.0
         if not any(sum(c.values()) for c in out.values()):  # no FLOPs anywhere: count layers
             out = defaultdict(lambda: defaultdict(float))
             for x in self.layers:
@@ -131,7 +163,7 @@ class EngineReport:
             "attention": [a.to_json() for a in self.attention],
             "crosscheck": [c.to_json() for c in self.crosscheck],
             "io": [t.to_json() for t in self.src.layers.io] if self.src.layers else [],
-            "layers": [dict(x.to_json(), block=self.layer_block(x),
+            "layers": [dict(x.to_json(), block=self.layer_block(x), flops=self.layer_flops(x),
                             time_ms=(self.src.timings_ms or {}).get(x.name)) for x in self.layers],
             "onnx": str(self.onnx.path) if self.onnx else None,
         }
