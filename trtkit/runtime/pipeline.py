@@ -4,7 +4,9 @@ LoopRunner (one CUDA graph on a GPU, the eager numpy-reference loop on a CPU).""
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,13 +63,44 @@ def load_pipeline(model_dir: Path, device: str) -> Any:
     if not (model_dir / "model_index.json").is_file():
         raise TrtkitError(f"{model_dir} is not a diffusers pipeline folder (no model_index.json)")
     dtype = torch.float16 if device == "cuda" else torch.float32
-    kw: dict[str, Any] = {}
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(model_dir), torch_dtype=dtype, **kw)
+        with _quiet_loading():
+            pipe = DiffusionPipeline.from_pretrained(str(model_dir), dtype=dtype)
     except Exception as e:
         raise TrtkitError(f"cannot load the pipeline in {model_dir}: {str(e).splitlines()[0]}") from e
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """No progress bars or advice from diffusers/transformers while loading: the CLI prints one line."""
+    import warnings
+
+    import diffusers.utils.logging as dlog
+
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    try:
+        from transformers.utils import logging as tlog
+
+        tlevel, tbar = tlog.get_verbosity(), tlog.is_progress_bar_enabled()
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        tlog = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        dlog.set_verbosity(level)
+        dlog.enable_progress_bar()
+        if tlog is not None:
+            tlog.set_verbosity(tlevel)
+            if tbar:
+                tlog.enable_progress_bar()
 
 
 def is_sdxl(pipe: Any) -> bool:
@@ -148,6 +181,8 @@ class Pipeline:
     def __init__(self, model_dir: Path, engines: Path | None = None, device: str | None = None,
                  cuda_graph: bool = True, trust_engine: bool = False, compile: bool = False) -> None:
         self.device = device or default_device()
+        if engines is not None and not (Path(engines).is_file() or (Path(engines) / "unet.plan").is_file()):
+            raise TrtkitError(f"{engines} has no unet.plan")  # before the (slow) pipeline load
         self.pipe = load_pipeline(Path(model_dir), self.device)
         self.executor = make_executor(self.pipe, engines, trust_engine, compile, self.device)
         self.runner = LoopRunner(self.executor, device=self.device, use_graph=cuda_graph)

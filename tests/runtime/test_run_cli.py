@@ -1,0 +1,39 @@
+"""`trtkit run` and `trtkit bench` on the CPU (eager loop, torch UNet)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from trtkit.cli import main
+
+
+def test_run_writes_image(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "a.png"
+    rc = main(["run", str(tiny_model_dir), "--prompt", "a cat", "--steps", "2", "--height", "64", "--width", "64",
+               "--scheduler", "euler_a", "--device", "cpu", "--no-cuda-graph", "-o", str(out), "--json"])
+    assert rc == 0 and out.is_file()
+    info = json.loads(capsys.readouterr().out)
+    assert info["executor"] == "torch" and info["cuda_graph"] is False
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--scheduler", "lms"], "unknown scheduler"), (["--steps", "0"], "--steps"), (["--height", "100"], "multiples"),
+    (["--engines", "/nonexistent"], "no unet.plan"),
+])
+def test_run_errors_are_one_line(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                 args: list[str], match: str) -> None:
+    out = tmp_path / "b.png"
+    rc = main(["run", str(tiny_model_dir), "--prompt", "x", "--device", "cpu", "-o", str(out), *args])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error:") and match in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_bench_prints_per_step_and_end_to_end(tiny_model_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    rc = main(["bench", str(tiny_model_dir), "--steps", "2", "--height", "64", "--width", "64", "--device", "cpu",
+               "--warmup", "1", "--repeats", "2", "--json"])
+    s = json.loads(capsys.readouterr().out)
+    assert rc == 0 and s["repeats"] == 2 and s["per_step_ms"] > 0 and s["end_to_end_ms"] >= s["denoise_ms"]
