@@ -15,7 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trtkit
 from trtkit._files import (
@@ -32,6 +32,9 @@ from trtkit.builder.progress import BuildProgress, cancel_on_sigint, make_monito
 from trtkit.builder.shapes import ProfileShapes, resolve_profiles
 from trtkit.builder.source import OnnxSource, read_onnx
 from trtkit.errors import TrtkitError
+
+if TYPE_CHECKING:  # the TensorRT 10 API as typed by stubs/ (never imported at run time)
+    import tensorrt as trt_api
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +104,7 @@ def _key_material(config: BuildConfig, backend: Any, source: OnnxSource, profile
         "onnx_sha256": onnx_sha, "calib_sha256": calib_sha if not source.has_qdq else None,
         "precision": config.precision, "fp16_rest": _fp16_rest(config, source), "quant_level": config.quant_level,
         "profiles": [p.to_json() for p in profiles], "opt_level": config.effective_opt_level,
-        "workspace": config.workspace,
+        "workspace": config.workspace_bytes,
     }
 
 
@@ -226,7 +229,7 @@ def build(config: BuildConfig, progress: BuildProgress | None = None) -> BuildRe
         graph = _prepare_onnx(config, backend, source, profiles, Path(work_dir), notes)
         flags = _precision_flags(config, backend, source, graph)
 
-        builder = trt.Builder(backend.logger)
+        builder: trt_api.Builder = trt.Builder(backend.logger)
         network = builder.create_network(network_flags(backend, strongly_typed))
         parser = parse_onnx(backend, network, graph.path)
         io = network_io(network)
@@ -235,8 +238,9 @@ def build(config: BuildConfig, progress: BuildProgress | None = None) -> BuildRe
             cfg.set_flag(getattr(trt.BuilderFlag, f))
         cfg.builder_optimization_level = config.effective_opt_level
         cfg.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
-        if config.workspace is not None:
-            cfg.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, config.workspace)
+        workspace = config.workspace_bytes
+        if workspace is not None:
+            cfg.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
         if backend.is_rtx:
             set_rtx_targets(backend, cfg, config.rtx_targets)
             if config.timing_cache is not None:
@@ -244,7 +248,7 @@ def build(config: BuildConfig, progress: BuildProgress | None = None) -> BuildRe
                              "when engines run)")
                 log.warning(notes[-1])
         timing_cache = _load_timing_cache(cfg, config, notes) if not backend.is_rtx else None
-        add_profiles(builder, cfg, network, profiles)
+        add_profiles(trt, builder, cfg, network, profiles)
 
         state = progress or BuildProgress()
         log_mark = len(getattr(backend.logger, "messages", []))
@@ -263,8 +267,8 @@ def build(config: BuildConfig, progress: BuildProgress | None = None) -> BuildRe
                 if state.cancelled:
                     raise TrtkitError(f"build cancelled ({state.cancel_reason}); no plan written")
                 raise TrtkitError(f"TensorRT could not build {config.onnx.name}: {_last_errors(backend.logger, log_mark)}")
-            with open(tmp_plan, "wb") as f:
-                f.write(memoryview(plan))
+            with open(tmp_plan, "wb") as fh:
+                fh.write(memoryview(plan))
             plan_sha = hashlib.sha256(memoryview(plan)).hexdigest()
             plan_bytes = tmp_plan.stat().st_size
             # The old metadata goes before the new plan lands, so no stale key ever vouches for it.
@@ -288,7 +292,7 @@ def build(config: BuildConfig, progress: BuildProgress | None = None) -> BuildRe
                       "strongly_typed": strongly_typed, "builder_flags": flags},
         "profiles": [p.to_json() for p in profiles],
         "io": io,
-        "settings": {"opt_level": config.effective_opt_level, "workspace": config.workspace,
+        "settings": {"opt_level": config.effective_opt_level, "workspace": config.workspace_bytes,
                      "profiling_verbosity": "DETAILED", "static": config.static,
                      "timing_cache": str(config.timing_cache) if timing_cache is not None else None,
                      "quant_level": config.quant_level, "shapes": config.shapes, "min_shapes": config.min_shapes,
@@ -310,7 +314,8 @@ def build(config: BuildConfig, progress: BuildProgress | None = None) -> BuildRe
                        build_seconds, key, names, config.precision, backend.name, notes)
 
 
-def _load_timing_cache(cfg: Any, config: BuildConfig, notes: list[str]) -> Any:
+def _load_timing_cache(cfg: trt_api.IBuilderConfig, config: BuildConfig,
+                       notes: list[str]) -> trt_api.ITimingCache | None:
     """Load (or start) the timing cache; a mismatched one is replaced rather than failing the build."""
     if config.timing_cache is None:
         return None

@@ -74,7 +74,7 @@ class BuildConfig:
     quant_level: float | None = None  # Q/DQ pass level; None: the pass's default
     opt_level: int | None = None  # None: 4 for 8-bit builds, 3 otherwise
     timing_cache: Path | None = None
-    workspace: int | None = None  # bytes; None: TensorRT's default (all device memory)
+    workspace: int | str | None = None  # bytes or "8G"; None: TensorRT's default (all device memory)
     static: bool = False  # min = opt = max for every preset profile (its opt shapes)
     backend: str | None = None  # "trt" | "rtx" | None (auto)
     target_cc: tuple[str, ...] = ()  # TensorRT-RTX targets, e.g. ("8.9",); () = its portable default
@@ -121,6 +121,10 @@ class BuildConfig:
         if self.opt_level is not None:
             return self.opt_level
         return 4 if self.precision in EIGHT_BIT else 3
+
+    @property
+    def workspace_bytes(self) -> int | None:
+        return parse_size(self.workspace)
 
     @property
     def rtx_targets(self) -> tuple[str, ...]:

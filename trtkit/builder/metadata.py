@@ -17,9 +17,12 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trtkit._files import write_text_atomic
+
+if TYPE_CHECKING:  # the TensorRT 10 API as typed by stubs/ (never imported at run time)
+    import tensorrt as trt_api
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +69,11 @@ def engine_layers(backend: Any, plan: Any) -> tuple[str | None, str]:
     if not hasattr(trt, "LayerInformationFormat"):
         return None, f"not saved: {trt.__name__} has no engine inspector"
     try:
-        runtime = trt.Runtime(backend.logger)
-        engine = runtime.deserialize_cuda_engine(plan)
+        runtime: trt_api.Runtime = trt.Runtime(backend.logger)
+        engine: trt_api.ICudaEngine | None = runtime.deserialize_cuda_engine(plan)
         if engine is None:
             return None, "not saved: the plan did not deserialize on this GPU"
-        inspector = engine.create_engine_inspector()
+        inspector: trt_api.EngineInspector = engine.create_engine_inspector()
         text = inspector.get_engine_information(trt.LayerInformationFormat.JSON)
     except Exception as e:  # a failed inspection must not fail a good build
         log.warning("engine inspector failed: %s", e)

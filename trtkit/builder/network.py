@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trtkit.builder.shapes import ProfileShapes
 from trtkit.errors import TrtkitError
 from trtkit.profiles import fmt_dims
+
+if TYPE_CHECKING:  # the TensorRT 10 API as typed by stubs/ (never imported at run time)
+    import tensorrt as trt_api
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +58,13 @@ def describe_parser_error(err: Any) -> str:
     return f"{where}: {desc}"
 
 
-def parse_onnx(backend: Any, network: Any, path: Path) -> Any:
+def parse_onnx(backend: Any, network: trt_api.INetworkDefinition, path: Path) -> trt_api.OnnxParser:
     """Parse with `parse_from_file`, so external data (models over 2 GB) is read from beside the file.
 
     Returns the parser, which must stay alive as long as the network (it owns the weights).
     """
     trt = backend.trt
-    parser = trt.OnnxParser(network, backend.logger)
+    parser: trt_api.OnnxParser = trt.OnnxParser(network, backend.logger)
     # Native InstanceNormalization: the exporter turns GroupNorm into InstanceNormalization+Reshape.
     if hasattr(trt, "OnnxParserFlag") and hasattr(trt.OnnxParserFlag, "NATIVE_INSTANCENORM"):
         parser.set_flag(trt.OnnxParserFlag.NATIVE_INSTANCENORM)
@@ -80,21 +83,23 @@ def _dtype_name(dt: Any) -> str:
     return str(getattr(dt, "name", dt)).split(".")[-1].lower()
 
 
-def network_io(network: Any) -> dict[str, list[dict[str, Any]]]:
+def network_io(network: trt_api.INetworkDefinition) -> dict[str, list[dict[str, Any]]]:
     """Input and output names, shapes (-1 = dynamic) and types, as TensorRT sees the network."""
 
-    def one(t: Any) -> dict[str, Any]:
-        return {"name": t.name, "shape": [int(d) for d in t.shape], "dtype": _dtype_name(t.dtype)}
+    def one(t: trt_api.ITensor) -> dict[str, Any]:
+        shape = t.shape
+        return {"name": t.name, "shape": [int(shape[i]) for i in range(len(shape))], "dtype": _dtype_name(t.dtype)}
 
     return {"inputs": [one(network.get_input(i)) for i in range(network.num_inputs)],
             "outputs": [one(network.get_output(i)) for i in range(network.num_outputs)]}
 
 
-def add_profiles(builder: Any, config: Any, network: Any, profiles: list[ProfileShapes]) -> None:
+def add_profiles(trt: Any, builder: trt_api.Builder, config: trt_api.IBuilderConfig, network: trt_api.INetworkDefinition,
+                 profiles: list[ProfileShapes]) -> None:
     """One optimization profile per ProfileShapes, checked against the parsed network's inputs."""
     inputs = {network.get_input(i).name: network.get_input(i) for i in range(network.num_inputs)}
     for p in profiles:
-        prof = builder.create_optimization_profile()
+        prof: trt_api.IOptimizationProfile = builder.create_optimization_profile()
         for name, rng in p.shapes.items():
             t = inputs.get(name)
             if t is None:
@@ -102,9 +107,9 @@ def add_profiles(builder: Any, config: Any, network: Any, profiles: list[Profile
                                   f"its inputs are: {', '.join(inputs)}")
             try:
                 if t.is_shape_tensor:
-                    prof.set_shape_input(name, rng.min, rng.opt, rng.max)
+                    prof.set_shape_input(name, list(rng.min), list(rng.opt), list(rng.max))
                 else:
-                    prof.set_shape(name, rng.min, rng.opt, rng.max)
+                    prof.set_shape(name, trt.Dims(list(rng.min)), trt.Dims(list(rng.opt)), trt.Dims(list(rng.max)))
             except (RuntimeError, ValueError, TypeError) as e:  # the doc says ValueError, the binding raises RuntimeError
                 raise TrtkitError(f"profile {p.name}: TensorRT rejects the shapes of {name!r} (min "
                                   f"{fmt_dims(rng.min)}, opt {fmt_dims(rng.opt)}, max {fmt_dims(rng.max)}): {e}") from e
@@ -113,7 +118,8 @@ def add_profiles(builder: Any, config: Any, network: Any, profiles: list[Profile
 
 
 def set_rtx_targets(backend: Any, config: Any, targets: tuple[str, ...]) -> None:
-    """TensorRT-RTX ahead-of-time targets; () keeps its portable default."""
+    """TensorRT-RTX ahead-of-time targets; () keeps its portable default. (`config` is an RTX builder
+    config: these members are not in TensorRT's API, so not in the stubs.)"""
     from trtkit.builder.config import RTX_TARGETS
 
     if not targets:

@@ -77,7 +77,7 @@ def make_monitor(trt: Any, state: BuildProgress) -> Any:
     The caller keeps it referenced for the whole build (TensorRT holds only a raw pointer).
     """
 
-    class _Monitor(trt.IProgressMonitor):  # type: ignore[misc, name-defined]
+    class _Monitor(trt.IProgressMonitor):
         def __init__(self) -> None:
             trt.IProgressMonitor.__init__(self)  # the pybind trampoline needs this explicit call
 

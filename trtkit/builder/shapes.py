@@ -88,10 +88,10 @@ def resolve_profiles(config: BuildConfig, source: OnnxSource) -> tuple[list[Prof
         raise TrtkitError(f"profile {sorted(dup)[0]} is given twice")
     for p in out:
         check_against_inputs(p.shapes, source.inputs, where=f"{source.path.name} (profile {p.name})")
-        for name, dims in source.inputs.items():
-            dynamic = any(not (isinstance(d, int) and d > 0) for d in dims)
+        for name, in_dims in source.inputs.items():
+            dynamic = any(not (isinstance(d, int) and d > 0) for d in in_dims)
             if dynamic and name not in p.shapes:
                 raise TrtkitError(f"profile {p.name} gives no shape for input {name!r}, which is dynamic "
-                                  f"({fmt_dims(tuple(d if isinstance(d, int) else -1 for d in dims))}); "
+                                  f"({fmt_dims(tuple(d if isinstance(d, int) else -1 for d in in_dims))}); "
                                   "add it with --shapes")
     return out, dims_from

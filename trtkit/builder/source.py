@@ -75,7 +75,7 @@ def _qdq_types(model: Any) -> tuple[str, ...]:
     """Quantized types of the Q nodes: from the zero point's dtype, `output_dtype`, or the op domain."""
     from onnx import TensorProto
 
-    by_dtype = {TensorProto.INT8: "int8", TensorProto.UINT8: "int8", TensorProto.FLOAT8E4M3FN: "fp8",
+    by_dtype: dict[int, str] = {TensorProto.INT8: "int8", TensorProto.UINT8: "int8", TensorProto.FLOAT8E4M3FN: "fp8",
                 TensorProto.INT4: "int4", TensorProto.UINT4: "int4"}
     init_types = {i.name: i.data_type for i in model.graph.initializer}
     const_types: dict[str, int] = {}
@@ -96,8 +96,9 @@ def _qdq_types(model: Any) -> tuple[str, ...]:
             continue
         attr = {a.name: a for a in n.attribute}
         zp = n.input[2] if len(n.input) > 2 and n.input[2] else None
+        dtype: int
         if zp is not None and (zp in init_types or zp in const_types):
-            dtype = init_types.get(zp, const_types.get(zp))
+            dtype = init_types[zp] if zp in init_types else const_types[zp]
         elif n.op_type == "QuantizeLinear" and "output_dtype" in attr and attr["output_dtype"].i:
             dtype = attr["output_dtype"].i
         elif n.op_type == "QuantizeLinear":
@@ -130,12 +131,12 @@ def read_onnx(path: Path | str) -> OnnxSource:
     inputs = {i.name: _dims(i) for i in g.input if i.name not in init_names}
     files: list[Path] = []
     for t in _get_all_tensors(model):
-        for e in t.external_data:
-            if e.key == "location":
-                f = path.parent / e.value
+        for entry in t.external_data:
+            if entry.key == "location":
+                f = path.parent / entry.value
                 if f not in files:
                     if not f.is_file():
-                        raise TrtkitError(f"{path} keeps weights in {e.value}, which is missing next to it")
+                        raise TrtkitError(f"{path} keeps weights in {entry.value}, which is missing next to it")
                     files.append(f)
     opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
     return OnnxSource(path=path, inputs=inputs, outputs=tuple(o.name for o in g.output),

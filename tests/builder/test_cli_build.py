@@ -1,0 +1,85 @@
+"""`trtkit build` as a user meets it: one-line errors, nothing half-written, a cache hit the second time."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import LINEAR_SHAPES, make_linear
+from onnx import helper
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "trtkit", *args], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "200"})
+
+
+def one_line_error(p: subprocess.CompletedProcess) -> str:
+    assert p.returncode == 2, p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    return lines[0]
+
+
+@pytest.mark.rtx
+def test_build_then_cache_hit(tmp_path: Path) -> None:
+    onnx = make_linear(tmp_path / "m.onnx", "fp8")
+    out = tmp_path / "engines" / "m.plan"
+    args = ("build", str(onnx), "--shapes", LINEAR_SHAPES, "--fp8", "--target-cc", "8.9", "--workspace", "256M",
+            "-o", str(out))
+    p = run_cli(*args)
+    assert p.returncode == 0, p.stderr
+    assert f"built {out}" in p.stdout and "fp8" in p.stdout and "note: the ONNX already has fp8 Q/DQ" in p.stdout
+    doc = json.loads(out.with_suffix(".json").read_text())
+    assert doc["settings"]["workspace"] == 256 << 20 and doc["settings"]["opt_level"] == 4
+    p = run_cli(*args)
+    assert p.returncode == 0 and "up to date" in p.stdout
+    p = run_cli(*args, "--force", "--opt-level", "1")
+    assert p.returncode == 0 and "built" in p.stdout
+    assert json.loads(out.with_suffix(".json").read_text())["settings"]["opt_level"] == 1
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("--profile", "sdxl-2048"), "unknown profile 'sdxl-2048'"),
+    (("--shapes", "x:4x64,y:1"), "'y' is not an input of m.onnx"),
+    (("--shapes", "x:4x64x2"), "rank 3"),
+    (("--int8", "--fp8"), "choose one of --int8 and --fp8"),
+    (("--shapes", LINEAR_SHAPES, "--workspace", "lots"), "cannot read size 'lots'"),
+    (("--shapes", LINEAR_SHAPES, "--fp8", "--target-cc", "8.6"), "FP8 needs compute capability 8.9"),
+    (("--shapes", LINEAR_SHAPES, "--target-cc", "9.0"), "unknown target compute capability"),
+    (("--shapes", LINEAR_SHAPES, "--backend", "tvm"), "unknown backend 'tvm'"),
+])
+def test_errors(tmp_path: Path, args: tuple[str, ...], needle: str) -> None:
+    onnx = make_linear(tmp_path / "m.onnx")
+    out = tmp_path / "m.plan"
+    assert needle in one_line_error(run_cli("build", str(onnx), "-o", str(out), *args))
+    assert not out.exists() and not out.with_suffix(".json").exists()
+
+
+@pytest.mark.rtx
+def test_int8_without_calibration_says_how(tmp_path: Path) -> None:
+    onnx = make_linear(tmp_path / "m.onnx")
+    line = one_line_error(run_cli("build", str(onnx), "--shapes", LINEAR_SHAPES, "--int8", "-o", str(tmp_path / "m.plan")))
+    assert "trtkit calibrate MODEL_DIR -o calib.json" in line
+    assert not (tmp_path / "m.plan").exists()
+
+
+def test_malformed(tmp_path: Path) -> None:
+    (tmp_path / "m.onnx").write_text("not onnx")
+    line = one_line_error(run_cli("build", str(tmp_path / "m.onnx"), "--shapes", LINEAR_SHAPES))
+    assert "not a valid ONNX model" in line
+    assert not (tmp_path / "m.plan").exists()
+
+
+@pytest.mark.rtx
+def test_parser_errors_listed_with_verbose(tmp_path: Path) -> None:
+    bad = helper.make_node("NoSuchOp", ["r"], ["y"], name="/unet/custom/NoSuchOp", domain="custom.domain")
+    onnx = make_linear(tmp_path / "m.onnx", extra_node=bad)
+    p = run_cli("build", str(onnx), "--shapes", LINEAR_SHAPES, "--target-cc", "8.9", "--verbose")
+    assert "node /unet/custom/NoSuchOp (NoSuchOp)" in one_line_error(p)
+    assert "ONNX parser errors (" in p.stderr
+    assert not (tmp_path / "m.plan").exists()
