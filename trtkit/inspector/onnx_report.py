@@ -241,6 +241,27 @@ def onnx_report(path: str | Path) -> OnnxReport:
     return OnnxReport(scan=scan, coverage=coverage_report(path))
 
 
+def _symbolic_shape_inference() -> Any:
+    """onnxruntime's SymbolicShapeInference, loaded from its file: the `onnxruntime.tools` package __init__
+    imports torch (2 s), which inspect must not pay for."""
+    import importlib.util
+    import sys
+
+    name = "_trtkit_symbolic_shape_infer"
+    if name not in sys.modules:
+        spec = importlib.util.find_spec("onnxruntime")
+        if spec is None or not spec.submodule_search_locations:
+            raise ImportError("onnxruntime is not installed")
+        path = Path(next(iter(spec.submodule_search_locations))) / "tools" / "symbolic_shape_infer.py"
+        mod_spec = importlib.util.spec_from_file_location(name, path)
+        if mod_spec is None or mod_spec.loader is None:
+            raise ImportError(f"no {path}")
+        module = importlib.util.module_from_spec(mod_spec)
+        mod_spec.loader.exec_module(module)
+        sys.modules[name] = module
+    return sys.modules[name].SymbolicShapeInference
+
+
 def node_flops(path: str | Path, input_shapes: dict[str, list[int]] | None = None) -> dict[str, float]:
     """2 x multiply-adds of every MatMul, Gemm and Conv node at the given input shapes (the profile's opt
     shapes), for layers whose own dimensions give no estimate (Myelin regions). Empty when shapes do not
@@ -257,9 +278,7 @@ def node_flops(path: str | Path, input_shapes: dict[str, list[int]] | None = Non
                 d.Clear()
                 d.dim_value = int(v)
     try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+        inferred = _symbolic_shape_inference().infer_shapes(model, auto_merge=True)
     except Exception:  # not installed, or an op it does not know: fall back to ONNX's inference
         try:
             inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
