@@ -290,7 +290,8 @@ def _profile(engine: Any, context: Any, trt: Any, runs: int) -> dict[str, float]
             times.setdefault(layer_name, []).append(ms)
 
     ok(cu.cuInit(0))
-    ok(cu.cuDevicePrimaryCtxRetain(ok(cu.cuDeviceGet(0))))
+    device = ok(cu.cuDeviceGet(0))
+    ok(cu.cuCtxSetCurrent(ok(cu.cuDevicePrimaryCtxRetain(device))))  # the context TensorRT's runtime uses
     buffers = []
     try:
         for i in range(engine.num_io_tensors):
@@ -316,6 +317,7 @@ def _profile(engine: Any, context: Any, trt: Any, runs: int) -> dict[str, float]
     finally:
         for ptr in buffers:
             cu.cuMemFree(ptr)
+        cu.cuDevicePrimaryCtxRelease(device)
     return {k: sum(v) / len(v) for k, v in times.items()}
 
 
