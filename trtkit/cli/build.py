@@ -8,6 +8,18 @@ import typer
 from trtkit.cli._common import console, err_console
 
 
+class _CountBelowErrors(logging.Filter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            return True
+        self.count += record.levelno >= logging.WARNING
+        return False
+
+
 def register(app: typer.Typer) -> None:
     @app.command("build")
     def build(
@@ -52,9 +64,12 @@ def register(app: typer.Typer) -> None:
         if fp32_rest and (fp16 or not (int8 or fp8)):
             raise TrtkitError("--fp32-rest goes with --int8 or --fp8, without --fp16")
         precision = "int8" if int8 else "fp8" if fp8 else "fp16" if fp16 else "fp32"
+        warnings = _CountBelowErrors()
         if verbose:
             logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
             logging.getLogger().setLevel(logging.DEBUG)
+        else:  # TensorRT warns per layer (hundreds of lines for a UNet): count them, show with --verbose
+            logging.getLogger("trtkit.tensorrt").addFilter(warnings)
         cfg = BuildConfig(
             onnx=onnx, output=output or onnx.with_suffix(".plan"), profiles=tuple(profile), shapes=shapes,
             min_shapes=min_shapes, opt_shapes=opt_shapes, max_shapes=max_shapes, precision=precision,
@@ -71,6 +86,8 @@ def register(app: typer.Typer) -> None:
             raise
         for note in r.notes:
             console.print(f"note: {note}", markup=False)
+        if warnings.count:
+            console.print(f"note: TensorRT logged {warnings.count} warnings (--verbose shows them)")
         if r.cached:
             console.print(f"up to date: {r.plan} (built earlier in {r.build_seconds:.1f} s); --force rebuilds")
             return
