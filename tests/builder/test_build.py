@@ -250,3 +250,12 @@ def test_cancelled_tiny_unet_leaves_nothing(tiny_unet_onnx: Path, tmp_path: Path
     with pytest.raises(TrtkitError, match="build cancelled"):
         build(config(tiny_unet_onnx, out), progress=CancelAfter(50, sigint=True))
     assert_nothing_left(out)
+
+
+def test_prequantized_fp8_needs_ada_targets(tmp_path: Path) -> None:
+    onnx = make_linear(tmp_path / "m.onnx", "fp8")
+    with pytest.raises(TrtkitError, match="has FP8 Q/DQ, which needs compute capability 8.9 or later"):
+        build(BuildConfig(onnx=onnx, output=tmp_path / "e.plan", shapes=LINEAR_SHAPES, target_cc=("8.6",)))
+    assert_nothing_left(tmp_path / "e.plan")
+    r = build(BuildConfig(onnx=onnx, output=tmp_path / "e.plan", shapes=LINEAR_SHAPES, progress=False))  # as given
+    assert json.loads(r.metadata.read_text())["target"]["compute_capabilities"] == ["8.9", "12.0"]

@@ -8,11 +8,13 @@ a progress monitor, then write the plan atomically, the layer JSON and the metad
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,7 +28,7 @@ from trtkit._files import (
     write_text_atomic,
 )
 from trtkit.builder import metadata as md
-from trtkit.builder.config import EIGHT_BIT, RTX_DEFAULT_TARGETS, BuildConfig
+from trtkit.builder.config import EIGHT_BIT, FP8_DEFAULT_TARGETS, RTX_DEFAULT_TARGETS, BuildConfig
 from trtkit.builder.network import add_profiles, network_flags, network_io, parse_onnx, set_rtx_targets
 from trtkit.builder.progress import BuildProgress, cancel_on_sigint, make_monitor, progress_display
 from trtkit.builder.shapes import ProfileShapes, resolve_profiles
@@ -60,6 +62,17 @@ class BuildResult:
 def _strongly_typed(backend: Any) -> bool:
     # TensorRT 11 and TensorRT-RTX removed the precision flags: types come from the graph.
     return bool(backend.strongly_typed_only or backend.major >= 11)
+
+
+def _rtx_targets(config: BuildConfig, source: OnnxSource) -> tuple[str, ...]:
+    """RTX targets; FP8 in the graph (asked for, or already in its Q/DQ) needs 8.9 or later."""
+    if "fp8" not in source.qdq_types:
+        return config.rtx_targets
+    low = [t for t in config.target_cc if t != "current" and float(t) < 8.9]
+    if low:
+        raise TrtkitError(f"{source.path.name} has FP8 Q/DQ, which needs compute capability 8.9 or later; "
+                          f"drop --target-cc {' '.join(low)}")
+    return config.target_cc or FP8_DEFAULT_TARGETS
 
 
 def _check_backend(config: BuildConfig, backend: Any) -> None:
@@ -100,7 +113,7 @@ def _key_material(config: BuildConfig, backend: Any, source: OnnxSource, profile
                   onnx_sha: str, calib_sha: str | None) -> dict[str, Any]:
     return {
         "trtkit": trtkit.__version__, "backend": backend.name, "backend_version": backend.version,
-        "target": list(config.rtx_targets) if backend.is_rtx else [backend.gpu, backend.compute_capability],
+        "target": list(_rtx_targets(config, source)) if backend.is_rtx else [backend.gpu, backend.compute_capability],
         "onnx_sha256": onnx_sha, "calib_sha256": calib_sha if not source.has_qdq else None,
         "precision": config.precision, "fp16_rest": _fp16_rest(config, source), "quant_level": config.quant_level,
         "profiles": [p.to_json() for p in profiles], "opt_level": config.effective_opt_level,
@@ -190,9 +203,24 @@ def _precision_flags(config: BuildConfig, backend: Any, source: OnnxSource, grap
     return flags
 
 
-def _last_errors(logger: Any, since: int) -> str:
-    msgs = [m for lvl, m in getattr(logger, "messages", [])[since:] if lvl >= logging.ERROR]
-    return msgs[-1].splitlines()[0] if msgs else "see the log above (--verbose)"
+class _LastError(logging.Handler):
+    """Keeps TensorRT's last error message during a build, for the one-line failure."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.message = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.message = record.getMessage().splitlines()[0] if record.getMessage() else self.message
+
+    @contextlib.contextmanager
+    def attached(self) -> Iterator[_LastError]:
+        trt_log = logging.getLogger("trtkit.tensorrt")
+        trt_log.addHandler(self)
+        try:
+            yield self
+        finally:
+            trt_log.removeHandler(self)
 
 
 def build(config: BuildConfig, progress: BuildProgress | None = None) -> BuildResult:
@@ -209,6 +237,7 @@ def build(config: BuildConfig, progress: BuildProgress | None = None) -> BuildRe
     source = read_onnx(config.onnx)
     profiles, dims_from = resolve_profiles(config, source)
     _check_precision(config, source, notes)
+    targets = _rtx_targets(config, source) if backend.is_rtx else ()
     out_dir = ensure_writable_dir(config.output.parent)
 
     onnx_sha = source.sha256()
@@ -242,7 +271,7 @@ def build(config: BuildConfig, progress: BuildProgress | None = None) -> BuildRe
         if workspace is not None:
             cfg.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
         if backend.is_rtx:
-            set_rtx_targets(backend, cfg, config.rtx_targets)
+            set_rtx_targets(backend, cfg, targets)
             if config.timing_cache is not None:
                 notes.append("--timing-cache ignored: TensorRT-RTX has no timing cache (it keeps a runtime cache "
                              "when engines run)")
@@ -251,7 +280,7 @@ def build(config: BuildConfig, progress: BuildProgress | None = None) -> BuildRe
         add_profiles(trt, builder, cfg, network, profiles)
 
         state = progress or BuildProgress()
-        log_mark = len(getattr(backend.logger, "messages", []))
+        last_error = _LastError()
         with atomic_path(config.output) as tmp_plan:
             title = f"building {config.output.name} ({config.precision}, {backend.name} {backend.version})"
             with progress_display(config.progress, title) as display:
@@ -260,13 +289,14 @@ def build(config: BuildConfig, progress: BuildProgress | None = None) -> BuildRe
                 monitor = make_monitor(trt, state)
                 cfg.progress_monitor = monitor
                 tb = time.perf_counter()
-                with cancel_on_sigint(state):
+                with cancel_on_sigint(state), last_error.attached():
                     plan = builder.build_serialized_network(network, cfg)
                 build_seconds = time.perf_counter() - tb
             if plan is None or state.cancelled:
                 if state.cancelled:
                     raise TrtkitError(f"build cancelled ({state.cancel_reason}); no plan written")
-                raise TrtkitError(f"TensorRT could not build {config.onnx.name}: {_last_errors(backend.logger, log_mark)}")
+                raise TrtkitError(f"TensorRT could not build {config.onnx.name}: "
+                                  f"{last_error.message or 'see the log above (--verbose)'}")
             with open(tmp_plan, "wb") as fh:
                 fh.write(memoryview(plan))
             plan_sha = hashlib.sha256(memoryview(plan)).hexdigest()
@@ -285,8 +315,8 @@ def build(config: BuildConfig, progress: BuildProgress | None = None) -> BuildRe
     doc = {
         "trtkit_version": trtkit.__version__,
         "backend": {"name": backend.name, "module": trt.__name__, "version": backend.version},
-        "target": ({"compute_capabilities": list(config.rtx_targets or RTX_DEFAULT_TARGETS),
-                    "default_targets": not config.rtx_targets} if backend.is_rtx else
+        "target": ({"compute_capabilities": list(targets or RTX_DEFAULT_TARGETS),
+                    "default_targets": not targets} if backend.is_rtx else
                    {"gpu": backend.gpu, "compute_capability": ".".join(map(str, backend.compute_capability or ()))}),
         "precision": {"requested": config.precision, "fp16_rest": _fp16_rest(config, source), "qdq_types": list(graph.qdq_types),
                       "strongly_typed": strongly_typed, "builder_flags": flags},
