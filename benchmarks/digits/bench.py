@@ -5,7 +5,7 @@ Every quantized mode is torch fake quantization with exactly the calibration fil
 /448, E4M3 through torch.float8_e4m3fn, SmoothQuant folded into the weights), driven by calibration
 files written and re-read through trtkit.calibfile. FP16 runs the UNet in torch.float16 on the CPU.
 
-    flock /tmp/trtkit-heavy.lock python3 benchmarks/digits/bench.py --per-digit 100 --steps 20
+    flock /tmp/trtkit-heavy.lock python3 benchmarks/digits/bench.py --per-digit 100 --steps 20 --guidance 1.5
 
 Calibration: `--calib-prompts` class labels (digits drawn at random; the "prompts") in batches of
 `--calib-batch`, each batch one full 20-step guided DDIM run with its own noise (16 passes x 20 steps by
@@ -38,6 +38,8 @@ MODES: dict[str, Recipe | str | None] = {
     "INT8 max": Recipe(percentile=1.0, reduction="max", smoothquant=False),
     "INT8 Percentile (min-mean, 1.0)": Recipe(percentile=1.0, reduction="min-mean", smoothquant=False),
     "INT8 Percentile (min, 0.5)": Recipe(percentile=0.5, reduction="min", smoothquant=False),
+    "INT8 Percentile (mean, 1.0)": Recipe(percentile=1.0, reduction="mean", smoothquant=False),
+    "INT8 Percentile (mean, 1.0) + SmoothQuant": Recipe(percentile=1.0, reduction="mean", smoothquant=True),
     "INT8 Percentile (min-mean, 1.0) + SmoothQuant": Recipe(percentile=1.0, reduction="min-mean",
                                                             smoothquant=True),
     "INT8 max + SmoothQuant": Recipe(percentile=1.0, reduction="max", smoothquant=True),
@@ -103,12 +105,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--per-digit", type=int, default=100)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--guidance", type=float, default=2.0)
+    ap.add_argument("--guidance", type=float, default=1.5)
     ap.add_argument("--calib-prompts", type=int, default=32)
     ap.add_argument("--calib-batch", type=int, default=2)
     ap.add_argument("--chunk", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--modes", default="all", help="comma-separated mode names, or all")
     ap.add_argument("--out", type=Path, default=Path("/tmp/trtkit-digits"))
     args = ap.parse_args()
