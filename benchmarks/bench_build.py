@@ -47,12 +47,14 @@ def make_model(work: Path) -> Path:
 def export_onnx(model_dir: Path, work: Path) -> tuple[Path, float, int]:
     onnx_dir = work / "onnx"
     dest = onnx_dir / "unet.onnx"
-    if dest.is_file():
-        return dest, float("nan"), 0
+    params = work / "params.txt"  # the export's parameter count, kept for reruns that reuse the ONNX
+    if dest.is_file() and params.is_file():
+        return dest, float("nan"), int(params.read_text())
     from trtkit.exporter import ExportConfig, export
 
     r = export(ExportConfig(model_dir=model_dir, component="unet", profile="sd15-512", out_dir=onnx_dir,
                             external_data=True, check=False))
+    params.write_text(str(r.num_params))
     return r.path, r.seconds, r.num_params
 
 
