@@ -48,7 +48,8 @@ def test_missing_plan_is_a_one_line_error(tmp_path: Path) -> None:
 # with a real TensorRT
 
 
-def _build(onnx: Path, out: Path, tiny_model_dir: Path, version_compatible: bool = False) -> Path:
+def _build(onnx: Path, out: Path, tiny_model_dir: Path, version_compatible: bool = False,
+           component: str = "unet") -> Path:
     from trtkit.backend import load_backend
     from trtkit.profiles import ModelDims, get_profile
 
@@ -62,7 +63,7 @@ def _build(onnx: Path, out: Path, tiny_model_dir: Path, version_compatible: bool
     assert parser.parse_from_file(str(onnx))
     cfg = builder.create_builder_config()
     prof = builder.create_optimization_profile()
-    for name, r in get_profile("tiny-256").shapes("unet", ModelDims.from_folder(tiny_model_dir)).items():
+    for name, r in get_profile("tiny-256").shapes(component, ModelDims.from_folder(tiny_model_dir)).items():
         prof.set_shape(name, r.min, r.opt, r.max)
     cfg.add_optimization_profile(prof)
     if version_compatible:
@@ -154,3 +155,29 @@ def test_tensorrt_loop_graph_equals_eager(unet_plan: Path, tiny_model_dir: Path)
     eager = LoopRunner(ex, use_graph=False)(shape, tab, x_init=x, guidance=5.0, **inputs)
     graph = LoopRunner(ex, use_graph=True)(shape, tab, x_init=x, guidance=5.0, **inputs)
     np.testing.assert_array_equal(graph, eager)
+
+
+@pytest.mark.tensorrt
+def test_pipeline_with_all_engines(tiny_model_dir: Path, unet_plan: Path, tmp_path: Path) -> None:
+    """unet + text encoders + VAE as engines sharing one activation area: the same latents as the torch
+    pipeline (fp16 UNet on both sides; engines in fp32 here, so within 2e-2 of the range)."""
+    import shutil
+
+    from trtkit.exporter import ExportConfig, export
+    from trtkit.runtime.pipeline import Pipeline, RunConfig
+
+    folder = tmp_path / "engines"
+    folder.mkdir()
+    shutil.copy(unet_plan, folder / "unet.plan")
+    for comp in ("text_encoder", "text_encoder_2", "vae_decoder"):
+        r = export(ExportConfig(model_dir=tiny_model_dir, component=comp, profile="tiny-256", out_dir=tmp_path / comp))
+        _build(r.path, folder / f"{comp}.plan", tiny_model_dir, component=comp)
+    cfg = RunConfig(model_dir=tiny_model_dir, prompt="a red cube", steps=8, height=256, width=256)
+    trt_pipe = Pipeline(tiny_model_dir, engines=folder)
+    assert set(trt_pipe.encoders.engines) == {"unet", "text_encoder", "text_encoder_2", "vae_decoder"}
+    mem = {e._device_memory for e in trt_pipe.encoders.engines.values()}
+    assert len(mem) == 1  # one shared activation area
+    got = trt_pipe(cfg)
+    want = Pipeline(tiny_model_dir)(cfg)
+    err = np.abs(got.latents - want.latents).max() / np.abs(want.latents).max()
+    assert err < 2e-2 and got.image.size == (256, 256)

@@ -18,8 +18,7 @@ def _engine_usable(engine: Path | None) -> bool:
     try:
         from trtkit.backend import load_backend
 
-        be = load_backend()
-        return be.can_run and not be.is_rtx or (be.is_rtx and be.can_run)
+        return load_backend().can_run  # e.g. False for a TensorRT-RTX plan on a Hopper GPU
     except Exception:
         return False
 

@@ -221,6 +221,24 @@ class Engine:
                 raise EngineError(f"{self.name}: TensorRT refused the address of {n}")
         self.bound = {n: arrays[n].ptr for n in self.tensors}
 
+    def infer(self, feeds: Mapping[str, np.ndarray], stream: int) -> dict[str, np.ndarray]:
+        """One synchronous call on host arrays (text encoders, VAE): buffers allocated once at the profile's
+        max shapes, each call a view of them."""
+        if not hasattr(self, "_max_bufs"):
+            self._max_bufs = self.allocate()
+        self.check_shapes({n: tuple(v.shape) for n, v in feeds.items()})
+        views: dict[str, DeviceArray] = {}
+        for n, v in feeds.items():
+            views[n] = DeviceArray(self._max_bufs[n].buffer, tuple(v.shape), self._max_bufs[n].dtype)
+            views[n].upload(np.asarray(v, dtype=views[n].dtype), stream)
+            self.context.set_input_shape(n, tuple(v.shape))
+        for n in self.outputs:
+            shape = tuple(int(d) for d in self.context.get_tensor_shape(n))
+            views[n] = DeviceArray(self._max_bufs[n].buffer, shape, self._max_bufs[n].dtype)
+        self.bind(views)
+        self.execute(stream)
+        return {n: views[n].download(stream) for n in self.outputs}
+
     def execute(self, stream: int) -> None:
         if not self.bound:
             raise EngineError(f"{self.name}: bind() buffers before execute()")

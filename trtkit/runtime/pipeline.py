@@ -160,6 +160,61 @@ def decode(pipe: Any, latents: np.ndarray, output_type: str = "pil") -> Any:
     return pipe.image_processor.postprocess(img, output_type=output_type)
 
 
+class EngineEncoders:
+    """Text encoders and VAE decoder from TensorRT engines (`text_encoder.plan`, `text_encoder_2.plan`,
+    `vae_decoder.plan` beside unet.plan), numpy in and out; tokenizers and configs from the diffusers folder.
+    Each component without a plan stays in torch."""
+
+    def __init__(self, pipe: Any, engines: dict[str, Any], stream: Any) -> None:
+        self.pipe, self.engines, self.stream = pipe, engines, stream
+
+    def has_text(self) -> bool:
+        need = ["text_encoder"] + (["text_encoder_2"] if is_sdxl(self.pipe) else [])
+        return all(n in self.engines for n in need)
+
+    def _ids(self, tokenizer: Any, prompt: list[str]) -> np.ndarray:
+        return tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                         return_tensors="np").input_ids.astype(np.int32)
+
+    def encode(self, prompt: str, negative: str, cfg: bool, height: int, width: int) -> tuple[dict, LoopShape]:
+        p, h = self.pipe, self.stream.handle
+        sdxl = is_sdxl(p)
+
+        def one(text: str) -> tuple[np.ndarray, np.ndarray | None]:
+            if not sdxl:
+                return self.engines["text_encoder"].infer({"input_ids": self._ids(p.tokenizer, [text])},
+                                                          h)["last_hidden_state"].astype(np.float32), None
+            a = self.engines["text_encoder"].infer({"input_ids": self._ids(p.tokenizer, [text])}, h)
+            b = self.engines["text_encoder_2"].infer({"input_ids": self._ids(p.tokenizer_2, [text])}, h)
+            emb = np.concatenate([a["penultimate_hidden_state"], b["penultimate_hidden_state"]], axis=-1)
+            return emb.astype(np.float32), b["pooled_output"].astype(np.float32)
+
+        pe, pooled = one(prompt)
+        if cfg and sdxl and not negative and getattr(p.config, "force_zeros_for_empty_prompt", False):
+            npe, npooled = np.zeros_like(pe), np.zeros_like(pooled)
+        elif cfg:
+            npe, npooled = one(negative)
+        cond: dict[str, Any] = {"encoder_hidden_states": np.concatenate([npe, pe]) if cfg else pe}
+        if sdxl:
+            tid = np.array([[height, width, 0, 0, height, width]], np.float32)
+            cond["text_embeds"] = np.concatenate([npooled, pooled]) if cfg else pooled
+            cond["time_ids"] = np.concatenate([tid, tid]) if cfg else tid
+        f = p.vae_scale_factor
+        shape = LoopShape(batch=1, latent_channels=p.unet.config.in_channels, latent_height=height // f,
+                          latent_width=width // f, cfg=cfg, text_len=pe.shape[1], text_dim=pe.shape[2],
+                          pooled_dim=None if pooled is None else pooled.shape[-1], time_ids_dim=6 if sdxl else None)
+        return cond, shape
+
+    def decode(self, latents: np.ndarray) -> Any:
+        from PIL import Image
+
+        vae = self.pipe.vae.config
+        z = latents / vae.scaling_factor + (getattr(vae, "shift_factor", None) or 0.0)
+        img = self.engines["vae_decoder"].infer({"latent": z.astype(np.float32)}, self.stream.handle)["images"]
+        img = np.clip(img.astype(np.float32) / 2 + 0.5, 0, 1)
+        return Image.fromarray((img[0].transpose(1, 2, 0) * 255).round().astype(np.uint8))
+
+
 def make_executor(pipe: Any, engines: Path | None, trust_engine: bool, compile: bool, device: str) -> StepExecutor:
     if engines is not None:
         # a folder holding unet.plan, or the plan itself
@@ -184,8 +239,23 @@ class Pipeline:
         if engines is not None and not (Path(engines).is_file() or (Path(engines) / "unet.plan").is_file()):
             raise TrtkitError(f"{engines} has no unet.plan")  # before the (slow) pipeline load
         self.pipe = load_pipeline(Path(model_dir), self.device)
-        self.executor = make_executor(self.pipe, engines, trust_engine, compile, self.device)
-        self.runner = LoopRunner(self.executor, device=self.device, use_graph=cuda_graph)
+        self.encoders: EngineEncoders | None = None
+        if engines is not None and Path(engines).is_dir():
+            if self.device != "cuda":
+                raise TrtkitError("TensorRT engines need a CUDA GPU; none found")
+            from trtkit.runtime.engine import load_engines
+            from trtkit.runtime.executors import TensorRTExecutor
+
+            # every plan of the folder shares one activation area: they run one after another on one stream
+            found = load_engines(engines, trust_engine=trust_engine)
+            if "unet" not in found:
+                raise TrtkitError(f"{engines} has no unet.plan")
+            self.executor: StepExecutor = TensorRTExecutor(found["unet"])
+            self.runner = LoopRunner(self.executor, device=self.device, use_graph=cuda_graph)
+            self.encoders = EngineEncoders(self.pipe, found, self.runner.stream)
+        else:
+            self.executor = make_executor(self.pipe, engines, trust_engine, compile, self.device)
+            self.runner = LoopRunner(self.executor, device=self.device, use_graph=cuda_graph)
 
     def tables(self, scheduler: str | None, steps: int) -> StepTables:
         name = scheduler or scheduler_name(self.pipe.scheduler)
@@ -203,13 +273,19 @@ class Pipeline:
             raise TrtkitError(f"height and width must be multiples of 8, got {height}x{width}")
         use_cfg = cfg.guidance > 1.0
         tables = self.tables(cfg.scheduler, cfg.steps)
-        cond, shape = encode(self.pipe, cfg.prompt, cfg.negative_prompt, use_cfg, height, width, self.device)
+        if self.encoders is not None and self.encoders.has_text():
+            cond, shape = self.encoders.encode(cfg.prompt, cfg.negative_prompt, use_cfg, height, width)
+        else:
+            cond, shape = encode(self.pipe, cfg.prompt, cfg.negative_prompt, use_cfg, height, width, self.device)
         t1 = time.perf_counter()
         x = initial_latents(shape, tables, cfg.seed)
         noise = draw_noise(tables, shape.latent, cfg.seed + 1)
         lat = self.runner(shape, tables, x_init=x, guidance=cfg.guidance, noise=noise, **cond)
         t2 = time.perf_counter()
-        image = decode(self.pipe, lat)[0]
+        if self.encoders is not None and "vae_decoder" in self.encoders.engines:
+            image = self.encoders.decode(lat)
+        else:
+            image = decode(self.pipe, lat)[0]
         t3 = time.perf_counter()
         return RunResult(image=image, latents=lat, executor=self.executor.name, cuda_graph=self.runner.use_graph,
                          timings_ms={"encode": (t1 - t0) * 1e3, "denoise": (t2 - t1) * 1e3,
