@@ -184,5 +184,5 @@ def render_coverage(report: CoverageReport, console: Any, details: bool = False)
         for i in report.items:
             dt.add_row(i.module, i.kind, i.type or "no", i.reason)
         console.print(dt)
-    for n in report.notes:
-        console.print(f"note: {n}")
+    for note in report.notes:
+        console.print(f"note: {note}")

@@ -167,7 +167,7 @@ def to_fp16(graph: gs.Graph, keep_fp32_nodes: Iterable[str] = (), keep_fp32_ops:
 
     # Graph outputs in the I/O type.
     want_io = F16 if io_dtype == "float16" else F32
-    for idx, t in enumerate(list(graph.outputs)):
+    for t in list(graph.outputs):
         cur = np.dtype(t.dtype) if t.dtype is not None else None
         if cur not in (F16, F32) or cur == want_io:
             continue

@@ -76,7 +76,7 @@ class Matches:
         return not (self.linear or self.conv or self.attention)
 
     def modules(self) -> set[str]:
-        return {m.module for m in (*self.linear, *self.conv, *self.attention)}
+        return {m.module for m in self.linear} | {m.module for m in self.conv} | {a.module for a in self.attention}
 
     def summary(self) -> str:
         return f"{len(self.linear)} linear, {len(self.conv)} conv, {len(self.attention)} attention"
@@ -251,7 +251,7 @@ def find(graph: gs.Graph, scope: str | None = None) -> Matches:
         for i, m in enumerate(lst):
             if m.module in seen:
                 seen[m.module] += 1
-                lst[i] = _replace(m, module=f"{m.module}#{seen[m.module]}")
+                lst[i] = _renamed(m, f"{m.module}#{seen[m.module]}")
             else:
                 seen[m.module] = 0
     notes = []
@@ -260,10 +260,10 @@ def find(graph: gs.Graph, scope: str | None = None) -> Matches:
     return Matches(linear, conv, attention, scoped=namer.from_scope > 0 and not namer.fallback, notes=notes)
 
 
-def _replace(m: WeightedMatch, **kw: object) -> WeightedMatch:
+def _renamed(m: WeightedMatch, module: str) -> WeightedMatch:
     from dataclasses import replace
 
-    return replace(m, **kw)
+    return replace(m, module=module)
 
 
 def _weighted(node: gs.Node, namer: _Namer) -> WeightedMatch | None:

@@ -316,7 +316,7 @@ def max_calibrate(model: onnx.ModelProto, tensors: list[str], profile: str, seed
         outs = sess.run(tensors, feeds)
     except Exception as e:  # onnxruntime raises its own types
         raise TrtkitError(f"max calibration run failed in onnxruntime: {str(e).splitlines()[0]}") from e
-    return {t: float(np.max(np.abs(o))) if o.size else 0.0 for t, o in zip(tensors, outs)}
+    return {t: float(np.max(np.abs(o))) if o.size else 0.0 for t, o in zip(tensors, outs, strict=True)}
 
 
 # --------------------------------------------------------------------------- graph edits
@@ -511,8 +511,9 @@ def _quantize(cfg: QuantizeConfig) -> QuantizeResult:
         if cal is None or m.module not in cal.smooth:
             return None
         s = np.asarray(cal.smooth[m.module], np.float32).reshape(-1)
-        n_in = nodes[m.node].inputs[1]
-        w_shape = patterns._const_weight(n_in)[0].shape
+        w_const = patterns._const_weight(nodes[m.node].inputs[1])[0]
+        assert w_const is not None  # the finder matched on it
+        w_shape = w_const.shape
         if s.shape[0] != w_shape[m.in_axis] or np.any(~np.isfinite(s)) or np.any(s <= 0):
             raise TrtkitError(f"SmoothQuant vector of {m.module} has length {s.shape[0]} or non-positive values; "
                               f"the weight has {w_shape[m.in_axis]} input channels")
@@ -523,16 +524,17 @@ def _quantize(cfg: QuantizeConfig) -> QuantizeResult:
     source: dict[str, str] = {}
     need_run: dict[str, str] = {}  # key -> tensor
     for m in w_q:
-        if cal is not None and cal.amax(m.module) is not None:
-            amax[m.module], source[m.module] = cal.amax(m.module), "calibration"
+        got = cal.amax(m.module) if cal is not None else None
+        if got is not None:
+            amax[m.module], source[m.module] = got, "calibration"
         else:
             need_run[m.module] = m.input
     for a in a_q:
         for role, t in (("q_bmm", a.q), ("k_bmm", a.k), ("v_bmm", a.v)):
             key = f"{a.module}.{role}"
-            if cal is not None and cal.amax(key) is not None:
-                factor = _prescale_factor(nodes, a, role)
-                amax[key], source[key] = cal.amax(key) * factor, "calibration"
+            got = cal.amax(key) if cal is not None else None
+            if got is not None:
+                amax[key], source[key] = got * _prescale_factor(nodes, a, role), "calibration"
             else:
                 need_run[key] = t
         amax[f"{a.module}.softmax"], source[f"{a.module}.softmax"] = 1.0, "fixed"  # probabilities are <= 1
@@ -566,27 +568,25 @@ def _quantize(cfg: QuantizeConfig) -> QuantizeResult:
         groups.setdefault((m.input, None if s is None else s.tobytes()), []).append(m)
     # Activations: one Q/DQ per (tensor, smoothing).
     by_tensor: dict[str, list[tuple[str, bytes | None]]] = {}
-    for key in groups:
-        by_tensor.setdefault(key[0], []).append(key)
+    for gkey in groups:
+        by_tensor.setdefault(gkey[0], []).append(gkey)
     for tname, keys in by_tensor.items():
         x = tensors[tname]
         # readers that see values (Shape only reads the shape, so a folded LayerNorm does not bother it)
         other_readers = [c for c in x.outputs if c.name not in {m.node for k in keys for m in groups[k]}
                          and c.op != "Shape"]
-        for key in keys:
-            ms = groups[key]
+        for gkey in keys:
+            ms = groups[gkey]
             src_t = x
-            if key[1] is not None:
-                s = smooth_of[ms[0].module]
-                if len(keys) == 1 and not other_readers and _fold_smooth_into_layernorm(x, s, src.parent):
-                    pass
-                else:
-                    src_t = ins.mul(x, 1.0 / s, _prefix(ms[0]))
+            vec = smooth_of[ms[0].module]
+            if vec is not None and not (len(keys) == 1 and not other_readers
+                                        and _fold_smooth_into_layernorm(x, vec, src.parent)):
+                src_t = ins.mul(x, (1.0 / vec).astype(np.float32), _prefix(ms[0]))
             slots = [(nodes[m.node], 0) for m in ms]
-            a = max(amax[m.module] for m in ms)
-            ins.activation(src_t, a, _prefix(ms[0]) + "/input_quantizer", slots)
+            shared = max(amax[m.module] for m in ms)
+            ins.activation(src_t, shared, _prefix(ms[0]) + "/input_quantizer", slots)
             for m in ms:
-                decisions[m.module] = _with_amax(decisions[m.module], a, source[m.module])
+                decisions[m.module] = _with_amax(decisions[m.module], shared, source[m.module])
     for a in a_q:
         b1, b2 = nodes[a.bmm1], nodes[a.bmm2]
         p = _prefix(a)
@@ -609,7 +609,8 @@ def _quantize(cfg: QuantizeConfig) -> QuantizeResult:
         notes.append(f"FP16 elsewhere ({stats.summary()})")
     graph.cleanup().toposort()
 
-    ordered = [d for m in (*matches.linear, *matches.conv, *matches.attention) for d in [decisions[m.module]]]
+    ordered = [decisions[mod] for mod in [*(x.module for x in matches.linear), *(x.module for x in matches.conv),
+                                          *(x.module for x in matches.attention)]]
     counts: dict[str, dict[str, int]] = {}
     for kind in ("linear", "conv", "attention"):
         ds = [d for d in ordered if d.kind == kind]
@@ -618,12 +619,19 @@ def _quantize(cfg: QuantizeConfig) -> QuantizeResult:
                                  "fp16": cfg.fp16,
                                  "decisions": {d.module: [d.kind, d.quantized, d.type, d.reason] for d in ordered}})
     out_model = gs.export_onnx(graph)
-    del graph
+    # the export copied every initializer: drop the graph's own copies before writing
+    pairs = ins.pairs
+    nodes.clear()
+    tensors.clear()
+    del graph, ins
+    import gc
+
+    gc.collect()
     out_model.ir_version = max(out_model.ir_version, 9)
     _set_meta(out_model, meta)
     write_model(out_model, dest)
     result = QuantizeResult(path=dest, precision=cfg.precision, level=level, counts=counts, decisions=ordered,
-                            calibration=calibration, seconds=time.perf_counter() - t0, qdq_pairs=ins.pairs,
+                            calibration=calibration, seconds=time.perf_counter() - t0, qdq_pairs=pairs,
                             notes=notes)
     skipped_attn = [d for d in ordered if d.kind == "attention" and not d.quantized and "head size" in d.reason]
     if skipped_attn:
@@ -671,7 +679,9 @@ def _set_meta(model: onnx.ModelProto, props: dict[str, str]) -> None:
 
 
 def write_model(model: onnx.ModelProto, dest: Path, check: bool = True) -> Path:
-    """Shape-infer, check and write atomically; external data when the model passes 2 GB."""
+    """Write atomically (external data past 2 GB), then shape-infer (strict) and check the written
+    file. The proto is consumed (cleared after saving): shape inference and the checker work from
+    the file in C++, so a large model is not held in Python twice over."""
     import os
     import tempfile
 
@@ -685,24 +695,21 @@ def write_model(model: onnx.ModelProto, dest: Path, check: bool = True) -> Path:
         if big:
             onnx.save(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
                       location=data_name, size_threshold=1024)
-            del model
-            onnx.shape_inference.infer_shapes_path(str(staged), str(staged))
-            if check:
-                onnx.checker.check_model(str(staged))
-            os.replace(Path(tmpd) / data_name, dest.parent / data_name)
         else:
-            try:
-                model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
-            except Exception as e:  # InferenceError: a broken graph must not be written
-                raise TrtkitError(f"the rewritten graph fails ONNX shape inference: {str(e).splitlines()[0]}") from e
-            if check:
-                try:
-                    onnx.checker.check_model(model)
-                except onnx.checker.ValidationError as e:
-                    raise TrtkitError(f"the rewritten graph fails the ONNX checker: {str(e).splitlines()[0]}") from e
             onnx.save(model, str(staged))
-            stale = dest.parent / data_name
-            if stale.exists():
-                stale.unlink()
+        model.Clear()
+        try:
+            onnx.shape_inference.infer_shapes_path(str(staged), str(staged), strict_mode=True)
+        except Exception as e:  # InferenceError: a broken graph must not be written
+            raise TrtkitError(f"the rewritten graph fails ONNX shape inference: {str(e).splitlines()[0]}") from e
+        if check:
+            try:
+                onnx.checker.check_model(str(staged))
+            except onnx.checker.ValidationError as e:
+                raise TrtkitError(f"the rewritten graph fails the ONNX checker: {str(e).splitlines()[0]}") from e
+        if big:
+            os.replace(Path(tmpd) / data_name, dest.parent / data_name)
+        elif (dest.parent / data_name).exists():
+            (dest.parent / data_name).unlink()  # a stale .data of an earlier large output
         os.replace(staged, dest)
     return dest
