@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import fixture_text, write_engine
+from inspect_helpers import fixture_text, write_engine
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

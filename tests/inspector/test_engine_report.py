@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import write_engine
+from inspect_helpers import write_engine
 
 from trtkit.errors import TrtkitError
 from trtkit.inspector.engine_report import load_engine, read_plan_header

@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import fixture_text, write_engine
+from inspect_helpers import fixture_text, write_engine
 
 from trtkit.inspector.html import page, render_html, write_html
 from trtkit.inspector.report import inspect

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import B0, TB, fixture_text
+from inspect_helpers import B0, TB, fixture_text
 
 from trtkit.errors import TrtkitError
 from trtkit.inspector.layers import canonical_dtype, nodes_from_name, parse_engine_information

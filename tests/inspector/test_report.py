@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import B0, TB, fixture_text, write_engine
+from inspect_helpers import B0, TB, fixture_text, write_engine
 
 from trtkit.inspector.report import engine_report, inspect
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import fixture_text, write_engine
+from inspect_helpers import fixture_text, write_engine
 
 from trtkit.demo import DemoConfig, DemoState, Skipped
 from trtkit.inspector.demo_stage import demo_stage
