@@ -203,7 +203,8 @@ def load_engine(plan: str | Path, backend: str | None = None, profile_layers: bo
         return EngineSource(plan, header, meta, layers, "inspector", notes, timings, be.name)
     why = ("--from-files" if from_files else why_none or (
         be.why_not_run if be is not None and not be.can_run else
-        f"the plan is a {header.flavour} plan and the backend is {be.name if be else '-'}"))
+        f"it is a {'TensorRT-RTX' if header.flavour == 'rtx' else 'TensorRT'} plan and the loaded backend is "
+        f"{be.name if be else '-'}; pass --backend {header.flavour}"))
     if profile_layers:
         raise TrtkitError(f"--profile-layers needs TensorRT and a GPU that can run this engine: {why}")
     notes.append(f"engine not deserialized ({why}); read the files `trtkit build` saved beside it")
