@@ -51,3 +51,14 @@ def rtx_plan_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     plan = builder.build_serialized_network(net, cfg)
     assert plan is not None
     return bytes(plan)
+
+
+@pytest.fixture
+def plan_bytes(request: pytest.FixtureRequest) -> bytes:
+    """A real TensorRT-RTX plan where tensorrt_rtx is installed; else a stand-in with a TensorRT header (for
+    tests that read the saved layer files with --from-files and never load the plan)."""
+    try:
+        import tensorrt_rtx  # noqa: F401
+    except ImportError:
+        return b"ftrt" + bytes(60)
+    return request.getfixturevalue("rtx_plan_bytes")

@@ -45,11 +45,11 @@ def open_in_chromium(html_path: Path, screenshot: Path) -> tuple[str, str, list[
 
 
 @pytest.fixture
-def reports(tmp_path, rtx_plan_bytes, qdq_onnx, fp8_onnx, tiny_unet_onnx):
-    a = write_engine(tmp_path / "a", rtx_plan_bytes, fixture_text("trt10_detailed.json"),
+def reports(tmp_path, plan_bytes, qdq_onnx, fp8_onnx, tiny_unet_onnx):
+    a = write_engine(tmp_path / "a", plan_bytes, fixture_text("trt10_detailed.json"),
                      {"backend": {"name": "rtx", "version": "1.7.1.116"}, "onnx": {"path": str(qdq_onnx)},
                       "precision": {"requested": "int8", "qdq_types": ["int8"]}})
-    b = write_engine(tmp_path / "b", rtx_plan_bytes, fixture_text("trt11_detailed.json"),
+    b = write_engine(tmp_path / "b", plan_bytes, fixture_text("trt11_detailed.json"),
                      {"backend": {"name": "rtx", "version": "1.7.1.116"}, "onnx": {"path": str(fp8_onnx)}})
     onnx = tiny_unet_onnx
     try:  # the real tiny UNet at INT8 level 3, where the Q/DQ pass is there
@@ -65,7 +65,6 @@ def reports(tmp_path, rtx_plan_bytes, qdq_onnx, fp8_onnx, tiny_unet_onnx):
 EXTERNAL = re.compile(r"https?:|\bsrc\s*=|<link\b|@import|url\(|<iframe|<img\b", re.I)
 
 
-@pytest.mark.rtx
 def test_pages_are_self_contained(reports):
     for name, rep in reports.items():
         text = render_html(rep)
@@ -83,7 +82,6 @@ def test_text_is_escaped():
 
 
 @needs_chromium
-@pytest.mark.rtx
 def test_opens_in_chromium_without_console_errors(reports, tmp_path):
     for name, rep in reports.items():
         path = write_html(rep, tmp_path / f"{name}.html")

@@ -411,6 +411,8 @@ def inspect(path: str | Path, path2: str | Path | None = None, *, onnx: str | Pa
     p = Path(path)
     if not p.exists():
         raise TrtkitError(f"{p}: no such file")
+    if p.is_dir():
+        raise TrtkitError(f"{p} is a folder; pass an engine plan or an .onnx model")
     if path2 is not None:
         p2 = Path(path2)
         if _is_onnx(p) or _is_onnx(p2):
