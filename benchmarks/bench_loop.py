@@ -28,8 +28,9 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -70,8 +71,12 @@ SCHEDULER = {  # both models' training betas; Euler with SDXL's scheduler config
 
 def build(arch: str, device: str, dtype: Any, seed: int) -> tuple[Any, Any, dict[str, Any], int]:
     import torch
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
-    from diffusers import UNet2DConditionModel
+    from diffusers import (
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
 
     if arch == "tiny":
         from trtkit.tiny import tiny_config
@@ -220,7 +225,7 @@ def main() -> int:
     eager = LoopRunner(ex, device=device, use_graph=False)
     eager.prepare(shape, tables)
     eager.set_inputs(guidance=g, **cond)
-    r_eager = bench.time("trtkit eager loop", loop_fn(eager), extra_bytes=getattr(eager.loop, "bytes", 0))
+    bench.time("trtkit eager loop", loop_fn(eager), extra_bytes=getattr(eager.loop, "bytes", 0))
     out_eager = eager.result()
     results: dict[str, Any] = {}
     if device == "cuda":
@@ -231,7 +236,7 @@ def main() -> int:
         graph.set_inputs(x_init=x)
         graph.run()
         capture_s = time.perf_counter() - t
-        r_graph = bench.time("trtkit graph loop", loop_fn(graph), extra_bytes=graph.loop.bytes,
+        bench.time("trtkit graph loop", loop_fn(graph), extra_bytes=graph.loop.bytes,
                              capture_s=capture_s)
         out_graph = graph.result()
         results["graph_vs_eager_max_abs"] = float(np.abs(out_graph - out_eager).max())
@@ -260,7 +265,7 @@ def main() -> int:
             gc_.result()
             compile_s = time.perf_counter() - t
             print(f"  torch.compile + warm-up + capture: {compile_s:.1f} s", flush=True)
-            r_gc = bench.time("trtkit graph loop + compile", loop_fn(gc_), extra_bytes=gc_.loop.bytes,
+            bench.time("trtkit graph loop + compile", loop_fn(gc_), extra_bytes=gc_.loop.bytes,
                               compile_s=compile_s)
             results["compiled_graph_vs_diffusers_rel"] = float(
                 np.abs(gc_.result() - ref_latents).max() / np.abs(ref_latents).max())
@@ -279,7 +284,7 @@ def main() -> int:
             t = time.perf_counter()
             diffusers_call()
             print(f"  diffusers with the compiled UNet, first call: {time.perf_counter() - t:.1f} s", flush=True)
-            r_dc = bench.time("diffusers + compile", diffusers_call)
+            bench.time("diffusers + compile", diffusers_call)
             pipe.unet = unet
     # the host-bound diffusers row drifts with the host's load: time it again last, report both
     r_diff2 = bench.time("diffusers (again, last)", diffusers_call)

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from runtime_fakes import SHAPE, CopyExecutor, HostSyncExecutor, reference_copy_loop
 
 from trtkit.runtime.executors import LoopShape
 from trtkit.runtime.graph_runner import GraphCaptureError, GraphMismatchError, LoopRunner
 from trtkit.runtime.schedulers import draw_noise, make_scheduler, make_tables
-
-from runtime_fakes import SHAPE, CopyExecutor, HostSyncExecutor, reference_copy_loop
 
 pytestmark = pytest.mark.gpu
 
@@ -156,3 +155,13 @@ def test_replaced_weights_recapture_in_place_updates_do_not(tiny_model_dir) -> N
     assert r.captures == 2
     eager = LoopRunner(ex, device="cuda", use_graph=False)(shape, tab, x_init=_x(shape), guidance=3.0, **cond)
     np.testing.assert_array_equal(c, eager)
+
+
+def test_ancestral_loop_without_noise_is_refused() -> None:
+    """Footgun: a graph happily reads a device table nobody wrote (garbage 'noise'). Runner: refuses to run
+    an ancestral scheduler until its noise table has been written."""
+    from trtkit.errors import TrtkitError
+
+    r = LoopRunner(CopyExecutor(), device="cuda")
+    with pytest.raises(TrtkitError, match="needs noise"):
+        r(SHAPE, _tab("euler_a", 5), x_init=_x(), guidance=2.0)

@@ -81,7 +81,7 @@ def unet_plan(tiny_unet_onnx: Path, tiny_model_dir: Path, tmp_path_factory: pyte
 @pytest.mark.tensorrt
 def test_engine_matches_onnxruntime(unet_plan: Path, tiny_unet_onnx: Path) -> None:
     from trtkit.exporter import run_onnxruntime
-    from trtkit.runtime.cuda import DeviceArray, Stream
+    from trtkit.runtime.cuda import Stream
     from trtkit.runtime.engine import Engine
 
     e = Engine.load(unet_plan)

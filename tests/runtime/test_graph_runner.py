@@ -8,11 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from runtime_fakes import SHAPE, CopyExecutor, reference_copy_loop
 
 from trtkit.runtime.graph_runner import LoopRunner
 from trtkit.runtime.schedulers import SCHEDULERS, draw_noise, make_scheduler, make_tables
-
-from runtime_fakes import SHAPE, CopyExecutor, reference_copy_loop
 
 BASE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
         "steps_offset": 1, "timestep_spacing": "leading", "prediction_type": "epsilon"}

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from trtkit.errors import TrtkitError
-from trtkit.runtime.executors import LoopShape, TorchExecutor
+from trtkit.runtime.executors import LoopShape
 from trtkit.runtime.graph_runner import LoopRunner
 from trtkit.runtime.pipeline import Pipeline, RunConfig, encode, initial_latents, run
 from trtkit.runtime.schedulers import draw_noise, make_scheduler

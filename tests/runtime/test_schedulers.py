@@ -8,7 +8,13 @@ import torch
 
 from trtkit.errors import TrtkitError
 from trtkit.runtime.schedulers import (
-    SCHEDULERS, LoopState, draw_noise, make_scheduler, make_tables, reference_step, scale_model_input,
+    SCHEDULERS,
+    LoopState,
+    draw_noise,
+    make_scheduler,
+    make_tables,
+    reference_step,
+    scale_model_input,
 )
 
 BASE = {  # SDXL base / SD 1.5 scheduler config (the tiny pipeline's too)

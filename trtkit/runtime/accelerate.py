@@ -62,7 +62,7 @@ def accelerate(pipe: Any, engines: Path | str | None = None, cuda_graph: bool = 
 def _call(self: Any, *args: Any, **kwargs: Any) -> Any:
     rt: _Runtime = self._trtkit
     if args:  # positional prompt, as diffusers allows
-        kwargs = {**dict(zip(["prompt", "prompt_2"] if "prompt_2" in rt.defaults else ["prompt"], args)), **kwargs}
+        kwargs = {**dict(zip(["prompt", "prompt_2"] if "prompt_2" in rt.defaults else ["prompt"], args, strict=False)), **kwargs}
     extra = {k: v for k, v in kwargs.items() if k not in HANDLED and v is not None
              and not (k in rt.defaults and _same(v, rt.defaults[k]))}
     if extra:
@@ -137,7 +137,7 @@ def _accelerated(pipe: Any, rt: _Runtime, prompt: Any = None, negative_prompt: A
     if not return_dict:
         return (images,) if sdxl else (images, None)
     if sdxl:
-        from diffusers.pipelines.stable_diffusion_xl import StableDiffusionXLPipelineOutput
+        from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffusionXLPipelineOutput
 
         return StableDiffusionXLPipelineOutput(images=images)
     from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput

@@ -65,11 +65,11 @@ def check_shapes(tensors: Mapping[str, TensorInfo], shapes: Mapping[str, tuple[i
         if len(s) != len(t.shape):
             raise EngineError(f"{what} input {name}: rank {len(s)} ({_fmt(s)}), the engine takes rank "
                               f"{len(t.shape)} ({_fmt(t.shape)})")
-        for i, (v, e) in enumerate(zip(s, t.shape)):
+        for i, (v, e) in enumerate(zip(s, t.shape, strict=True)):
             if e != -1 and v != e:
                 raise EngineError(f"{what} input {name}: {_fmt(s)} but dimension {i} is fixed to {e} "
                                   f"({_fmt(t.shape)})")
-        if t.min is not None and t.max is not None and not all(lo <= v <= hi for v, lo, hi in zip(s, t.min, t.max)):
+        if t.min is not None and t.max is not None and not all(lo <= v <= hi for v, lo, hi in zip(s, t.min, t.max, strict=True)):
             raise EngineError(f"{what} input {name}: {_fmt(s)} is outside the engine's profile "
                               f"(min {_fmt(t.min)}, max {_fmt(t.max)})",
                               hint="build the engine with a profile that covers this shape")
@@ -121,6 +121,7 @@ class Engine:
             raise EngineError(f"{name}: TensorRT could not create an execution context (out of GPU memory?)")
         self.bound: dict[str, int] = {}
         self._device_memory = 0
+        self._runtime: Any = None
 
     # -- loading ---------------------------------------------------------------------------------
     @classmethod

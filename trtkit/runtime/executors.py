@@ -95,12 +95,12 @@ def as_torch(arr: Any, dtype: str) -> Any:
 
     tdt = getattr(torch, dtype)
     if isinstance(arr, np.ndarray):
-        t = torch.from_numpy(arr)
-        return t if dtype == str(arr.dtype) else t.view(tdt)
+        host = torch.from_numpy(arr)
+        return host if dtype == str(arr.dtype) else host.view(tdt)
     from trtkit.runtime.cuda import DeviceArray
 
     assert isinstance(arr, DeviceArray)
-    t = None
+    t: Any = None
     try:
         try:
             from cuda.core import Buffer

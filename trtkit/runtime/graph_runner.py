@@ -119,6 +119,7 @@ class _DeviceLoop:
             counter=self.counter.ptr, table=self.table.ptr, params=self.params.ptr, n=n, np1=tables.steps + 1,
             cfg=int(shape.cfg))
         self.bytes = sum(a.nbytes for a in self.arrays().values())
+        self.noise_ready = not tables.uses_noise  # an ancestral loop must never read an unwritten noise table
         executor.bind(self.io)
 
     @property
@@ -136,8 +137,9 @@ class _DeviceLoop:
         if name == "guidance":
             self.params.upload(np.array([value, 0, 0, 0], np.float32), self.handle)
         elif name == "noise":
-            if value is not None:
+            if value is not None and self.tables.uses_noise:
                 self.noise.upload(np.asarray(value, np.float32).reshape(self.noise.shape), self.handle)
+                self.noise_ready = True
         elif name == "x_init":
             self.x_init.upload(_host(value).astype(np.float32), self.handle)
         else:
@@ -180,7 +182,7 @@ class LoopRunner:
         self.graph: Any = None
         self.key: CaptureKey | None = None
         self.captures = 0
-        self.warmed: set[tuple] = set()
+        self.warmed: set[CaptureKey] = set()
         self.stream: Any = None
         if device == "cuda":
             from trtkit.runtime import cuda
@@ -253,7 +255,7 @@ class LoopRunner:
         if self.executor.uses_torch_stream:
             import torch
 
-            g = torch.cuda.CUDAGraph()
+            g: Any = torch.cuda.CUDAGraph()
             try:
                 with torch.cuda.graph(g, stream=self.stream):
                     self.loop.body()
@@ -294,6 +296,10 @@ class LoopRunner:
 
     def run(self) -> None:
         """The loop once, graph or eager as configured (enqueued; `result()` waits)."""
+        if self.loop is None:
+            raise TrtkitError("LoopRunner.prepare(shape, tables) must come before run")
+        if not getattr(self.loop, "noise_ready", True):
+            raise TrtkitError(f"scheduler {self.loop.tables.family} needs noise (set_inputs(noise=...))")
         if self.use_graph:
             self.replay()
         else:
@@ -329,7 +335,7 @@ def _diff(a: CaptureKey | None, b: CaptureKey) -> str:
     if a.steps != b.steps or a.family != b.family:
         parts.append(f"scheduler {a.family}/{a.steps} -> {b.family}/{b.steps}")
     if a.addresses != b.addresses:
-        moved = [k for (k, p), (_, q) in zip(a.addresses, b.addresses) if p != q]
+        moved = [k for (k, p), (_, q) in zip(a.addresses, b.addresses, strict=False) if p != q]
         parts.append(f"buffer addresses changed ({', '.join(moved) or 'set'})")
     if a.fingerprint != b.fingerprint:
         parts.append("executor weights/addresses changed")

@@ -19,8 +19,6 @@ import ctypes
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from trtkit.runtime import cuda
 from trtkit.runtime.cuda import CudaError, check
 from trtkit.runtime.schedulers import ROW, StepTables
@@ -198,21 +196,21 @@ class StepKernels:
         check(cu.cuLaunchKernel(fn, grid, 1, 1, threads, 1, 1, 0, stream, (args, types), 0), "cuLaunchKernel")
 
     def launch_init(self, b: LoopPointers, stream: int) -> None:
-        P, I = ctypes.c_void_p, ctypes.c_int
+        P, Int = ctypes.c_void_p, ctypes.c_int
         self._launch(self.init, self._grid(b.n), self.THREADS, stream,
                      (b.x_init, b.x, b.x0_prev, b.sample, b.timestep, b.counter, b.table, b.n, b.np1, b.cfg),
-                     (P, P, P, P, P, P, P, I, I, I))
+                     (P, P, P, P, P, P, P, Int, Int, Int))
 
     def launch_step(self, b: LoopPointers, stream: int) -> None:
-        P, I = ctypes.c_void_p, ctypes.c_int
+        P, Int = ctypes.c_void_p, ctypes.c_int
         self._launch(self.step, self._grid(b.n), self.THREADS, stream,
                      (b.noise_pred, b.x, b.x0_prev, b.noise, b.sample, b.table, b.params, b.counter, b.n, b.np1,
                       b.cfg),
-                     (P, P, P, P, P, P, P, P, I, I, I))
+                     (P, P, P, P, P, P, P, P, Int, Int, Int))
 
     def launch_advance(self, b: LoopPointers, stream: int) -> None:
-        P, I = ctypes.c_void_p, ctypes.c_int
-        self._launch(self.advance, 1, 1, stream, (b.counter, b.timestep, b.table, b.np1), (P, P, P, I))
+        P, Int = ctypes.c_void_p, ctypes.c_int
+        self._launch(self.advance, 1, 1, stream, (b.counter, b.timestep, b.table, b.np1), (P, P, P, Int))
 
 
 @dataclass(frozen=True)

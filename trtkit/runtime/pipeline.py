@@ -89,7 +89,7 @@ def _quiet_loading() -> Iterator[None]:
         tlog.set_verbosity_error()
         tlog.disable_progress_bar()
     except ImportError:  # pragma: no cover
-        tlog = None
+        tlog = None  # type: ignore[assignment]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -189,9 +189,10 @@ class EngineEncoders:
             emb = np.concatenate([a["penultimate_hidden_state"], b["penultimate_hidden_state"]], axis=-1)
             return emb.astype(np.float32), b["pooled_output"].astype(np.float32)
 
+        pooled: np.ndarray | None
         pe, pooled = one(prompt)
         if cfg and sdxl and not negative and getattr(p.config, "force_zeros_for_empty_prompt", False):
-            npe, npooled = np.zeros_like(pe), np.zeros_like(pooled)
+            npe, npooled = np.zeros_like(pe), None if pooled is None else np.zeros_like(pooled)
         elif cfg:
             npe, npooled = one(negative)
         cond: dict[str, Any] = {"encoder_hidden_states": np.concatenate([npe, pe]) if cfg else pe}
