@@ -123,3 +123,20 @@ def test_monitor_is_a_tensorrt_progress_monitor() -> None:
     assert m.step_complete("a", 0) is True
     p.cancel()
     assert m.step_complete("a", 0) is False
+
+
+def test_quiet_tensorrt_log_counts_warnings(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from trtkit.builder.progress import quiet_tensorrt_log
+
+    trt_log = logging.getLogger("trtkit.tensorrt")
+    with caplog.at_level(logging.DEBUG, logger="trtkit.tensorrt"):
+        with quiet_tensorrt_log() as counter:
+            trt_log.warning("per-layer warning")
+            trt_log.warning("another")
+            trt_log.info("info")
+            trt_log.error("a real error")
+        trt_log.warning("after")
+    assert counter.count == 2
+    assert [r.getMessage() for r in caplog.records] == ["a real error", "after"]

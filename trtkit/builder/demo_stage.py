@@ -56,9 +56,12 @@ def demo_stage(state: Any) -> tuple[str, list[Path]]:
             precision = "fp16"
         except ImportError:
             precision = "fp32"
+    from trtkit.builder.progress import quiet_tensorrt_log
+
     out = Path(state.config.workdir) / "engines" / "unet.plan"
-    r = build(BuildConfig(onnx=onnx, output=out, profiles=(state.config.profile,), precision=precision,
-                          backend=backend.name, target_cc=_target(backend), progress=False))
+    with quiet_tensorrt_log():  # the demo shows one line per stage, not TensorRT's per-layer warnings
+        r = build(BuildConfig(onnx=onnx, output=out, profiles=(state.config.profile,), precision=precision,
+                              backend=backend.name, target_cc=_target(backend), progress=False))
     state.engine = r.plan
     where = f"targets {', '.join(_target(backend))}" if backend.is_rtx else backend.gpu
     how = "cache hit" if r.cached else f"built in {r.build_seconds:.1f} s"

@@ -132,3 +132,29 @@ def progress_display(enabled: bool, title: str) -> Iterator[Any]:
         prog.add_task(title, total=None)
         yield prog
     log.debug("build display closed after %.1f s", time.perf_counter() - t0)
+
+
+class TensorRTWarnings(logging.Filter):
+    """Counts and hides TensorRT's messages below ERROR (hundreds of per-layer warnings for a UNet)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            return True
+        self.count += record.levelno >= logging.WARNING
+        return False
+
+
+@contextlib.contextmanager
+def quiet_tensorrt_log() -> Iterator[TensorRTWarnings]:
+    """While active, TensorRT's warnings are counted instead of printed (errors still show)."""
+    counter = TensorRTWarnings()
+    trt_log = logging.getLogger("trtkit.tensorrt")
+    trt_log.addFilter(counter)
+    try:
+        yield counter
+    finally:
+        trt_log.removeFilter(counter)

@@ -1,23 +1,12 @@
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
 import typer
 
 from trtkit.cli._common import console, err_console
-
-
-class _CountBelowErrors(logging.Filter):
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.ERROR:
-            return True
-        self.count += record.levelno >= logging.WARNING
-        return False
 
 
 def register(app: typer.Typer) -> None:
@@ -57,6 +46,7 @@ def register(app: typer.Typer) -> None:
         from trtkit.builder.build import build as do_build
         from trtkit.builder.config import BuildConfig
         from trtkit.builder.network import ParseError
+        from trtkit.builder.progress import quiet_tensorrt_log
         from trtkit.errors import TrtkitError
 
         if int8 and fp8:
@@ -64,20 +54,20 @@ def register(app: typer.Typer) -> None:
         if fp32_rest and (fp16 or not (int8 or fp8)):
             raise TrtkitError("--fp32-rest goes with --int8 or --fp8, without --fp16")
         precision = "int8" if int8 else "fp8" if fp8 else "fp16" if fp16 else "fp32"
-        warnings = _CountBelowErrors()
         if verbose:
             logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
             logging.getLogger().setLevel(logging.DEBUG)
-        else:  # TensorRT warns per layer (hundreds of lines for a UNet): count them, show with --verbose
-            logging.getLogger("trtkit.tensorrt").addFilter(warnings)
         cfg = BuildConfig(
             onnx=onnx, output=output or onnx.with_suffix(".plan"), profiles=tuple(profile), shapes=shapes,
             min_shapes=min_shapes, opt_shapes=opt_shapes, max_shapes=max_shapes, precision=precision,
             fp16_base=False if fp32_rest else (True if fp16 and (int8 or fp8) else None), calib=calib, quant_level=quant_level,
             opt_level=opt_level, timing_cache=timing_cache, workspace=workspace, static=static, backend=backend,
             target_cc=tuple(target_cc), model_dir=model_dir, force=force, verbose=verbose)
+        # TensorRT warns per layer (hundreds of lines for a UNet): counted, shown with --verbose.
+        quiet = contextlib.nullcontext(None) if verbose else quiet_tensorrt_log()
         try:
-            r = do_build(cfg)
+            with quiet as warnings:
+                r = do_build(cfg)
         except ParseError as e:
             if verbose or len(e.errors) > 1:
                 err_console.print(f"ONNX parser errors ({len(e.errors)}):")
@@ -86,7 +76,7 @@ def register(app: typer.Typer) -> None:
             raise
         for note in r.notes:
             console.print(f"note: {note}", markup=False)
-        if warnings.count:
+        if warnings is not None and warnings.count:
             console.print(f"note: TensorRT logged {warnings.count} warnings (--verbose shows them)")
         if r.cached:
             console.print(f"up to date: {r.plan} (built earlier in {r.build_seconds:.1f} s); --force rebuilds")
