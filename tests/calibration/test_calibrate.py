@@ -30,14 +30,15 @@ def _cfg(model_dir: Path, out: Path, **kw) -> CalibrateConfig:  # type: ignore[n
 @pytest.fixture(scope="module")
 def calib_json(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("calib") / "calib.json"
-    return calibrate(_cfg(tiny_model_dir, out))
+    return calibrate(_cfg(tiny_model_dir, out, recipe=Recipe(smoothquant=True)))
 
 
 def test_file_contents(calib_json: Path, tiny_model_dir: Path) -> None:
     cal = load_for_model(calib_json, tiny_model_dir)
     doc = json.loads(calib_json.read_text())
     assert doc["run"]["prompts"] and doc["run"]["steps"] == 2 and doc["run"]["num_prompts"] == 2
-    assert doc["settings"]["reduction"] == Recipe().reduction and doc["settings"]["level"] == 3.0
+    assert doc["settings"]["reduction"] == "mean" and doc["settings"]["level"] == 3.0
+    assert doc["settings"]["smoothquant"] is True
     assert doc["model"]["config_hash"] and doc["model"]["class"] == "UNet2DConditionModel"
     from diffusers import UNet2DConditionModel
 
@@ -125,6 +126,7 @@ def test_fp8_level4_records_attention_inputs(tiny_model_dir: Path, tmp_path: Pat
     assert rc == 0
     cal = load_for_model(out, tiny_model_dir)
     assert cal.precision == "fp8" and not cal.smooth and cal.settings["level"] == 4.0
+    assert cal.settings["reduction"] == "mean" and cal.settings["percentile"] == 1.0  # the default recipe
     soft = [k for k in cal.activations if k.endswith(".softmax")]
     assert soft and all(0 < cal.activations[k] <= 1.0 for k in soft)
     assert any(k.endswith(".attn1.q_bmm") for k in cal.activations)
@@ -152,3 +154,13 @@ def test_cli_errors(tiny_model_dir: Path, tmp_path: Path, args: list[str], needl
 def test_not_a_pipeline_folder(tmp_path: Path) -> None:
     with pytest.raises(TrtkitError, match="not a diffusers pipeline folder"):
         calibrate(_cfg(tmp_path, tmp_path / "c.json"))
+
+
+def test_default_recipe() -> None:
+    r = Recipe().resolved()
+    assert (r.precision, r.level, r.percentile, r.reduction, r.smoothquant) == ("int8", 3.0, 1.0, "mean", False)
+    assert Recipe(precision="fp8").resolved().level == 4.0
+    fixed = Recipe(alpha=0.8).resolved()  # a fixed alpha asks for SmoothQuant
+    assert fixed.smoothquant and fixed.alpha == 0.8
+    with pytest.raises(TrtkitError, match="alpha"):
+        Recipe(alpha=1.5).resolved()

@@ -24,7 +24,8 @@ def demo_stage(state) -> tuple[str, list[Path]]:  # type: ignore[no-untyped-def]
     state.calib = out
     cal = calibfile.load(out)
     files = [out] + ([out.with_suffix(".safetensors")] if cal.smooth else [])
+    sq = f"SmoothQuant on {len(cal.smooth)} linear layers" if cal.smooth else "no SmoothQuant"
     return (f"INT8 ranges for {len(cal.activations)} UNet inputs (level {cal.settings['level']:g}, "
-            f"{cal.settings['reduction']} over {cal.settings['steps_used']} of {DEMO_STEPS} steps, "
-            f"SmoothQuant on {len(cal.smooth)} linear layers) from {DEMO_PROMPTS} prompts", files)
+            f"{cal.settings['reduction']} over {cal.settings['steps_used']} of {DEMO_STEPS} steps, {sq}) "
+            f"from {DEMO_PROMPTS} prompts", files)
 
