@@ -49,6 +49,7 @@ ONNX_QTYPE = {"int8": onnx.TensorProto.INT8, "fp8": onnx.TensorProto.FLOAT8E4M3F
 # output projections and the output norm stay in high precision.
 DEFAULT_EXCLUDE = ("time_emb_proj", "time_embedding", "conv_in", "conv_out", "conv_shortcut", "add_embedding",
                    "pos_embed", "time_text_embed", "context_embedder", "norm_out", "proj_out")
+QKV_LEAVES = ("to_q", "to_k", "to_v", "to_qkv", "to_kv")  # separate and fused projections
 META_KEY = "trtkit.qdq"  # JSON: precision, level, decisions (coverage reads it)
 FP16_MIN_NORMAL = 2.0**-14  # scales stored in FP16 must stay normal
 
@@ -135,11 +136,11 @@ def _level_admits(m: WeightedMatch, level: float) -> tuple[bool, str]:
     leaf = m.module.split(".")[-1]
     if level >= 3:
         return True, "linear (level >= 3)"
-    if level >= 2.5 and leaf in ("to_q", "to_k", "to_v"):
+    if level >= 2.5 and leaf in QKV_LEAVES:
         return True, "q/k/v projection (level >= 2.5)"
     if level >= 2 and "ff.net" in m.module:
         return True, "feed-forward linear (level >= 2)"
-    need = 2 if "ff.net" in m.module else 2.5 if leaf in ("to_q", "to_k", "to_v") else 3
+    need = 2 if "ff.net" in m.module else 2.5 if leaf in QKV_LEAVES else 3
     return False, f"level {level:g} quantizes no such linear (needs level >= {need:g})"
 
 
