@@ -10,7 +10,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from conftest import LINEAR_SHAPES, make_linear, sd15_like
+from builder_models import LINEAR_SHAPES, make_linear, sd15_like
 from onnx import helper
 
 from trtkit._files import sha256_files

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import LINEAR_SHAPES, make_linear
+from builder_models import LINEAR_SHAPES, make_linear
 
 from trtkit.builder.build import build
 from trtkit.builder.config import BuildConfig

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import LINEAR_SHAPES, make_linear
+from builder_models import LINEAR_SHAPES, make_linear
 from onnx import helper
 
 

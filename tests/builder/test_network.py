@@ -3,7 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import make_linear
+from builder_models import make_linear
 from onnx import helper
 
 from trtkit.builder.network import ParseError, network_flags, network_io, parse_onnx

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import onnx
 import pytest
-from conftest import sd15_like
+from builder_models import sd15_like
 
 from trtkit.builder.config import BuildConfig
 from trtkit.builder.shapes import resolve_profiles

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import onnx
 import pytest
-from conftest import make_linear
+from builder_models import make_linear
 
 from trtkit._files import sha256_files
 from trtkit.builder.source import read_onnx

@@ -1,4 +1,4 @@
-"""Small ONNX models made in code for the builder tests (the tiny UNet comes from tests/conftest.py)."""
+"""ONNX models made in code for the builder tests (a unique module name: every room has a conftest.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 
@@ -68,8 +67,3 @@ def sd15_like(path: Path) -> Path:
 
 
 LINEAR_SHAPES = "x:4x64"
-
-
-@pytest.fixture
-def linear_onnx(tmp_path: Path) -> Path:
-    return make_linear(tmp_path / "in" / "linear.onnx")
