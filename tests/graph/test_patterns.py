@@ -74,3 +74,35 @@ def test_hand_built_attention_and_nothing() -> None:
     assert {x.module for x in m.linear} == {"blocks.0.attn1.to_q", "blocks.0.attn1.to_k", "blocks.0.attn1.to_v",
                                             "blocks.0.attn1.to_out.0"}
     assert _find(plain_model()).empty
+
+
+def test_fused_qkv_export(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """diffusers' fuse_qkv_projections(): one to_qkv (self) / to_kv (cross) MatMul, attention still found."""
+    import warnings
+
+    import torch
+
+    from trtkit.exporter import _wrapper, example_inputs, load_component, resolve_shapes
+    from trtkit.graph.qdq import QuantizeConfig, quantize
+
+    unet = load_component(tiny_model_dir, "unet")
+    unet.fuse_qkv_projections()
+    wrapper, _ = _wrapper("unet", unet, True)
+    shapes = resolve_shapes(tiny_model_dir, "unet", "tiny-256")
+    feeds = example_inputs(shapes)
+    path = tmp_path / "fused.onnx"
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(wrapper, tuple(torch.from_numpy(v) for v in feeds.values()), str(path), dynamo=False,
+                          opset_version=19, input_names=list(shapes), output_names=["noise_pred"])
+    model = onnx.load(str(path))
+    e = model.metadata_props.add()
+    e.key, e.value = "trtkit.scope", "/unet/"
+    onnx.save(onnx.shape_inference.infer_shapes(model), str(path))
+    m = _find(onnx.load(str(path)))
+    leaves = {x.module.rsplit(".", 1)[1] for x in m.linear}
+    assert {"to_qkv", "to_kv", "to_q"} <= leaves and "to_k" not in leaves
+    assert len(m.attention) == 24 and {a.head_size for a in m.attention} == {16}
+    r = quantize(QuantizeConfig(onnx_path=path, output=tmp_path / "q.onnx", precision="fp8", level=2.5))
+    fused = [d for d in r.decisions if d.module.endswith(("to_qkv", "to_kv"))]
+    assert fused and all(d.quantized and "q/k/v projection" in d.reason for d in fused)
