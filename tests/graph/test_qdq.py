@@ -225,3 +225,20 @@ def test_external_data_input(tmp_path: Path, tiny_unet_onnx: Path, tiny_feeds) -
         outs.append(run_onnxruntime(r.path, tiny_feeds)[0])
     assert not (tmp_path / "q0.onnx.data").exists()  # small result: one self-contained file
     assert np.array_equal(outs[0], outs[1])
+
+
+def test_unscoped_graph_quantizes_with_honest_names(tmp_path: Path, tiny_unet_onnx: Path, tiny_feeds, tiny_ref) -> None:
+    model = onnx.load(str(tiny_unet_onnx))
+    for i, n in enumerate(model.graph.node):
+        n.name = f"{n.op_type}_{i}"
+    del model.metadata_props[:]
+    src = tmp_path / "noscope.onnx"
+    onnx.save(model, str(src))
+    r = quantize(QuantizeConfig(onnx_path=src, output=tmp_path / "q.onnx", precision="int8", level=3))
+    assert any("no module scope" in n for n in r.notes)
+    d = {x.module: x for x in r.decisions}
+    assert not d["conv_in"].quantized and d["down_blocks.0.resnets.0.conv1"].quantized  # initializer names
+    assert r.counts["conv"]["quantized"] == 26
+    # bias-free MatMuls have no name to match exclusions against: level 3 takes them all (the note says why)
+    assert r.counts["linear"]["quantized"] == 148 - 16
+    assert rel_err(run_onnxruntime(r.path, tiny_feeds)[0], tiny_ref) < BOUND["int8"]
