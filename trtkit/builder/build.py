@@ -14,7 +14,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -122,17 +122,19 @@ def _key_material(config: BuildConfig, backend: Any, source: OnnxSource, profile
 
 
 def _prepare_onnx(config: BuildConfig, backend: Any, source: OnnxSource, profiles: list[ProfileShapes],
-                  work: Path, notes: list[str]) -> OnnxSource:
+                  work: Path, notes: list[str], say: Callable[[str], None]) -> OnnxSource:
     """The graph TensorRT will parse: the Q/DQ pass and/or FP16 conversion where the precision needs them."""
     path = source.path
     fp16 = config.precision == "fp16" or (config.precision in EIGHT_BIT and _fp16_rest(config, source))
     if config.precision in EIGHT_BIT and not source.has_qdq:
         preset = next((p.name for p in profiles if ":" not in p.name and p.name in config.profiles), None)
+        say(f"{config.precision} Q/DQ pass (trtkit.graph.qdq)")
         path, fp16_done = _quantize(config, path, work / "model.qdq.onnx", fp16, preset)
         notes.append(f"{config.precision} Q/DQ pass applied" + (f" with {config.calib.name}" if config.calib else "")
                      + (", the rest converted to FP16" if fp16_done else ""))
         fp16 = fp16 and not fp16_done
     if fp16 and _strongly_typed(backend):
+        say("FP16 graph conversion (trtkit.graph.fp16)")
         path = _convert_fp16(path, work / "model.fp16.onnx")
         notes.append("FP16 graph conversion applied (strongly typed network)")
     return source if path == source.path else read_onnx(path)
@@ -223,11 +225,14 @@ class _LastError(logging.Handler):
             trt_log.removeHandler(self)
 
 
-def build(config: BuildConfig, progress: BuildProgress | None = None) -> BuildResult:
+def build(config: BuildConfig, progress: BuildProgress | None = None,
+          status: Callable[[str], None] | None = None) -> BuildResult:
     """Build `config.onnx` into `config.output` (+ `.json`, `.layers.json`). One-line TrtkitError on bad input.
 
-    `progress` lets a caller watch or cancel (`progress.cancel()`) from another thread.
+    `progress` lets a caller watch or cancel (`progress.cancel()`) from another thread; `status`
+    receives a line per step before TensorRT's own phases (hashing, graph passes, parsing).
     """
+    say = status or (lambda msg: log.info("%s", msg))
     from trtkit.backend import load_backend
 
     t0 = time.perf_counter()
@@ -240,6 +245,8 @@ def build(config: BuildConfig, progress: BuildProgress | None = None) -> BuildRe
     targets = _rtx_targets(config, source) if backend.is_rtx else ()
     out_dir = ensure_writable_dir(config.output.parent)
 
+    size = sum(p.stat().st_size for p in (source.path, *source.data_files))
+    say(f"hashing {source.path.name} ({size / 2**20:.0f} MiB with its data) for the cache key")
     onnx_sha = source.sha256()
     calib_sha = sha256_files(_calib_files(config.calib)) if config.calib else None
     key = md.cache_key(_key_material(config, backend, source, profiles, onnx_sha, calib_sha))
@@ -255,11 +262,12 @@ def build(config: BuildConfig, progress: BuildProgress | None = None) -> BuildRe
     trt = backend.trt
     strongly_typed = _strongly_typed(backend)
     with tempfile.TemporaryDirectory(prefix=f".{config.output.name}.work-", dir=out_dir) as work_dir:
-        graph = _prepare_onnx(config, backend, source, profiles, Path(work_dir), notes)
+        graph = _prepare_onnx(config, backend, source, profiles, Path(work_dir), notes, say)
         flags = _precision_flags(config, backend, source, graph)
 
         builder: trt_api.Builder = trt.Builder(backend.logger)
         network = builder.create_network(network_flags(backend, strongly_typed))
+        say(f"parsing {graph.path.name} with {trt.__name__} {backend.version}")
         parser = parse_onnx(backend, network, graph.path)
         io = network_io(network)
         cfg = builder.create_builder_config()

@@ -67,7 +67,7 @@ def register(app: typer.Typer) -> None:
         quiet = contextlib.nullcontext(None) if verbose else quiet_tensorrt_log()
         try:
             with quiet as warnings:
-                r = do_build(cfg)
+                r = do_build(cfg, status=lambda msg: err_console.print(f"  {msg}", markup=False))
         except ParseError as e:
             if verbose or len(e.errors) > 1:
                 err_console.print(f"ONNX parser errors ({len(e.errors)}):")
