@@ -58,3 +58,16 @@ def test_emitted_graph_builds_with_rtx(precision: str, level, quantized_cache) -
     left = [w for w in warnings if not any(a.search(w) for a in ACCEPTED)]
     assert not [w for w in left if QDQ_TROUBLE.search(w)], left
     assert not left, left
+
+
+@pytest.mark.rtx
+def test_int8_attention_builds_with_rtx(tmp_path, tiny_unet_onnx) -> None:
+    """INT8 attention is opt-in (`--attention`); it builds too."""
+    from trtkit.graph.qdq import QuantizeConfig, quantize
+
+    r = quantize(QuantizeConfig(onnx_path=tiny_unet_onnx, output=tmp_path / "a.onnx", precision="int8",
+                                quantize_attention=True))
+    assert r.counts["attention"]["quantized"] == 24
+    ok, errors, warnings = build(r.path)
+    assert ok, errors
+    assert not [w for w in warnings if not any(a.search(w) for a in ACCEPTED)]
