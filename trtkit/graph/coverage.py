@@ -56,10 +56,13 @@ class CoverageReport:
         return {k: self._tally([i for i in self.items if i.kind == k]) for k in KINDS}
 
     def blocks(self) -> list[str]:
-        def key(b: str) -> tuple[int, int]:
+        def key(b: str) -> tuple[bool, str, int, int]:
             order = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
-            head, _, num = b.partition(".")
-            return order.get(head, 3), int(num) if num.isdigit() else 0
+            parts = b.split(".")
+            num = parts[-1] if parts[-1].isdigit() else ""
+            head = parts[-2] if num else parts[-1]
+            prefix = ".".join(parts[: -2 if num else -1])
+            return b == "other", prefix, order.get(head, 3), int(num) if num else 0
 
         return sorted({i.block for i in self.items}, key=key)
 

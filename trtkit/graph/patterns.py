@@ -120,10 +120,11 @@ def module_from_initializer(name: str) -> str | None:
 def block_of(module: str) -> str:
     """The UNet block a module belongs to: down_blocks.N, mid_block, up_blocks.N or other."""
     parts = module.split(".")
-    if len(parts) >= 2 and parts[0] in ("down_blocks", "up_blocks") and parts[1].isdigit():
-        return f"{parts[0]}.{parts[1]}"
-    if parts[0] == "mid_block":
-        return "mid_block"
+    for i, p in enumerate(parts):  # VAE modules sit one level down (decoder.up_blocks.0...)
+        if p in ("down_blocks", "up_blocks") and i + 1 < len(parts) and parts[i + 1].isdigit():
+            return ".".join(parts[: i + 2]) if i else f"{p}.{parts[i + 1]}"
+        if p == "mid_block":
+            return ".".join(parts[: i + 1])
     return "other"
 
 
