@@ -53,3 +53,16 @@ def test_coverage_nothing_matched(tmp_path: Path) -> None:
     con = Console(record=True, width=120)
     render_coverage(r, con)
     assert "nothing matched" in con.export_text()
+
+
+def test_vae_decoder_blocks(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Not only UNets: the tiny VAE decoder quantizes, and its blocks are found one level down."""
+    from trtkit.exporter import ExportConfig, export
+    from trtkit.graph.qdq import QuantizeConfig, quantize
+
+    src = export(ExportConfig(model_dir=tiny_model_dir, component="vae_decoder", profile="tiny-256",
+                              out_dir=tmp_path, check=False)).path
+    r = quantize(QuantizeConfig(onnx_path=src, output=tmp_path / "q.onnx", precision="int8"))
+    assert r.counts["conv"]["quantized"] == r.counts["conv"]["total"] - 3  # conv_in, conv_out, one shortcut
+    blocks = coverage(r.path).blocks()
+    assert blocks[0] == "decoder.mid_block" and blocks[-1] == "other" and "decoder.up_blocks.0" in blocks
