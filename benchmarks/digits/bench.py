@@ -44,6 +44,7 @@ MODES: dict[str, Recipe | str | None] = {
                                                             smoothquant=True),
     "INT8 max + SmoothQuant": Recipe(percentile=1.0, reduction="max", smoothquant=True),
     "FP8 max (level 4)": Recipe(precision="fp8", level=4.0, percentile=1.0, reduction="max", smoothquant=False),
+    "FP8 Percentile (mean, 1.0) (level 4)": Recipe(precision="fp8", level=4.0, percentile=1.0, reduction="mean"),
 }
 
 
@@ -111,7 +112,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--modes", default="all", help="comma-separated mode names, or all")
+    ap.add_argument("--modes", default="all", help="mode names separated by ';', or all")
     ap.add_argument("--out", type=Path, default=Path("/tmp/trtkit-digits"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -128,7 +129,12 @@ def main() -> None:
     g = torch.Generator().manual_seed(args.seed)
     labels = torch.arange(10).repeat_interleave(args.per_digit)
     noise = torch.randn(len(labels), 1, SIZE, SIZE, generator=g)
-    modes = list(MODES) if args.modes == "all" else [m.strip() for m in args.modes.split(",")]
+    modes = list(MODES) if args.modes == "all" else [m.strip() for m in args.modes.split(";")]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise SystemExit(f"unknown mode {unknown[0]!r}; modes: {'; '.join(MODES)}")
+    if modes[0] != "FP32":
+        modes.insert(0, "FP32")  # the reference every RMSE is measured against
     results: dict[str, dict] = {}
     ref: torch.Tensor | None = None
     for mode in modes:

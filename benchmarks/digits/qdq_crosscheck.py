@@ -3,12 +3,18 @@ the folder `trtkit demo -o DIR` leaves (tiny pipeline, its calib.json and onnx/u
 
     python3 benchmarks/digits/qdq_crosscheck.py /tmp/calib-demo-run2
 """
-import numpy as np, torch, onnxruntime as ort, sys
+import sys
 from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
 from diffusers import UNet2DConditionModel
+
 from trtkit import calibfile
 from trtkit.calibration.fakequant import quantized
 from trtkit.graph.qdq import QuantizeConfig, quantize
+
 d=sys.argv[1] if len(sys.argv) > 1 else '/tmp/calib-demo-run2'
 unet=UNet2DConditionModel.from_pretrained(d+'/model/unet').eval()
 cal=calibfile.load(d+'/calib.json')
@@ -23,7 +29,14 @@ t={k:torch.from_numpy(v) for k,v in feeds.items()}
 def run():
     return unet(t['sample'],t['timestep'],encoder_hidden_states=t['encoder_hidden_states'],added_cond_kwargs={'text_embeds':t['text_embeds'],'time_ids':t['time_ids']}).sample.numpy()
 with torch.no_grad():
-    ref=run()
-    with quantized(unet,cal): fq=run()
-rel=lambda a,b: float(np.linalg.norm(a-b)/np.linalg.norm(b))
-print('fp32-rest ORT int8 vs torch fp32', rel(o8,ref), ' vs fakequant', rel(o8,fq), ' fakequant vs fp32', rel(fq,ref))
+    ref = run()
+    with quantized(unet, cal):
+        fq = run()
+
+
+def rel(a, b):  # type: ignore[no-untyped-def]
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+print("FP32-elsewhere ORT INT8 Q/DQ vs torch FP32", rel(o8, ref), " vs torch fake quant", rel(o8, fq),
+      " torch fake quant vs FP32", rel(fq, ref))

@@ -9,7 +9,7 @@ import argparse
 import time
 
 import torch
-from model import NULL_CLASS, WEIGHTS, EMB_DIM, digits_images, make_scheduler, make_unet
+from model import EMB_DIM, NULL_CLASS, WEIGHTS, digits_images, make_scheduler, make_unet
 
 
 def main() -> None:
@@ -50,12 +50,12 @@ def main() -> None:
         opt.step()
         lr_sched.step()
         with torch.no_grad():
-            for e, p in zip(ema, params):
+            for e, p in zip(ema, params, strict=True):
                 e.lerp_(p.detach(), 1 - 0.995)
         if it % 100 == 0 or it == args.steps - 1:
             print(f"step {it:5d}  loss {loss.item():.4f}  {time.time() - t0:6.1f} s", flush=True)
     with torch.no_grad():
-        for e, p in zip(ema, params):
+        for e, p in zip(ema, params, strict=True):
             p.copy_(e)
     WEIGHTS.mkdir(parents=True, exist_ok=True)
     unet.save_pretrained(WEIGHTS / "unet")

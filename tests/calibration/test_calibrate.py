@@ -10,8 +10,14 @@ import pytest
 import torch
 
 from trtkit import calibfile
-from trtkit.calibration.calibrate import (CalibrateConfig, Recipe, calibrate, load_for_model, partial_path,
-                                          unet_module_names)
+from trtkit.calibration.calibrate import (
+    CalibrateConfig,
+    Recipe,
+    calibrate,
+    load_for_model,
+    partial_path,
+    unet_module_names,
+)
 from trtkit.calibration.levels import targets
 from trtkit.errors import TrtkitError
 

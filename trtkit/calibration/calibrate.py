@@ -80,10 +80,7 @@ class CalibrateConfig:
 def build_calibration(stats: Any, model: Any, recipe: Recipe, model_info: dict[str, Any] | None = None,
                       run: dict[str, Any] | None = None) -> Calibration:
     """Reduce StepStats into a Calibration (Percentile Quant per input, SmoothQuant per INT8 linear)."""
-    import numpy as np
 
-    from trtkit.calibration import percentile as pq
-    from trtkit.calibration import smoothquant as sq
 
     r = recipe.resolved()
     with _one_thread():

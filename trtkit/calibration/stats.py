@@ -87,6 +87,7 @@ class StepStats:
                 if j < self.sample_rows:
                     buf[j] = r
             seen += 1
+        assert buf is not None
         self.sample[key], self.seen[key] = buf, seen
 
     # -- persistence (the resumable side file) --------------------------------------------------
@@ -105,7 +106,7 @@ class StepStats:
         arrays["__head__"] = np.frombuffer(json.dumps(head).encode(), dtype=np.uint8)
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
-                np.savez(f, **arrays)
+                np.savez(f, **arrays)  # type: ignore[arg-type]
 
     @classmethod
     def load(cls, path: Path, seed: int = 0) -> tuple[StepStats, dict[str, Any]]:
