@@ -215,7 +215,9 @@ def convert_fp16(onnx_path: Path | str, output: Path | str, *, io_dtype: str = "
 
     meta["trtkit.fp16"] = stats.summary()
     _set_meta(out, meta)
-    return write_model(out, dest)
+    holder = [out]
+    del out
+    return write_model(holder, dest)
 
 
 def _elem(vi: onnx.ValueInfoProto) -> int:

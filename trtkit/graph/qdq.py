@@ -551,52 +551,58 @@ def _quantize(cfg: QuantizeConfig) -> QuantizeResult:
             calibration = f"calibration file ({len(need_run)} ranges from a sample run)"
     del model
 
-    ins = _Inserter(graph, cfg.precision, cfg.fp16)
-    # Weights first (SmoothQuant scales their input channels).
-    groups: dict[tuple[str, bytes | None], list[WeightedMatch]] = {}
-    smooth_of: dict[str, np.ndarray | None] = {}
-    for m in w_q:
-        node = nodes[m.node]
-        const = patterns._const_weight(node.inputs[1])[0]
-        w = _float_values(const, src.parent)
-        s = _smooth(m)
-        smooth_of[m.module] = s
-        if s is not None:
-            shape = [1] * w.ndim
-            shape[m.in_axis] = -1
-            w = w * s.reshape(shape)
-        ins.weight(node, w, m.axis, _prefix(m))
-        groups.setdefault((m.input, None if s is None else s.tobytes()), []).append(m)
-    # Activations: one Q/DQ per (tensor, smoothing).
-    by_tensor: dict[str, list[tuple[str, bytes | None]]] = {}
-    for gkey in groups:
-        by_tensor.setdefault(gkey[0], []).append(gkey)
-    for tname, keys in by_tensor.items():
-        x = tensors[tname]
-        # readers that see values (Shape only reads the shape, so a folded LayerNorm does not bother it)
-        other_readers = [c for c in x.outputs if c.name not in {m.node for k in keys for m in groups[k]}
-                         and c.op != "Shape"]
-        for gkey in keys:
-            ms = groups[gkey]
-            src_t = x
-            vec = smooth_of[ms[0].module]
-            if vec is not None and not (len(keys) == 1 and not other_readers
-                                        and _fold_smooth_into_layernorm(x, vec, src.parent)):
-                src_t = ins.mul(x, (1.0 / vec).astype(np.float32), _prefix(ms[0]))
-            slots = [(nodes[m.node], 0) for m in ms]
-            shared = max(amax[m.module] for m in ms)
-            ins.activation(src_t, shared, _prefix(ms[0]) + "/input_quantizer", slots)
-            for m in ms:
-                decisions[m.module] = _with_amax(decisions[m.module], shared, source[m.module])
-    for a in a_q:
-        b1, b2 = nodes[a.bmm1], nodes[a.bmm2]
-        p = _prefix(a)
-        ins.activation(tensors[a.q], amax[f"{a.module}.q_bmm"], f"{p}/q_bmm_quantizer", [(b1, 0)])
-        ins.activation(tensors[a.k], amax[f"{a.module}.k_bmm"], f"{p}/k_bmm_quantizer", [(b1, 1)])
-        ins.activation(tensors[a.v], amax[f"{a.module}.v_bmm"], f"{p}/v_bmm_quantizer", [(b2, 1)])
-        ins.activation(tensors[a.probs], 1.0, f"{p}/softmax_quantizer", [(b2, 0)])
-        decisions[a.module] = _with_amax(decisions[a.module], amax[f"{a.module}.q_bmm"],
-                                         source[f"{a.module}.q_bmm"])
+    def _insert(g: gs.Graph) -> int:
+        """Rewire the graph; its many references to graph objects end with this call, so the graph
+        can be freed after the export."""
+        ins = _Inserter(g, cfg.precision, cfg.fp16)
+        # Weights first (SmoothQuant scales their input channels).
+        groups: dict[tuple[str, bytes | None], list[WeightedMatch]] = {}
+        smooth_of: dict[str, np.ndarray | None] = {}
+        for m in w_q:
+            node = nodes[m.node]
+            const = patterns._const_weight(node.inputs[1])[0]
+            w = _float_values(const, src.parent)
+            s = _smooth(m)
+            smooth_of[m.module] = s
+            if s is not None:
+                shape = [1] * w.ndim
+                shape[m.in_axis] = -1
+                w = w * s.reshape(shape)
+            ins.weight(node, w, m.axis, _prefix(m))
+            groups.setdefault((m.input, None if s is None else s.tobytes()), []).append(m)
+        # Activations: one Q/DQ per (tensor, smoothing).
+        by_tensor: dict[str, list[tuple[str, bytes | None]]] = {}
+        for gkey in groups:
+            by_tensor.setdefault(gkey[0], []).append(gkey)
+        for tname, keys in by_tensor.items():
+            x = tensors[tname]
+            # readers that see values (Shape only reads the shape, so a folded LayerNorm does not bother it)
+            other_readers = [c for c in x.outputs if c.name not in {m.node for k in keys for m in groups[k]}
+                             and c.op != "Shape"]
+            for gkey in keys:
+                ms = groups[gkey]
+                src_t = x
+                vec = smooth_of[ms[0].module]
+                if vec is not None and not (len(keys) == 1 and not other_readers
+                                            and _fold_smooth_into_layernorm(x, vec, src.parent)):
+                    src_t = ins.mul(x, (1.0 / vec).astype(np.float32), _prefix(ms[0]))
+                slots = [(nodes[m.node], 0) for m in ms]
+                shared = max(amax[m.module] for m in ms)
+                ins.activation(src_t, shared, _prefix(ms[0]) + "/input_quantizer", slots)
+                for m in ms:
+                    decisions[m.module] = _with_amax(decisions[m.module], shared, source[m.module])
+        for a in a_q:
+            b1, b2 = nodes[a.bmm1], nodes[a.bmm2]
+            p = _prefix(a)
+            ins.activation(tensors[a.q], amax[f"{a.module}.q_bmm"], f"{p}/q_bmm_quantizer", [(b1, 0)])
+            ins.activation(tensors[a.k], amax[f"{a.module}.k_bmm"], f"{p}/k_bmm_quantizer", [(b1, 1)])
+            ins.activation(tensors[a.v], amax[f"{a.module}.v_bmm"], f"{p}/v_bmm_quantizer", [(b2, 1)])
+            ins.activation(tensors[a.probs], 1.0, f"{p}/softmax_quantizer", [(b2, 0)])
+            decisions[a.module] = _with_amax(decisions[a.module], amax[f"{a.module}.q_bmm"],
+                                             source[f"{a.module}.q_bmm"])
+        return ins.pairs
+
+    pairs = _insert(graph)
     graph.cleanup()
     _materialize_external(graph, src.parent)
     notes = list(matches.notes)
@@ -621,16 +627,17 @@ def _quantize(cfg: QuantizeConfig) -> QuantizeResult:
                                  "decisions": {d.module: [d.kind, d.quantized, d.type, d.reason] for d in ordered}})
     out_model = gs.export_onnx(graph)
     # the export copied every initializer: drop the graph's own copies before writing
-    pairs = ins.pairs
     nodes.clear()
     tensors.clear()
-    del graph, ins
+    del graph
     import gc
 
     gc.collect()
     out_model.ir_version = max(out_model.ir_version, 9)
     _set_meta(out_model, meta)
-    write_model(out_model, dest)
+    holder = [out_model]
+    del out_model
+    write_model(holder, dest)
     result = QuantizeResult(path=dest, precision=cfg.precision, level=level, counts=counts, decisions=ordered,
                             calibration=calibration, seconds=time.perf_counter() - t0, qdq_pairs=pairs,
                             notes=notes)
@@ -679,10 +686,12 @@ def _set_meta(model: onnx.ModelProto, props: dict[str, str]) -> None:
         e.key, e.value = k, v
 
 
-def write_model(model: onnx.ModelProto, dest: Path, check: bool = True) -> Path:
+def write_model(model: onnx.ModelProto | list[onnx.ModelProto], dest: Path, check: bool = True) -> Path:
     """Write atomically (external data past 2 GB), then shape-infer (strict) and check the written
-    file. The proto is consumed (cleared after saving): shape inference and the checker work from
-    the file in C++, so a large model is not held in Python twice over."""
+    file. The proto is consumed: pass it in a one-item list to let it be freed right after saving,
+    since shape inference and the checker then work from the file in C++."""
+    if isinstance(model, list):
+        model = model.pop()
     import os
     import tempfile
 
@@ -699,6 +708,7 @@ def write_model(model: onnx.ModelProto, dest: Path, check: bool = True) -> Path:
         else:
             onnx.save(model, str(staged))
         model.Clear()
+        del model
         try:
             onnx.shape_inference.infer_shapes_path(str(staged), str(staged), strict_mode=True)
         except Exception as e:  # InferenceError: a broken graph must not be written
