@@ -8,12 +8,11 @@ from typing import Any
 
 
 def demo_stage(state: Any) -> tuple[str, list[Path]]:
+    # The demo prints one line per stage; the full tables go to report.html (and `trtkit inspect`).
     from trtkit._files import write_text_atomic
-    from trtkit.cli._common import console
     from trtkit.demo import Skipped
     from trtkit.inspector.html import combined_html
     from trtkit.inspector.onnx_report import onnx_report
-    from trtkit.inspector.render import render
     from trtkit.inspector.report import engine_report
 
     onnx = state.quantized or state.onnx
@@ -24,7 +23,6 @@ def demo_stage(state: Any) -> tuple[str, list[Path]]:
     if onnx is not None:
         rep = onnx_report(onnx)
         sections.append((f"Q/DQ coverage of {Path(onnx).name}", rep))
-        render(rep, console)
         s = rep.scan.summary()
         q = sum(d.get("int8", 0) + d.get("fp8", 0) for d in s.values())
         parts.append(f"{Path(onnx).name}: {q} of {sum(d['total'] for d in s.values())} linear/conv/attention "
@@ -32,7 +30,6 @@ def demo_stage(state: Any) -> tuple[str, list[Path]]:
     if state.engine is not None:
         erep = engine_report(state.engine, onnx=onnx)
         sections.append((f"Engine {Path(state.engine).name}", erep))
-        render(erep, console, all_layers=False)
         parts.append(f"engine: {len(erep.layers)} layers ({erep.src.source})" if erep.layers else
                      "engine: metadata only (no layer information on this machine)")
     out = Path(state.config.workdir) / "report.html"
