@@ -209,7 +209,10 @@ def quantize_weight(w: np.ndarray, axis: int, precision: str, fp16: bool) -> tup
     x = w / scale.reshape(shape)
     if precision == "int8":
         return np.clip(np.rint(x), -128, 127).astype(np.int8), scale
-    import ml_dtypes
+    try:
+        import ml_dtypes
+    except ImportError as e:  # onnx >= 1.18 brings it
+        raise TrtkitError("FP8 weights need the ml_dtypes package; pip install ml_dtypes") from e
 
     return np.clip(x, -448.0, 448.0).astype(ml_dtypes.float8_e4m3fn).view(np.uint8), scale
 
@@ -288,10 +291,13 @@ def max_calibrate(model: onnx.ModelProto, tensors: list[str], profile: str, seed
                   base_dir: Path | None = None) -> dict[str, float]:
     """amax of each tensor over one onnxruntime run on sample inputs (intermediate tensors exposed as
     extra graph outputs on a copy of the model)."""
-    import onnxruntime as ort
-
     if not tensors:
         return {}
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise TrtkitError("without a calibration file the pass measures ranges with onnxruntime, which is not "
+                          "installed; pip install onnxruntime or pass --calib") from e
     m = onnx.ModelProto()
     m.CopyFrom(model)
     have = {o.name for o in m.graph.output}
