@@ -612,6 +612,8 @@ def _quantize(cfg: QuantizeConfig) -> QuantizeResult:
     graph.cleanup()
     _materialize_external(graph, src.parent)
     notes = list(matches.notes)
+    if cal is not None and cal.precision and cal.precision != cfg.precision:
+        notes.append(f"the calibration file was made for {cal.precision}; its ranges are used for {cfg.precision}")
     if cfg.fp16:
         from trtkit.graph.fp16 import to_fp16
 
