@@ -132,7 +132,7 @@ def test_fp8_level4_records_attention_inputs(tiny_model_dir: Path, tmp_path: Pat
     assert rc == 0
     cal = load_for_model(out, tiny_model_dir)
     assert cal.precision == "fp8" and not cal.smooth and cal.settings["level"] == 4.0
-    assert cal.settings["reduction"] == "mean" and cal.settings["percentile"] == 1.0  # the default recipe
+    assert cal.settings["reduction"] == "max" and cal.settings["percentile"] == 1.0  # the FP8 default recipe
     soft = [k for k in cal.activations if k.endswith(".softmax")]
     assert soft and all(0 < cal.activations[k] <= 1.0 for k in soft)
     assert any(k.endswith(".attn1.q_bmm") for k in cal.activations)
@@ -165,7 +165,8 @@ def test_not_a_pipeline_folder(tmp_path: Path) -> None:
 def test_default_recipe() -> None:
     r = Recipe().resolved()
     assert (r.precision, r.level, r.percentile, r.reduction, r.smoothquant) == ("int8", 3.0, 1.0, "mean", False)
-    assert Recipe(precision="fp8").resolved().level == 4.0
+    fp8 = Recipe(precision="fp8").resolved()
+    assert (fp8.level, fp8.reduction, fp8.smoothquant) == (4.0, "max", False)
     fixed = Recipe(alpha=0.8).resolved()  # a fixed alpha asks for SmoothQuant
     assert fixed.smoothquant and fixed.alpha == 0.8
     with pytest.raises(TrtkitError, match="alpha"):

@@ -30,14 +30,15 @@ PRECISIONS = ("int8", "fp8")
 class Recipe:
     """How per-step statistics become ranges.
 
-    The defaults are trtkit's recipe, the INT8 mode closest to FP32 in the digits quality benchmark
-    (docs/bench/calibration.md): all steps, `mean` reduction (ModelOpt's mean-max), no SmoothQuant.
+    The defaults are trtkit's recipe, the modes closest to FP32 in the digits quality benchmark
+    (docs/bench/calibration.md): all steps; INT8: `mean` reduction (ModelOpt's mean-max), no
+    SmoothQuant; FP8: `max`.
     """
 
     precision: str = "int8"
     level: float | None = None  # None: 3 for INT8, 4 for FP8 (demoDiffusion's defaults)
     percentile: float = 1.0
-    reduction: str = "mean"
+    reduction: str | None = None  # None: "mean" for INT8, "max" for FP8
     smoothquant: bool | None = None  # None: off (the benchmark measured it no closer to FP32); INT8 only
     alpha: float | None = None  # None: searched per layer on smoothquant.ALPHAS
 
@@ -46,7 +47,8 @@ class Recipe:
 
         if self.precision not in PRECISIONS:
             raise TrtkitError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
-        percentile.check(self.percentile, self.reduction)
+        reduction = self.reduction or ("mean" if self.precision == "int8" else "max")
+        percentile.check(self.percentile, reduction)
         level = levels.check_level(self.level if self.level is not None else
                                    (3.0 if self.precision == "int8" else 4.0))
         sq = bool(self.smoothquant) or (self.smoothquant is None and self.alpha is not None)
@@ -54,7 +56,7 @@ class Recipe:
             raise TrtkitError("SmoothQuant is for INT8 linear layers; use --no-smoothquant with --fp8")
         if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
             raise TrtkitError(f"--alpha {self.alpha} is not in [0, 1]")
-        return Recipe(self.precision, level, self.percentile, self.reduction, sq, self.alpha)
+        return Recipe(self.precision, level, self.percentile, reduction, sq, self.alpha)
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,7 @@ def _build(stats: Any, model: Any, r: Recipe, model_info: dict[str, Any] | None,
     from trtkit.calibration import percentile as pq
     from trtkit.calibration import smoothquant as sq
 
+    assert r.reduction is not None  # resolved
     modules = dict(model.named_modules())
     cal = Calibration(precision=r.precision, model=model_info or {}, run=run or {})
     sq_report: dict[str, Any] = {}
@@ -307,7 +310,7 @@ def calibrate(cfg: CalibrateConfig, progress: Callable[[int, int, str], None] | 
            "guidance_scale": cfg.guidance_scale if cfg.guidance_scale is not None else "pipeline default",
            "negative_prompt": NEGATIVE_PROMPT, "seed": cfg.seed, "device": device, "dtype": str(dtype)}
     cal = build_calibration(stats, unet, recipe, info, run)
-    cal.settings["recipe"] = asdict(recipe)
+    cal.settings["recipe"] = asdict(recipe)  # resolved: the defaults filled in
     calibfile.save(cal, out)
     side.unlink(missing_ok=True)
     return out

@@ -20,7 +20,7 @@ def register(app: typer.Typer) -> None:
         level: float = typer.Option(None, "--level", help="Quantization level 1, 2, 2.5, 3, 4 (default 3 INT8, 4 FP8)."),
         percentile: float = typer.Option(None, "--percentile",
                                          help="Share of the steps (early first) whose ranges are used (default 1.0)."),
-        reduction: str = typer.Option(None, "--reduction", help="max, min, mean, min-mean or global-min (default mean)."),
+        reduction: str = typer.Option(None, "--reduction", help="max, min, mean, min-mean or global-min (default mean for INT8, max for FP8)."),
         smoothquant: bool = typer.Option(None, "--smoothquant/--no-smoothquant",
                                          help="SmoothQuant the INT8 linear layers (default off: see docs/calibration.md)."),
         alpha: float = typer.Option(None, "--alpha",
@@ -44,7 +44,7 @@ def register(app: typer.Typer) -> None:
         base = Recipe()
         recipe = Recipe(precision="fp8" if fp8 else "int8", level=level,
                         percentile=base.percentile if percentile is None else percentile,
-                        reduction=base.reduction if reduction is None else reduction,
+                        reduction=reduction,
                         smoothquant=smoothquant, alpha=alpha)
         cfg = CalibrateConfig(model_dir=model_dir, out=out, prompts=prompts, num_prompts=num_prompts, steps=steps,
                               batch=batch, recipe=recipe, height=height, width=width,
