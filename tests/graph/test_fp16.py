@@ -60,3 +60,17 @@ def test_fp16_errors(tmp_path: Path, tiny_unet_onnx: Path) -> None:
     a = np.ones((2, 3), np.float32)
     assert np.allclose(run_onnxruntime(out, {"a": a, "b": -2 * a})[0], 0.0)
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_fp16_over_fp8_qdq_graph(tmp_path: Path, quantized_cache, tiny_feeds, tiny_ref) -> None:
+    """`trtkit build x.fp8.onnx --fp8 --fp16`: FP8 tensors (no numpy dtype) must pass through untouched."""
+    fp8 = quantized_cache("fp8", 3, fp16=False).path
+    out = convert_fp16(fp8, tmp_path / "fp8.fp16.onnx")
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model)
+    e4m3 = onnx.TensorProto.FLOAT8E4M3FN
+    assert sum(i.data_type == e4m3 for i in model.graph.initializer) == \
+        sum(i.data_type == e4m3 for i in onnx.load(str(fp8)).graph.initializer) > 0
+    # Same bound as the Q/DQ pass's own FP8 + FP16 graphs against FP32 (tests/graph/test_qdq.py).
+    got = run_onnxruntime(out, tiny_feeds)[0].astype(np.float32)
+    assert float(np.max(np.abs(got - tiny_ref)) / np.max(np.abs(tiny_ref))) < 0.16

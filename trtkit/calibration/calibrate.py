@@ -31,7 +31,7 @@ class Recipe:
     """How per-step statistics become ranges.
 
     The defaults are trtkit's recipe, the modes closest to FP32 in the digits quality benchmark
-    (docs/bench/calibration.md): all steps; INT8: `mean` reduction (ModelOpt's mean-max), no
+    (docs/benchmarks.md, "Calibration quality"): all steps; INT8: `mean` reduction (ModelOpt's mean-max), no
     SmoothQuant; FP8: `max`.
     """
 
