@@ -7,7 +7,15 @@ import onnx
 import pytest
 
 from trtkit.errors import TrtkitError
-from trtkit.exporter import META_COMPONENT, META_SCOPE, ExportConfig, example_inputs, export, read_meta, run_onnxruntime
+from trtkit.exporter import (
+    META_COMPONENT,
+    META_SCOPE,
+    ExportConfig,
+    example_inputs,
+    export,
+    read_meta,
+    run_onnxruntime,
+)
 from trtkit.profiles import ModelDims, get_profile
 
 # Export tolerance: the ONNX graph computes the same FP32 math in another order (onnxruntime's

@@ -11,7 +11,7 @@ import importlib.util
 import logging
 import os
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 from trtkit.errors import TrtkitError
@@ -97,7 +97,7 @@ def gpu_info() -> tuple[str | None, tuple[int, int] | None, str]:
     return f"{name} (sm_{major}{minor})", (major, minor), ""
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_backend(name: str | None = None) -> Backend:
     """Load the backend named by `name`, else $TRTKIT_BACKEND, else tensorrt, else tensorrt_rtx."""
     name = name or os.environ.get("TRTKIT_BACKEND") or None

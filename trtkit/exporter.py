@@ -288,7 +288,7 @@ def export(config: ExportConfig, progress: Any = None) -> ExportResult:
                 ref = wrapper(*args)
             ref = [r.numpy() for r in (ref if isinstance(ref, tuple) else (ref,))]
             got = run_onnxruntime(staged, feeds)
-            abs_err = max(float(np.max(np.abs(g - r))) for g, r in zip(got, ref))
+            abs_err = max(float(np.max(np.abs(g - r))) for g, r in zip(got, ref, strict=True))
             scale = max(float(np.max(np.abs(r))) for r in ref) or 1.0
             result.max_abs_err, result.max_rel_err = abs_err, abs_err / scale
         # Move into place: data first, then the model, so a model file never points at missing data.

@@ -31,7 +31,7 @@ class ShapeRange:
     def __post_init__(self) -> None:
         if not (len(self.min) == len(self.opt) == len(self.max)):
             raise TrtkitError(f"min/opt/max shapes differ in rank: {self.min}, {self.opt}, {self.max}")
-        for lo, mid, hi in zip(self.min, self.opt, self.max):
+        for lo, mid, hi in zip(self.min, self.opt, self.max, strict=True):
             if not (0 < lo <= mid <= hi) and not (lo == mid == hi == 0):
                 raise TrtkitError(f"shapes must satisfy 0 < min <= opt <= max in every dimension: "
                                   f"min {fmt_dims(self.min)}, opt {fmt_dims(self.opt)}, max {fmt_dims(self.max)}")
@@ -265,7 +265,7 @@ def apply_overrides(base: InputShapes | None, *, shapes: str | None = None, min_
                 out.setdefault(name, [None, None, None])[i] = d
     result: InputShapes = {}
     for name, (lo, mid, hi) in out.items():
-        missing = [n for n, v in zip(("min", "opt", "max"), (lo, mid, hi)) if v is None]
+        missing = [n for n, v in zip(("min", "opt", "max"), (lo, mid, hi), strict=True) if v is None]
         if missing:
             raise TrtkitError(f"input {name!r} has no {'/'.join(missing)} shape; give --shapes or all of "
                               "--min-shapes/--opt-shapes/--max-shapes for it")

@@ -71,7 +71,12 @@ def _quiet_hub():  # type: ignore[no-untyped-def]
 def make_tiny_pipeline(out_dir: Path | str, seed: int = 0) -> Path:
     """Write a tiny SDXL pipeline folder (diffusers layout) with weights drawn from `seed`."""
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     cfg = tiny_config()
