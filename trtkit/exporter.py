@@ -8,18 +8,17 @@ that the attention pattern finder can quantize.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from trtkit._files import ensure_writable_dir
+from trtkit._quiet import quiet_loading
 from trtkit.errors import TrtkitError
 from trtkit.profiles import COMPONENTS, InputShapes, ModelDims, apply_overrides, get_profile
 
@@ -92,7 +91,7 @@ def load_component(model_dir: Path | str, component: str, dtype: Any = None) -> 
             raise TrtkitError(f"{root} has no {sub}/ folder: is it a diffusers pipeline folder?")
     kw = {"subfolder": sub} if sub else {}
     try:
-        with _quiet():
+        with quiet_loading():
             if component == "unet":
                 return UNet2DConditionModel.from_pretrained(str(model_dir), torch_dtype=dtype, **kw).eval()
             if component == "vae_decoder":
@@ -104,20 +103,6 @@ def load_component(model_dir: Path | str, component: str, dtype: Any = None) -> 
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TrtkitError(f"cannot load {component} from {model_dir}: {first}") from e
-
-
-@contextlib.contextmanager
-def _quiet():
-    from diffusers.utils import logging as dlog
-
-    old = dlog.get_verbosity()
-    dlog.set_verbosity_error()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            yield
-        finally:
-            dlog.set_verbosity(old)
 
 
 def model_dims(model_dir: Path | str) -> ModelDims:
@@ -256,7 +241,7 @@ def export(config: ExportConfig, progress: Any = None) -> ExportResult:
         tmp = Path(tmpd) / "raw.onnx"
         step(f"exporting {config.component} ({n_params / 1e6:.1f} M parameters)")
         try:
-            with _quiet(), torch.no_grad():
+            with quiet_loading(), torch.no_grad():
                 torch.onnx.export(wrapper, args, str(tmp), dynamo=False, opset_version=config.opset,
                                   input_names=list(shapes), output_names=outputs,
                                   dynamic_axes=_dynamic_axes(shapes, outputs, config.component),

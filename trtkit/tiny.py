@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from trtkit._files import atomic_dir
+from trtkit._quiet import quiet_loading
 
 
 def tiny_config() -> dict[str, Any]:
@@ -46,28 +47,6 @@ def _write_tokenizer(folder: Path) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n")
 
 
-def _quiet_hub():  # type: ignore[no-untyped-def]
-    """transformers prints a progress bar per saved shard; the demo has its own output."""
-    import contextlib
-
-    try:
-        from transformers.utils import logging as tlog
-    except ImportError:  # pragma: no cover
-        return contextlib.nullcontext()
-
-    @contextlib.contextmanager
-    def ctx():  # type: ignore[no-untyped-def]
-        was = tlog.is_progress_bar_enabled()
-        tlog.disable_progress_bar()
-        try:
-            yield
-        finally:
-            if was:
-                tlog.enable_progress_bar()
-
-    return ctx()
-
-
 def make_tiny_pipeline(out_dir: Path | str, seed: int = 0) -> Path:
     """Write a tiny SDXL pipeline folder (diffusers layout) with weights drawn from `seed`."""
     import torch
@@ -96,7 +75,7 @@ def make_tiny_pipeline(out_dir: Path | str, seed: int = 0) -> Path:
             vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=tokenizer, tokenizer_2=tokenizer,
             unet=unet, scheduler=EulerDiscreteScheduler(**cfg["scheduler"]),
         )
-        with _quiet_hub():
+        with quiet_loading():
             pipe.save_pretrained(tmp / "pipe", safe_serialization=True)
         for p in (tmp / "pipe").iterdir():
             p.rename(tmp / p.name)

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from trtkit._quiet import quiet_loading
 from trtkit.calibfile import Calibration
 from trtkit.errors import TrtkitError
 
@@ -253,7 +254,8 @@ def calibrate(cfg: CalibrateConfig, progress: Callable[[int, int, str], None] | 
     try:
         # torch_dtype only where needed: newer diffusers warn on it, and float32 is the default
         extra = {"torch_dtype": dtype} if dtype != torch.float32 else {}
-        pipe = DiffusionPipeline.from_pretrained(str(model_dir), **extra)
+        with quiet_loading():
+            pipe = DiffusionPipeline.from_pretrained(str(model_dir), **extra)
     except Exception as e:  # noqa: BLE001 - diffusers raises many kinds; the user needs one line
         raise TrtkitError(f"cannot load the pipeline in {model_dir}: {str(e).splitlines()[0]}") from e
     pipe = pipe.to(device)

@@ -4,15 +4,14 @@ LoopRunner (one CUDA graph on a GPU, the eager numpy-reference loop on a CPU).""
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from trtkit._quiet import quiet_loading
 from trtkit.errors import TrtkitError
 from trtkit.runtime.executors import LoopShape, StepExecutor, TorchExecutor
 from trtkit.runtime.graph_runner import LoopRunner
@@ -64,43 +63,12 @@ def load_pipeline(model_dir: Path, device: str) -> Any:
         raise TrtkitError(f"{model_dir} is not a diffusers pipeline folder (no model_index.json)")
     dtype = torch.float16 if device == "cuda" else torch.float32
     try:
-        with _quiet_loading():
+        with quiet_loading():
             pipe = DiffusionPipeline.from_pretrained(str(model_dir), dtype=dtype)
     except Exception as e:
         raise TrtkitError(f"cannot load the pipeline in {model_dir}: {str(e).splitlines()[0]}") from e
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
-
-
-@contextlib.contextmanager
-def _quiet_loading() -> Iterator[None]:
-    """No progress bars or advice from diffusers/transformers while loading: the CLI prints one line."""
-    import warnings
-
-    import diffusers.utils.logging as dlog
-
-    level = dlog.get_verbosity()
-    dlog.set_verbosity_error()
-    dlog.disable_progress_bar()
-    try:
-        from transformers.utils import logging as tlog
-
-        tlevel, tbar = tlog.get_verbosity(), tlog.is_progress_bar_enabled()
-        tlog.set_verbosity_error()
-        tlog.disable_progress_bar()
-    except ImportError:  # pragma: no cover
-        tlog = None  # type: ignore[assignment]
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        dlog.set_verbosity(level)
-        dlog.enable_progress_bar()
-        if tlog is not None:
-            tlog.set_verbosity(tlevel)
-            if tbar:
-                tlog.enable_progress_bar()
 
 
 def is_sdxl(pipe: Any) -> bool:
