@@ -242,3 +242,23 @@ def test_unscoped_graph_quantizes_with_honest_names(tmp_path: Path, tiny_unet_on
     # bias-free MatMuls have no name to match exclusions against: level 3 takes them all (the note says why)
     assert r.counts["linear"]["quantized"] == 148 - 16
     assert rel_err(run_onnxruntime(r.path, tiny_feeds)[0], tiny_ref) < BOUND["int8"]
+
+
+def test_max_calibration_equals_numpy_over_full_tensors(tiny_unet_onnx: Path) -> None:
+    """The sample run reduces each tensor to its amax inside onnxruntime (to save memory): the numbers
+    must be exactly numpy's max |x| over the same tensors exposed as outputs of a default session."""
+    import onnxruntime as ort
+
+    from trtkit.graph.qdq import _sample_feeds, max_calibrate
+
+    model = onnx.load(str(tiny_unet_onnx))
+    names = sorted({n.input[0] for n in model.graph.node if n.op_type in ("MatMul", "Conv", "Gemm")})[:60]
+    got = max_calibrate(model, names, "tiny-256", seed=0)
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in names)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    outs = sess.run(names, _sample_feeds(model, "tiny-256", 0))
+    assert got == {t: float(np.max(np.abs(o))) for t, o in zip(names, outs, strict=True)}
