@@ -9,8 +9,12 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from trtkit.errors import TrtkitError
+
+# A single ONNX protobuf must stay under 2 GiB; keep some room for the graph beside the weights.
+ONNX_PROTO_LIMIT = (2**31 - 1) - (64 << 20)
 
 
 def ensure_writable_dir(directory: Path) -> Path:
@@ -55,6 +59,52 @@ def atomic_dir(dest: Path | str) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_onnx(model: Any, dest: Path | str, *, external: bool | None = None, strict: bool = False,
+                check: bool = False) -> Iterator[Path]:
+    """Write an ONNX ModelProto beside `dest` in a temporary folder, shape-infer (and check) the written
+    file, and yield its path for any further checks; on success move it onto `dest`.
+
+    Weights go to one external data file `<dest name>.data` when `external` is True, or by default
+    when the proto passes 2 GB. The data file moves first, then the model, so a model file never points
+    at missing data; a stale `.data` of an earlier large output is removed. The proto is cleared once
+    written: shape inference and the checker work from the file, and keeping a large model in memory
+    beside them would double the peak.
+    """
+    import onnx
+
+    dest = Path(dest)
+    ensure_writable_dir(dest.parent)
+    if external is None:
+        external = model.ByteSize() > ONNX_PROTO_LIMIT
+    data_name = dest.name + ".data"
+    with tempfile.TemporaryDirectory(prefix=f".{dest.name}.", dir=dest.parent) as tmpd:
+        staged = Path(tmpd) / dest.name
+        if external:
+            onnx.save(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                      location=data_name, size_threshold=1024)
+        else:
+            onnx.save(model, str(staged))
+        model.Clear()
+        try:
+            onnx.shape_inference.infer_shapes_path(str(staged), str(staged), strict_mode=strict)
+        except Exception as e:  # InferenceError: a broken graph must not be written
+            raise TrtkitError(f"the graph for {dest.name} fails ONNX shape inference: "
+                              f"{str(e).splitlines()[0]}") from e
+        if check:
+            try:
+                onnx.checker.check_model(str(staged))
+            except onnx.checker.ValidationError as e:
+                raise TrtkitError(f"the graph for {dest.name} fails the ONNX checker: "
+                                  f"{str(e).splitlines()[0]}") from e
+        yield staged
+        if external:
+            os.replace(Path(tmpd) / data_name, dest.parent / data_name)
+        elif (dest.parent / data_name).exists():
+            (dest.parent / data_name).unlink()
+        os.replace(staged, dest)
 
 
 def write_bytes_atomic(dest: Path | str, data: bytes) -> Path:

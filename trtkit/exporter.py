@@ -9,7 +9,6 @@ that the attention pattern finder can quantize.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -17,14 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trtkit._files import ensure_writable_dir
+from trtkit._files import ONNX_PROTO_LIMIT, ensure_writable_dir, staged_onnx
 from trtkit._quiet import quiet_loading
 from trtkit.errors import TrtkitError
 from trtkit.profiles import COMPONENTS, InputShapes, ModelDims, apply_overrides, get_profile
 
 log = logging.getLogger(__name__)
 
-TWO_GB = 2**31 - 1
 # ONNX metadata keys that later stages read.
 META_COMPONENT = "trtkit.component"
 META_SCOPE = "trtkit.scope"  # node-name prefix of the exported module ("/unet/")
@@ -229,14 +227,13 @@ def export(config: ExportConfig, progress: Any = None) -> ExportResult:
     wrapper, scope = _wrapper(config.component, module, sdxl)
     n_params = sum(p.numel() for p in module.parameters())
     n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
-    use_external = config.external_data if config.external_data is not None else n_bytes > TWO_GB - (64 << 20)
+    use_external = config.external_data if config.external_data is not None else n_bytes > ONNX_PROTO_LIMIT
     outputs = OUTPUT_NAMES[config.component]
     vocab = getattr(getattr(module, "config", None), "vocab_size", 1000)
     feeds = example_inputs(shapes, "opt", config.seed, vocab)
     args = tuple(torch.from_numpy(v) for v in feeds.values())
 
     dest = out_dir / f"{config.component}.onnx"
-    data_name = f"{config.component}.onnx.data"
     with tempfile.TemporaryDirectory(prefix=".export-", dir=out_dir) as tmpd:
         tmp = Path(tmpd) / "raw.onnx"
         step(f"exporting {config.component} ({n_params / 1e6:.1f} M parameters)")
@@ -250,36 +247,23 @@ def export(config: ExportConfig, progress: Any = None) -> ExportResult:
             raise TrtkitError(f"ONNX export of {config.component} failed: {str(e).splitlines()[0]}") from e
 
         step("shape inference")
-        staged = Path(tmpd) / dest.name
         model = onnx.load(str(tmp))
         _set_meta(model, {META_COMPONENT: config.component, META_SCOPE: f"/{scope}/",
                           META_PROFILE: config.profile or "", META_SOURCE: str(config.model_dir)})
-        if use_external:
-            onnx.save(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
-                      location=data_name, size_threshold=1024)
-            del model
-            onnx.shape_inference.infer_shapes_path(str(staged), str(staged))
-        else:
-            model = onnx.shape_inference.infer_shapes(model)
-            onnx.save(model, str(staged))
-            del model
-
         result = ExportResult(path=dest, component=config.component, inputs=shapes,
-                              external_data=(dest.parent / data_name) if use_external else None,
+                              external_data=(dest.parent / f"{dest.name}.data") if use_external else None,
                               seconds=0.0, num_params=n_params)
-        if config.check:
-            step("checking against torch (onnxruntime)")
-            with torch.no_grad():
-                ref = wrapper(*args)
-            ref = [r.numpy() for r in (ref if isinstance(ref, tuple) else (ref,))]
-            got = run_onnxruntime(staged, feeds)
-            abs_err = max(float(np.max(np.abs(g - r))) for g, r in zip(got, ref, strict=True))
-            scale = max(float(np.max(np.abs(r))) for r in ref) or 1.0
-            result.max_abs_err, result.max_rel_err = abs_err, abs_err / scale
-        # Move into place: data first, then the model, so a model file never points at missing data.
-        if use_external:
-            os.replace(Path(tmpd) / data_name, dest.parent / data_name)
-        os.replace(staged, dest)
+        with staged_onnx(model, dest, external=use_external) as staged:
+            del model
+            if config.check:
+                step("checking against torch (onnxruntime)")
+                with torch.no_grad():
+                    ref = wrapper(*args)
+                ref = [r.numpy() for r in (ref if isinstance(ref, tuple) else (ref,))]
+                got = run_onnxruntime(staged, feeds)
+                abs_err = max(float(np.max(np.abs(g - r))) for g, r in zip(got, ref, strict=True))
+                scale = max(float(np.max(np.abs(r))) for r in ref) or 1.0
+                result.max_abs_err, result.max_rel_err = abs_err, abs_err / scale
     result.seconds = time.perf_counter() - t0
     return result
 

@@ -36,6 +36,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from trtkit._files import staged_onnx
 from trtkit.errors import TrtkitError
 from trtkit.graph import patterns
 from trtkit.graph.patterns import AttentionMatch, Matches, WeightedMatch
@@ -754,35 +755,6 @@ def write_model(model: onnx.ModelProto | list[onnx.ModelProto], dest: Path, chec
     since shape inference and the checker then work from the file in C++."""
     if isinstance(model, list):
         model = model.pop()
-    import os
-    import tempfile
-
-    from trtkit._files import ensure_writable_dir
-
-    ensure_writable_dir(dest.parent)
-    big = model.ByteSize() > (2**31 - 1) - (64 << 20)
-    data_name = dest.name + ".data"
-    with tempfile.TemporaryDirectory(prefix=".qdq-", dir=dest.parent) as tmpd:
-        staged = Path(tmpd) / dest.name
-        if big:
-            onnx.save(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
-                      location=data_name, size_threshold=1024)
-        else:
-            onnx.save(model, str(staged))
-        model.Clear()
-        del model
-        try:
-            onnx.shape_inference.infer_shapes_path(str(staged), str(staged), strict_mode=True)
-        except Exception as e:  # InferenceError: a broken graph must not be written
-            raise TrtkitError(f"the rewritten graph fails ONNX shape inference: {str(e).splitlines()[0]}") from e
-        if check:
-            try:
-                onnx.checker.check_model(str(staged))
-            except onnx.checker.ValidationError as e:
-                raise TrtkitError(f"the rewritten graph fails the ONNX checker: {str(e).splitlines()[0]}") from e
-        if big:
-            os.replace(Path(tmpd) / data_name, dest.parent / data_name)
-        elif (dest.parent / data_name).exists():
-            (dest.parent / data_name).unlink()  # a stale .data of an earlier large output
-        os.replace(staged, dest)
+    with staged_onnx(model, dest, strict=True, check=check):
+        pass
     return dest
