@@ -8,6 +8,8 @@ fp16, batch 1, guidance on, Euler (the SDXL default scheduler; the same for ever
   trtkit eager         LoopRunner(TorchExecutor(unet), use_graph=False)
   trtkit graph         LoopRunner(TorchExecutor(unet)) : all N steps (UNet + guidance + scheduler) as ONE graph
   trtkit graph+compile the same over the torch.compile'd UNet (the same compiled module as diffusers+compile)
+  trtkit graph, kernel choices   with --kernel-options: LoopRunner(TorchExecutor(copy of unet, **options)),
+                       e.g. channels_last,cudnn_benchmark,attention=cudnn (see bench_kernels.py)
   N x 1-step graph     one captured UNet call replayed N times (the floor the loop graph is compared with)
 
 What is timed: the denoising loop, from initial latents to final latents, as each caller pays for it:
@@ -23,6 +25,7 @@ Usage:  python benchmarks/bench_loop.py --arch sdxl --steps 30 --repeats 5 --out
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -136,6 +139,15 @@ def event_ms(stream: Any, fn: Callable[[], None], repeats: int) -> float:
     return statistics.median(out)
 
 
+def parse_kernel_options(text: str) -> dict[str, Any]:
+    """"channels_last,attention=cudnn" -> {"channels_last": True, "attention": "cudnn"}"""
+    out: dict[str, Any] = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        k, _, v = item.partition("=")
+        out[k] = v if v else True
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", choices=["sdxl", "sd15", "tiny"], default="sdxl")
@@ -144,6 +156,9 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--kernel-options", default="",
+                    help="comma-separated TorchExecutor options for an extra graph row, e.g. "
+                         "channels_last,cudnn_benchmark,attention=cudnn")
     ap.add_argument("--device", default=None)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -261,6 +276,41 @@ def main() -> int:
             print(f"  diffusers with the compiled UNet, first call: {time.perf_counter() - t:.1f} s", flush=True)
             bench.time("diffusers + compile", diffusers_call)
             pipe.unet = unet
+    if device == "cuda" and args.kernel_options:
+        opts = parse_kernel_options(args.kernel_options)
+        # a copy, so the diffusers rows keep the plain UNet; the original waits on the host meanwhile so that
+        # this row's peak memory holds one UNet, like every other row
+        unet.to("cpu")
+        torch.cuda.empty_cache()
+        tuned = TorchExecutor(copy.deepcopy(unet).to(device), **opts)
+        gt = LoopRunner(tuned, device=device, use_graph=True)
+        gt.prepare(shape, tables)
+        gt.set_inputs(guidance=g, **cond)
+        t = time.perf_counter()
+        gt.set_inputs(x_init=x)
+        gt.run()
+        out_tuned = gt.result()
+        setup_s = time.perf_counter() - t
+        label = "trtkit graph loop, " + "+".join(f"{k}={v}" if v is not True else k for k, v in opts.items())
+        bench.time(label, loop_fn(gt), extra_bytes=gt.loop.bytes, capture_s=setup_s, kernel_options=opts)
+        out_tuned = gt.result()
+        results["kernel_options"] = opts
+        results["tuned_vs_plain_graph_rel"] = float(np.abs(out_tuned - out_graph).max() / np.abs(out_graph).max())
+        results["tuned_vs_diffusers_rel"] = float(np.abs(out_tuned - ref_latents).max() / np.abs(ref_latents).max())
+        one = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(one, stream=gt.stream):
+            tuned(gt.stream.cuda_stream)
+        loop_dev = event_ms(gt.stream, gt.graph.replay, args.repeats)
+        n1_dev = event_ms(gt.stream, lambda: [one.replay() for _ in range(N)], args.repeats)
+        results.update(tuned_loop_graph_device_ms=loop_dev, tuned_n_x_one_step_graph_ms=n1_dev,
+                       tuned_loop_over_n_steps=loop_dev / n1_dev)
+        print(f"  kernel choices: loop graph {loop_dev:.1f} ms vs {N} x one-step graph {n1_dev:.1f} ms: "
+              f"{100 * (loop_dev / n1_dev - 1):+.2f}%", flush=True)
+        del one
+        gt.close()
+        del gt, tuned
+        torch.cuda.empty_cache()
+        unet.to(device)
     # the host-bound diffusers row drifts with the host's load: time it again last, report both
     r_diff2 = bench.time("diffusers (again, last)", diffusers_call)
     base = min(r_diff["median_ms"], r_diff2["median_ms"])

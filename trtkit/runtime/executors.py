@@ -128,25 +128,68 @@ def as_torch(arr: Any, dtype: str) -> Any:
     return t
 
 
+ATTENTION_BACKENDS = ("flash", "efficient", "cudnn", "math")
+
+
 class TorchExecutor(StepExecutor):
     """The diffusers UNet in torch. `compile=True` wraps it in torch.compile (no CUDA graphs of its own:
-    the runner captures the whole loop)."""
+    the runner captures the whole loop).
+
+    Kernel choices (each changes which kernels the captured graph holds, never the math):
+      * channels_last: the UNet's weights in NHWC (converted in place), so cuDNN runs its fp16 tensor-core
+        convolutions without NCHW<->NHWC transposes around each one.
+      * cudnn_benchmark: cuDNN times its algorithms on the first call of each shape instead of taking its
+        heuristic's pick. Set only while the UNet runs (a context, not the process-wide flag), because the
+        pick is cached per shape and a graph keeps the kernel it captured.
+      * attention: one scaled-dot-product backend ("flash", "efficient", "cudnn", "math"), else torch's choice.
+      * fuse_qkv: diffusers' fuse_qkv_projections() (one GEMM for q, k and v of each self-attention).
+    """
 
     name = "torch"
     uses_torch_stream = True
 
-    def __init__(self, unet: Any, compile: bool = False, compile_mode: str | None = None) -> None:
+    def __init__(self, unet: Any, compile: bool = False, compile_mode: str | None = None, *,
+                 channels_last: bool = False, cudnn_benchmark: bool = False, attention: str | None = None,
+                 fuse_qkv: bool = False) -> None:
         import torch
 
+        if attention is not None and attention not in ATTENTION_BACKENDS:
+            raise TrtkitError(f"unknown attention backend {attention!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
         self.unet = unet
         p = next(unet.parameters())
         self.device = p.device
         self.io_dtype = str(p.dtype).replace("torch.", "")
         self.uses_torch_stream = self.device.type == "cuda"
         self.sdxl = getattr(unet.config, "addition_embed_type", None) == "text_time"
+        if fuse_qkv:
+            if not hasattr(unet, "fuse_qkv_projections"):
+                raise TrtkitError("fuse_qkv needs a diffusers UNet with fuse_qkv_projections()")
+            unet.fuse_qkv_projections()
+        if channels_last:
+            unet.to(memory_format=torch.channels_last)
+        self.options = {"channels_last": channels_last, "cudnn_benchmark": cudnn_benchmark, "attention": attention,
+                        "fuse_qkv": fuse_qkv}
         self.fn = torch.compile(unet, fullgraph=True, mode=compile_mode) if compile else unet
         self.compiled = compile
         self.t: dict[str, Any] = {}
+
+    def _kernel_choice(self) -> Any:
+        import contextlib
+
+        import torch
+
+        stack = contextlib.ExitStack()
+        if self.options["cudnn_benchmark"] and not torch.backends.cudnn.benchmark:
+            # only this flag: cudnn.flags() would also reset the others, and its signature varies by version
+            torch.backends.cudnn.benchmark = True
+            stack.callback(setattr, torch.backends.cudnn, "benchmark", False)
+        if self.options["attention"]:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                       "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[self.options["attention"]]
+            stack.enter_context(sdpa_kernel(backend))
+        return stack
 
     def check_shape(self, shape: LoopShape) -> None:
         cfg = self.unet.config
@@ -188,7 +231,7 @@ class TorchExecutor(StepExecutor):
         kw: dict[str, Any] = {}
         if self.sdxl:
             kw["added_cond_kwargs"] = {"text_embeds": t["text_embeds"], "time_ids": t["time_ids"]}
-        with torch.no_grad():
+        with torch.no_grad(), self._kernel_choice():
             out = self.fn(t["sample"], t["timestep0"], encoder_hidden_states=t["encoder_hidden_states"],
                           return_dict=False, **kw)[0]
             t[UNET_OUTPUT].copy_(out)

@@ -1,0 +1,117 @@
+"""Kernel choices of the torch executor: the whole denoising loop as one CUDA graph, per choice, one process.
+
+Each variant is a fresh copy of the same random-weight UNet (fp16, batch 1, guidance on, Euler), wrapped in
+TorchExecutor(**options), captured as one graph of all N steps by LoopRunner, and timed by CUDA events around
+graph replays on the loop's stream (median of --repeats). Latents are compared with the first variant's.
+
+Usage:  python benchmarks/bench_kernels.py --arch sd15 --steps 30 --repeats 5 --out kernels.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from bench_loop import build, event_ms  # benchmarks/ is on sys.path when run as a script
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "plain": {},
+    "cudnn_benchmark": {"cudnn_benchmark": True},
+    "channels_last": {"channels_last": True},
+    "channels_last+cudnn_benchmark": {"channels_last": True, "cudnn_benchmark": True},
+    "channels_last+cudnn_benchmark+fuse_qkv": {"channels_last": True, "cudnn_benchmark": True, "fuse_qkv": True},
+    "channels_last+cudnn_benchmark+attn=cudnn": {"channels_last": True, "cudnn_benchmark": True,
+                                                  "attention": "cudnn"},
+    "channels_last+cudnn_benchmark+attn=flash": {"channels_last": True, "cudnn_benchmark": True,
+                                                  "attention": "flash"},
+    "channels_last+cudnn_benchmark+attn=efficient": {"channels_last": True, "cudnn_benchmark": True,
+                                                      "attention": "efficient"},
+}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--arch", choices=["sdxl", "sd15", "tiny"], default="sd15")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--guidance", type=float, default=7.5)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names from VARIANTS")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+
+    import torch
+
+    from trtkit.runtime.executors import LoopShape, TorchExecutor
+    from trtkit.runtime.graph_runner import LoopRunner
+    from trtkit.runtime.pipeline import initial_latents
+    from trtkit.runtime.schedulers import make_tables
+
+    if not torch.cuda.is_available():
+        print("bench_kernels needs a CUDA GPU", file=sys.stderr)
+        return 2
+    pipe, base, emb, res = build(args.arch, "cuda", torch.float16, seed=0)
+    N = args.steps
+    tables = make_tables(pipe.scheduler, N, "euler")
+    sdxl = "pooled_prompt_embeds" in emb
+    lat = res // 8
+    shape = LoopShape(batch=1, latent_channels=4, latent_height=lat, latent_width=lat, cfg=True, text_len=77,
+                      text_dim=emb["prompt_embeds"].shape[-1],
+                      pooled_dim=emb["pooled_prompt_embeds"].shape[-1] if sdxl else None,
+                      time_ids_dim=6 if sdxl else None)
+    cond = {"encoder_hidden_states": torch.cat([emb["negative_prompt_embeds"], emb["prompt_embeds"]])}
+    if sdxl:
+        cond["text_embeds"] = torch.cat([emb["negative_pooled_prompt_embeds"], emb["pooled_prompt_embeds"]])
+        cond["time_ids"] = torch.tensor([[res, res, 0, 0, res, res]] * 2, dtype=torch.float16, device="cuda")
+    x = initial_latents(shape, tables, 123)
+    rows, ref = [], None
+    print(f"{args.arch} {res}x{res}, {N} steps, one graph per variant, {torch.cuda.get_device_name()}", flush=True)
+    for name in args.variants.split(","):
+        opts = VARIANTS[name]
+        unet = copy.deepcopy(base)
+        ex = TorchExecutor(unet, **opts)
+        runner = LoopRunner(ex, device="cuda", use_graph=True)
+        runner.prepare(shape, tables)
+        runner.set_inputs(guidance=args.guidance, x_init=x, **cond)
+        t = time.perf_counter()
+        try:
+            runner.run()
+            out = runner.result()
+        except Exception as e:  # a backend that cannot run these shapes: report it, go on
+            print(f"  {name:46s} failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}", flush=True)
+            rows.append({"variant": name, "options": opts, "error": f"{type(e).__name__}: {e}"[:500]})
+            runner.close()
+            del runner, ex, unet
+            torch.cuda.empty_cache()
+            continue
+        setup_s = time.perf_counter() - t
+        ms = event_ms(runner.stream, runner.graph.replay, args.repeats)
+        if ref is None:
+            ref = out
+        rel = float(np.abs(out - ref).max() / np.abs(ref).max())
+        rows.append({"variant": name, "options": opts, "loop_graph_ms": ms, "per_step_ms": ms / N,
+                     "warmup_capture_s": setup_s, "max_rel_diff_vs_first": rel,
+                     "finite": bool(np.isfinite(out).all())})
+        print(f"  {name:46s} {ms:8.1f} ms  ({ms / N:.2f} ms/step, {ms / rows[0].get('loop_graph_ms', ms):.3f} of first, "
+              f"rel diff {rel:.1e}, warm-up+capture {setup_s:.1f} s)", flush=True)
+        runner.close()
+        del runner, ex, unet
+        torch.cuda.empty_cache()
+    env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+           "cudnn": torch.backends.cudnn.version(), "gpu": torch.cuda.get_device_name()}
+    summary = {"arch": args.arch, "resolution": res, "steps": N, "argv": sys.argv, "env": env, "rows": rows}
+    if args.out:
+        args.out.write_text(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
