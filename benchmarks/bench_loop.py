@@ -139,6 +139,32 @@ def event_ms(stream: Any, fn: Callable[[], None], repeats: int) -> float:
     return statistics.median(out)
 
 
+def parity(ex: Any, shape: Any, sched_config: Any, steps: int, guidance: float, cond: dict[str, Any],
+           device: str) -> dict[str, Any]:
+    """Every scheduler family on this UNet: the loop as one graph vs the same loop eager (same executor,
+    same initial latents and ancestral noise). Bit-identical is the expectation; the max abs diff is kept."""
+    from trtkit.runtime.graph_runner import LoopRunner
+    from trtkit.runtime.pipeline import initial_latents
+    from trtkit.runtime.schedulers import SCHEDULERS, draw_noise, make_scheduler, make_tables
+
+    out: dict[str, Any] = {}
+    for name in sorted(SCHEDULERS):
+        tab = make_tables(make_scheduler(name, sched_config), steps, name)
+        x = initial_latents(shape, tab, 7)
+        noise = draw_noise(tab, shape.latent, 8)
+        eager = LoopRunner(ex, device=device, use_graph=False)
+        e = eager(shape, tab, x_init=x, guidance=guidance, noise=noise, **cond)
+        eager.close()
+        graph = LoopRunner(ex, device=device, use_graph=True)
+        r = graph(shape, tab, x_init=x, guidance=guidance, noise=noise, **cond)
+        graph.close()
+        out[name] = {"bit_identical": bool(np.array_equal(r, e)), "max_abs_diff": float(np.abs(r - e).max()),
+                     "finite": bool(np.isfinite(r).all())}
+        print(f"  parity {name:10s} graph vs eager: bit-identical {out[name]['bit_identical']}, "
+              f"max abs diff {out[name]['max_abs_diff']:.1e}", flush=True)
+    return out
+
+
 def parse_kernel_options(text: str) -> dict[str, Any]:
     """"channels_last,attention=cudnn" -> {"channels_last": True, "attention": "cudnn"}"""
     out: dict[str, Any] = {}
@@ -156,6 +182,8 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--no-parity", action="store_true",
+                    help="skip the graph-vs-eager latents check for every scheduler on this UNet")
     ap.add_argument("--kernel-options", default="",
                     help="comma-separated TorchExecutor options for an extra graph row, e.g. "
                          "channels_last,cudnn_benchmark,attention=cudnn")
@@ -244,6 +272,8 @@ def main() -> int:
               f"{100 * (loop_dev / n1_dev - 1):+.2f}%", flush=True)
         del one
         graph.close()
+        if not args.no_parity:
+            results["graph_vs_eager_per_scheduler"] = parity(ex, shape, pipe.scheduler.config, N, g, cond, device)
         if not args.no_compile:
             exc = TorchExecutor(unet, compile=True)
             gc_ = LoopRunner(exc, device=device, use_graph=True)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from trtkit.errors import TrtkitError
-from trtkit.runtime.executors import LoopShape, TorchExecutor
+from trtkit.runtime.executors import KERNEL_PRESETS, LoopShape, TorchExecutor, kernel_options
 
 SHAPE = LoopShape(1, 4, 16, 16, True, 77, 64, 32, 6)
 
@@ -50,6 +50,15 @@ def test_unknown_attention_backend_is_a_one_line_error(tiny_model_dir: Path) -> 
     assert "\n" not in str(e.value)
 
 
+def test_kernel_presets() -> None:
+    assert kernel_options("tuned", "cpu", False) == {} and kernel_options("tuned", "cuda", True) == {}
+    assert kernel_options("plain", "cuda", False) == {}
+    tuned = kernel_options("tuned", "cuda", False)
+    assert tuned.items() <= KERNEL_PRESETS["tuned"].items() and tuned["channels_last"]
+    with pytest.raises(TrtkitError, match="unknown kernel preset 'x'"):
+        kernel_options("x", "cuda", False)
+
+
 @pytest.mark.gpu
 def test_tuned_executor_graph_equals_eager_and_plain(tiny_model_dir: Path) -> None:
     """fp16 on the GPU: with every kernel choice on, the loop as one graph is bit-identical to the same
@@ -68,7 +77,8 @@ def test_tuned_executor_graph_equals_eager_and_plain(tiny_model_dir: Path) -> No
             generator=g), "time_ids": torch.tensor([[256.0, 256, 0, 0, 256, 256]] * 2)}
     x = initial_latents(shape, tab, 0)
     out = {}
-    for name, opts in {"plain": {}, "tuned": {"channels_last": True, "cudnn_benchmark": True, "fuse_qkv": True}}.items():
+    for name, opts in {"plain": {}, "tuned": {"channels_last": True, "cudnn_benchmark": True, "fuse_qkv": True,
+                                         "nhwc_group_norm": True}}.items():
         ex = TorchExecutor(_unet(tiny_model_dir, "cuda", torch.float16), **opts)
         eager = LoopRunner(ex, device="cuda", use_graph=False)(shape, tab, x_init=x, guidance=6.0, **cond)
         graph = LoopRunner(ex, device="cuda", use_graph=True)(shape, tab, x_init=x, guidance=6.0, **cond)

@@ -21,7 +21,7 @@ def test_run_writes_image(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.C
 
 @pytest.mark.parametrize("args,match", [
     (["--scheduler", "lms"], "unknown scheduler"), (["--steps", "0"], "--steps"), (["--height", "100"], "multiples"),
-    (["--engines", "/nonexistent"], "no unet.plan"),
+    (["--engines", "/nonexistent"], "no unet.plan"), (["--kernels", "fast"], "--kernels must be one of plain, tuned"),
 ])
 def test_run_errors_are_one_line(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
                                  args: list[str], match: str) -> None:
@@ -37,3 +37,4 @@ def test_bench_prints_per_step_and_end_to_end(tiny_model_dir: Path, capsys: pyte
                "--warmup", "1", "--repeats", "2", "--json"])
     s = json.loads(capsys.readouterr().out)
     assert rc == 0 and s["repeats"] == 2 and s["per_step_ms"] > 0 and s["end_to_end_ms"] >= s["denoise_ms"]
+    assert s["kernels"] == "plain"  # the tuned preset is for a GPU; on the CPU it is plain

@@ -35,8 +35,12 @@ class _Runtime:
 
 
 def accelerate(pipe: Any, engines: Path | str | None = None, cuda_graph: bool = True, trust_engine: bool = False,
-               compile: bool = False) -> Any:
-    """Make `pipe` (StableDiffusionPipeline / StableDiffusionXLPipeline) use the runtime; returns `pipe`."""
+               compile: bool = False, kernels: str = "tuned") -> Any:
+    """Make `pipe` (StableDiffusionPipeline / StableDiffusionXLPipeline) use the runtime; returns `pipe`.
+
+    With the torch UNet on a GPU, `kernels="tuned"` converts `pipe.unet` in place to channels-last and its
+    GroupNorms to the channels-last kernel (runtime/nhwc.py); the module still runs anywhere, also outside
+    trtkit. `kernels="plain"` leaves it as it is."""
     from trtkit.runtime.graph_runner import LoopRunner
     from trtkit.runtime.pipeline import make_executor
     from trtkit.runtime.schedulers import scheduler_name
@@ -45,7 +49,7 @@ def accelerate(pipe: Any, engines: Path | str | None = None, cuda_graph: bool = 
         raise TrtkitError(f"{type(pipe).__name__} is not a Stable Diffusion / SDXL text-to-image pipeline")
     scheduler_name(pipe.scheduler)  # a one-line error now rather than at the first call
     device = pipe.unet.device.type
-    executor = make_executor(pipe, Path(engines) if engines else None, trust_engine, compile, device)
+    executor = make_executor(pipe, Path(engines) if engines else None, trust_engine, compile, device, kernels)
     runner = LoopRunner(executor, device=device, use_graph=cuda_graph)
     base = type(pipe)
     if getattr(pipe, "_trtkit", None) is not None:

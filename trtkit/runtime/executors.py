@@ -130,6 +130,30 @@ def as_torch(arr: Any, dtype: str) -> Any:
 
 ATTENTION_BACKENDS = ("flash", "efficient", "cudnn", "math")
 
+# What `--kernels` picks for the eager torch UNet on a GPU. "tuned" is what benchmarks/bench_kernels.py measured
+# fastest on an H200 for both SD 1.5 (-30% per step) and SDXL (-7%) without extra memory; fuse_qkv is left
+# out (-1.4% on SDXL for +1.5 GiB of weights), the attention backend to torch (none was faster).
+KERNEL_PRESETS: dict[str, dict[str, Any]] = {
+    "plain": {},
+    "tuned": {"channels_last": True, "cudnn_benchmark": True, "nhwc_group_norm": True},
+}
+
+
+def kernel_options(preset: str, device: str, compile: bool) -> dict[str, Any]:
+    """TorchExecutor options for a preset on this device. The choices are for the eager UNet on a GPU: on
+    the CPU, or under torch.compile (which picks its own kernels), every preset is plain."""
+    if preset not in KERNEL_PRESETS:
+        raise TrtkitError(f"unknown kernel preset {preset!r}; choose one of {', '.join(KERNEL_PRESETS)}")
+    if device != "cuda" or compile:
+        return {}
+    opts = dict(KERNEL_PRESETS[preset])
+    if opts.get("nhwc_group_norm"):
+        from trtkit.runtime import nhwc
+
+        if not nhwc.available():  # a torch build without triton: the rest still helps
+            opts.pop("nhwc_group_norm")
+    return opts
+
 
 class TorchExecutor(StepExecutor):
     """The diffusers UNet in torch. `compile=True` wraps it in torch.compile (no CUDA graphs of its own:
@@ -143,6 +167,8 @@ class TorchExecutor(StepExecutor):
         pick is cached per shape and a graph keeps the kernel it captured.
       * attention: one scaled-dot-product backend ("flash", "efficient", "cudnn", "math"), else torch's choice.
       * fuse_qkv: diffusers' fuse_qkv_projections() (one GEMM for q, k and v of each self-attention).
+      * nhwc_group_norm: with channels_last, every GroupNorm reads and writes NHWC itself (runtime/nhwc.py)
+        instead of torch's NCHW-only kernel and the two layout copies around it.
     """
 
     name = "torch"
@@ -150,9 +176,13 @@ class TorchExecutor(StepExecutor):
 
     def __init__(self, unet: Any, compile: bool = False, compile_mode: str | None = None, *,
                  channels_last: bool = False, cudnn_benchmark: bool = False, attention: str | None = None,
-                 fuse_qkv: bool = False) -> None:
+                 fuse_qkv: bool = False, nhwc_group_norm: bool = False) -> None:
         import torch
 
+        if nhwc_group_norm and not channels_last:
+            raise TrtkitError("nhwc_group_norm needs channels_last (it reads channels-last activations)")
+        if nhwc_group_norm and compile:
+            raise TrtkitError("nhwc_group_norm is for the eager UNet; torch.compile fuses GroupNorm itself")
         if attention is not None and attention not in ATTENTION_BACKENDS:
             raise TrtkitError(f"unknown attention backend {attention!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
         self.unet = unet
@@ -167,8 +197,14 @@ class TorchExecutor(StepExecutor):
             unet.fuse_qkv_projections()
         if channels_last:
             unet.to(memory_format=torch.channels_last)
+        if nhwc_group_norm:
+            from trtkit.runtime import nhwc
+
+            if not nhwc.available():
+                raise TrtkitError("nhwc_group_norm needs triton (it ships with torch's CUDA builds)")
+            nhwc.swap_group_norms(unet)
         self.options = {"channels_last": channels_last, "cudnn_benchmark": cudnn_benchmark, "attention": attention,
-                        "fuse_qkv": fuse_qkv}
+                        "fuse_qkv": fuse_qkv, "nhwc_group_norm": nhwc_group_norm}
         self.fn = torch.compile(unet, fullgraph=True, mode=compile_mode) if compile else unet
         self.compiled = compile
         self.t: dict[str, Any] = {}

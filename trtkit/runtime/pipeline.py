@@ -13,7 +13,7 @@ import numpy as np
 
 from trtkit._quiet import quiet_loading
 from trtkit.errors import TrtkitError
-from trtkit.runtime.executors import LoopShape, StepExecutor, TorchExecutor
+from trtkit.runtime.executors import LoopShape, StepExecutor, TorchExecutor, kernel_options
 from trtkit.runtime.graph_runner import LoopRunner
 from trtkit.runtime.schedulers import SCHEDULERS, StepTables, draw_noise, make_tables, scheduler_name
 
@@ -34,6 +34,7 @@ class RunConfig:
     trust_engine: bool = False
     device: str | None = None  # None: cuda if present
     compile: bool = False
+    kernels: str = "tuned"  # torch UNet kernel choices on a GPU (executors.KERNEL_PRESETS)
 
 
 @dataclass
@@ -184,7 +185,8 @@ class EngineEncoders:
         return Image.fromarray((img[0].transpose(1, 2, 0) * 255).round().astype(np.uint8))
 
 
-def make_executor(pipe: Any, engines: Path | None, trust_engine: bool, compile: bool, device: str) -> StepExecutor:
+def make_executor(pipe: Any, engines: Path | None, trust_engine: bool, compile: bool, device: str,
+                  kernels: str = "tuned") -> StepExecutor:
     if engines is not None:
         # a folder holding unet.plan, or the plan itself
         plan = Path(engines) if Path(engines).suffix in (".plan", ".engine") else Path(engines) / "unet.plan"
@@ -196,15 +198,17 @@ def make_executor(pipe: Any, engines: Path | None, trust_engine: bool, compile: 
         from trtkit.runtime.executors import TensorRTExecutor
 
         return TensorRTExecutor(Engine.load(plan, trust_engine=trust_engine))
-    return TorchExecutor(pipe.unet, compile=compile)
+    return TorchExecutor(pipe.unet, compile=compile, **kernel_options(kernels, device, compile))
 
 
 class Pipeline:
     """A loaded pipeline + executor + loop runner, reusable across prompts (graphs are kept)."""
 
     def __init__(self, model_dir: Path, engines: Path | None = None, device: str | None = None,
-                 cuda_graph: bool = True, trust_engine: bool = False, compile: bool = False) -> None:
+                 cuda_graph: bool = True, trust_engine: bool = False, compile: bool = False,
+                 kernels: str = "tuned") -> None:
         self.device = device or default_device()
+        kernel_options(kernels, self.device, compile)  # a bad preset fails before the (slow) load
         if engines is not None and not (Path(engines).is_file() or (Path(engines) / "unet.plan").is_file()):
             raise TrtkitError(f"{engines} has no unet.plan")  # before the (slow) pipeline load
         self.pipe = load_pipeline(Path(model_dir), self.device)
@@ -223,7 +227,7 @@ class Pipeline:
             self.runner = LoopRunner(self.executor, device=self.device, use_graph=cuda_graph)
             self.encoders = EngineEncoders(self.pipe, found, self.runner.stream)
         else:
-            self.executor = make_executor(self.pipe, engines, trust_engine, compile, self.device)
+            self.executor = make_executor(self.pipe, engines, trust_engine, compile, self.device, kernels)
             self.runner = LoopRunner(self.executor, device=self.device, use_graph=cuda_graph)
 
     def tables(self, scheduler: str | None, steps: int) -> StepTables:
@@ -264,7 +268,7 @@ class Pipeline:
 def run(cfg: RunConfig, output: Path | None = None) -> RunResult:
     """`trtkit run`: one image, saved atomically to `output` when given."""
     pipe = Pipeline(cfg.model_dir, engines=cfg.engines, device=cfg.device, cuda_graph=cfg.cuda_graph,
-                    trust_engine=cfg.trust_engine, compile=cfg.compile)
+                    trust_engine=cfg.trust_engine, compile=cfg.compile, kernels=cfg.kernels)
     res = pipe(cfg)
     if output is not None:
         from trtkit._files import atomic_path
@@ -288,6 +292,7 @@ class BenchResult:
     device: str
     end_to_end_ms: list[float]
     denoise_ms: list[float]
+    kernels: str = ""  # the torch executor's kernel choices in effect ("" = plain or not torch)
 
     @staticmethod
     def _median(v: list[float]) -> float:
@@ -296,7 +301,8 @@ class BenchResult:
 
     def summary(self) -> dict[str, Any]:
         e2e, den = self._median(self.end_to_end_ms), self._median(self.denoise_ms)
-        return {"device": self.device, "executor": self.executor, "cuda_graph": self.cuda_graph,
+        return {"device": self.device, "executor": self.executor, "kernels": self.kernels or "plain",
+                "cuda_graph": self.cuda_graph,
                 "steps": self.steps, "warmup": self.warmup, "repeats": self.repeats,
                 "end_to_end_ms": round(e2e, 2), "denoise_ms": round(den, 2),
                 "per_step_ms": round(den / self.steps, 3), "end_to_end_min_ms": round(min(self.end_to_end_ms), 2),
@@ -310,10 +316,11 @@ def bench(cfg: RunConfig, warmup: int = 2, repeats: int = 5) -> BenchResult:
     if warmup < 0 or repeats < 1:
         raise TrtkitError("--warmup must be >= 0 and --repeats >= 1")
     pipe = Pipeline(cfg.model_dir, engines=cfg.engines, device=cfg.device, cuda_graph=cfg.cuda_graph,
-                    trust_engine=cfg.trust_engine, compile=cfg.compile)
+                    trust_engine=cfg.trust_engine, compile=cfg.compile, kernels=cfg.kernels)
     for _ in range(warmup):
         pipe(cfg)
     runs = [pipe(cfg).timings_ms for _ in range(repeats)]
     return BenchResult(steps=cfg.steps, warmup=warmup, repeats=repeats, executor=pipe.executor.name,
                        cuda_graph=pipe.runner.use_graph, device=pipe.device,
-                       end_to_end_ms=[r["total"] for r in runs], denoise_ms=[r["denoise"] for r in runs])
+                       end_to_end_ms=[r["total"] for r in runs], denoise_ms=[r["denoise"] for r in runs],
+                       kernels=",".join(k for k, v in getattr(pipe.executor, "options", {}).items() if v))
