@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -73,14 +74,16 @@ def test_accelerate_on_gpu_fp16(tiny_model_dir: Path, name: str) -> None:
     """fp16 on the GPU: diffusers keeps latents in fp16 between steps, the runtime in fp32, so the two
     differ by fp16 rounding. Stated tolerance, of the latents' range: 2e-2; 1e-1 for DDIM, whose diffusers
     step() does its whole update in fp16 (no float32 upcast, unlike the other three) and clamps x0
-    (measured on the H100: 5.9e-2)."""
+    (measured on the H100 with plain kernels: 5.9e-2). The reference is diffusers' own loop over the same
+    UNet after accelerate() gave it the tuned kernels, so that only the loops differ; what the kernel
+    choice alone changes is tested in test_executors.py."""
     from diffusers import StableDiffusionXLPipeline
 
     p = StableDiffusionXLPipeline.from_pretrained(str(tiny_model_dir), torch_dtype=torch.float16).to("cuda")
     p.set_progress_bar_config(disable=True)
     p.scheduler = make_scheduler(name, p.scheduler.config)
-    want = _call(p).float().cpu().numpy()
     pipe = trtkit.accelerate(p)
+    want = _call(functools.partial(pipe._trtkit.original_call, pipe)).float().cpu().numpy()
     got = _call(pipe).float().cpu().numpy()
     assert pipe._trtkit.runner.captures == 1
     err = np.abs(got - want).max() / np.abs(want).max()
