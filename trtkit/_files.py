@@ -107,6 +107,21 @@ def staged_onnx(model: Any, dest: Path | str, *, external: bool | None = None, s
         os.replace(staged, dest)
 
 
+def load_onnx(path: Path | str, external: bool = False) -> Any:
+    """onnx.load with the one-line errors every verb gives: a missing file, or a file that is not ONNX (or
+    whose external data is missing). `external=False` reads the structure only, not the weights."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise TrtkitError(f"ONNX file {path} does not exist")
+    try:
+        return onnx.load(str(path), load_external_data=external)
+    except Exception as e:  # protobuf DecodeError, missing external data
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrtkitError(f"{path} is not a readable ONNX model: {first}") from e
+
+
 def write_bytes_atomic(dest: Path | str, data: bytes) -> Path:
     with atomic_path(dest) as tmp:
         tmp.write_bytes(data)

@@ -178,7 +178,7 @@ def test_malformed_onnx(tmp_path: Path) -> None:
     bad = tmp_path / "unet.onnx"
     bad.write_bytes(b"\x08\x07garbage" * 100)
     out = tmp_path / "unet.plan"
-    with pytest.raises(TrtkitError, match="not a valid ONNX model"):
+    with pytest.raises(TrtkitError, match="not a readable ONNX model"):
         build(config(bad, out))
     assert_nothing_left(out)
 

@@ -71,7 +71,7 @@ def test_int8_without_calibration_says_how(tmp_path: Path) -> None:
 def test_malformed(tmp_path: Path) -> None:
     (tmp_path / "m.onnx").write_text("not onnx")
     line = one_line_error(run_cli("build", str(tmp_path / "m.onnx"), "--shapes", LINEAR_SHAPES))
-    assert "not a valid ONNX model" in line
+    assert "not a readable ONNX model" in line
     assert not (tmp_path / "m.plan").exists()
 
 

@@ -48,7 +48,7 @@ def test_missing_external_data(tmp_path: Path) -> None:
 def test_malformed(tmp_path: Path, content: bytes) -> None:
     p = tmp_path / "bad.onnx"
     p.write_bytes(content)
-    with pytest.raises(TrtkitError, match="not a valid ONNX model") as e:
+    with pytest.raises(TrtkitError, match="not a readable ONNX model") as e:
         read_onnx(p)
     assert "\n" not in str(e.value)
 
@@ -57,7 +57,7 @@ def test_truncated(tmp_path: Path) -> None:
     good = make_linear(tmp_path / "m.onnx")
     bad = tmp_path / "cut.onnx"
     bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    with pytest.raises(TrtkitError, match="not a valid ONNX model"):
+    with pytest.raises(TrtkitError, match="not a readable ONNX model"):
         read_onnx(bad)
 
 

@@ -79,7 +79,7 @@ def test_bad_inputs_are_one_line(tmp_path, rtx_plan_bytes, qdq_onnx):
     other = tmp_path / "other.plan"
     other.write_bytes(bytes(old))
     one_line_error(run_cli("inspect", str(other)), "was built with TensorRT-RTX 1.3")
-    one_line_error(run_cli("inspect", str(tmp_path / "missing.plan")), "no such file")
+    one_line_error(run_cli("inspect", str(tmp_path / "missing.plan")), "does not exist")
     one_line_error(run_cli("inspect", str(qdq_onnx), str(qdq_onnx)), "comparing takes two engine plans")
     one_line_error(run_cli("inspect", str(qdq_onnx), "--profile-layers"), "--profile-layers times an engine")
     good = write_engine(tmp_path / "g", rtx_plan_bytes, None, None)

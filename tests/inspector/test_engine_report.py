@@ -40,7 +40,7 @@ def test_real_onnx_renamed_to_plan(tmp_path, qdq_onnx):
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(TrtkitError, match="no such file"):
+    with pytest.raises(TrtkitError, match="does not exist"):
         load_engine(tmp_path / "nope.plan")
 
 

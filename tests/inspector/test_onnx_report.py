@@ -75,5 +75,5 @@ def test_not_onnx(tmp_path):
     p.write_bytes(b"\xff\xfe not a protobuf" * 10)
     with pytest.raises(TrtkitError, match="is not a readable ONNX model"):
         onnx_report(p)
-    with pytest.raises(TrtkitError, match="no such file"):
+    with pytest.raises(TrtkitError, match="does not exist"):
         scan_onnx(tmp_path / "missing.onnx")

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trtkit._files import sha256_files
+from trtkit._files import load_onnx, sha256_files
 from trtkit.errors import TrtkitError
 
 log = logging.getLogger(__name__)
@@ -113,20 +113,13 @@ def _qdq_types(model: Any) -> tuple[str, ...]:
 
 def read_onnx(path: Path | str) -> OnnxSource:
     """Read an ONNX file's structure without its weights; a one-line TrtkitError if it is not ONNX."""
-    import onnx
     from onnx.external_data_helper import _get_all_tensors
 
     path = Path(path)
-    if not path.is_file():
-        raise TrtkitError(f"ONNX file {path} does not exist")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # protobuf DecodeError and friends
-        raise TrtkitError(f"{path} is not a valid ONNX model: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-                          ) from e
+    model = load_onnx(path)
     g = model.graph
     if not g.node or not g.output:
-        raise TrtkitError(f"{path} is not a valid ONNX model: it has no graph nodes or outputs")
+        raise TrtkitError(f"{path} is not a readable ONNX model: it has no graph nodes or outputs")
     init_names = {i.name for i in g.initializer}
     inputs = {i.name: _dims(i) for i in g.input if i.name not in init_names}
     files: list[Path] = []

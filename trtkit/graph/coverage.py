@@ -13,10 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import onnx
 import onnx_graphsurgeon as gs
 
-from trtkit.errors import TrtkitError
+from trtkit._files import load_onnx
 from trtkit.graph import patterns
 from trtkit.graph.qdq import META_KEY
 
@@ -93,12 +92,7 @@ class CoverageReport:
 def coverage(onnx_path: Path | str) -> CoverageReport:
     """Read an ONNX file (weights are not loaded) and report its Q/DQ coverage."""
     path = Path(onnx_path)
-    if not path.is_file():
-        raise TrtkitError(f"ONNX file {path} does not exist")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # protobuf DecodeError
-        raise TrtkitError(f"{path} is not a readable ONNX model: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
+    model = load_onnx(path)
     meta = {p.key: p.value for p in model.metadata_props}
     decisions: dict[str, list[Any]] = {}
     report = CoverageReport(path=path, items=[])

@@ -36,7 +36,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from trtkit._files import staged_onnx
+from trtkit._files import load_onnx, staged_onnx
 from trtkit.errors import TrtkitError
 from trtkit.graph import patterns
 from trtkit.graph.patterns import AttentionMatch, Matches, WeightedMatch
@@ -507,16 +507,6 @@ def _fold_smooth_into_layernorm(x: gs.Variable, s: np.ndarray, base_dir: Path) -
 
 # --------------------------------------------------------------------------- the verb
 
-def _load(path: Path, external: bool = True) -> onnx.ModelProto:
-    if not path.is_file():
-        raise TrtkitError(f"ONNX file {path} does not exist")
-    try:
-        return onnx.load(str(path), load_external_data=external)
-    except Exception as e:  # protobuf DecodeError, missing external data
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TrtkitError(f"{path} is not a readable ONNX model: {first}") from e
-
-
 def _opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
@@ -542,7 +532,7 @@ def _quantize(cfg: QuantizeConfig) -> QuantizeResult:
         from trtkit.calibfile import load as load_calib
 
         cal = load_calib(cfg.calib)
-    model = _load(src, external=False)  # weights are read one by one when quantized
+    model = load_onnx(src, external=False)  # weights are read one by one when quantized
     opset = _opset(model)
     if opset < 13:
         raise TrtkitError(f"{src.name} has opset {opset}; per-channel Q/DQ needs opset >= 13 (re-export with 19)")

@@ -42,7 +42,7 @@ def companion_paths(plan: Path) -> tuple[Path, Path]:
 def read_plan_header(plan: Path) -> PlanHeader:
     """Check the file is a TensorRT plan and whole; one-line TrtkitError otherwise."""
     if not plan.is_file():
-        raise TrtkitError(f"{plan}: no such file")
+        raise TrtkitError(f"engine file {plan} does not exist")
     size = plan.stat().st_size
     with open(plan, "rb") as f:
         head = f.read(RTX_HEADER)

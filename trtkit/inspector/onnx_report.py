@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trtkit.errors import TrtkitError
+from trtkit._files import load_onnx
 
 WEIGHTED_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
 # onnx.TensorProto data types of the quantized side of a Q/DQ pair.
 _QTYPES = {3: "int8", 2: "uint8", 17: "fp8", 18: "fp8", 19: "fp8", 20: "fp8", 22: "int4", 23: "fp4"}
-_ATTN_RE = re.compile(r"^(?P<module>.*/attn\d*)/(?:MatMul|MatMul_1|Softmax|bmm\d*)$")
+# an attention core's nodes as the exporter names them (torch's SDPA decomposed, or bmm in older exports)
+ATTENTION_NODE = re.compile(r"^(?P<module>.*/attn\d*)/(?P<op>MatMul|MatMul_1|Softmax|bmm\d*)$")
 
 
 @dataclass(frozen=True)
@@ -111,21 +112,10 @@ def node_block(node: str, scope: str = "/unet/") -> str:
     return block_of(module_of(node, scope))
 
 
-def _load(path: Path) -> Any:
-    import onnx
-
-    if not path.is_file():
-        raise TrtkitError(f"{path}: no such file")
-    try:
-        return onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # protobuf DecodeError and friends: the file is not an ONNX model
-        raise TrtkitError(f"{path} is not a readable ONNX model ({type(e).__name__})") from e
-
-
 def scan_onnx(path: str | Path) -> OnnxScan:
     """Every linear, conv and attention matmul with the Q/DQ that feeds it."""
     path = Path(path)
-    model = _load(path)
+    model = load_onnx(path)
     graph = model.graph
     meta = {p.key: p.value for p in model.metadata_props}
     scope = meta.get("trtkit.scope", "/unet/")
@@ -172,7 +162,7 @@ def scan_onnx(path: str | Path) -> OnnxScan:
     attention: list[AttentionCore] = []
     attn_mm: dict[str, dict[str, str]] = {}
     for node in graph.node:
-        m = _ATTN_RE.match(node.name)
+        m = ATTENTION_NODE.match(node.name)
         if m and node.op_type in ("MatMul", "Softmax"):
             role = "softmax" if node.op_type == "Softmax" else (
                 "bmm2" if node.name.endswith("_1") or node.name.endswith("bmm2") else "bmm1")
@@ -269,7 +259,7 @@ def node_flops(path: str | Path, input_shapes: dict[str, list[int]] | None = Non
     computed reshapes), else ONNX's own shape inference with data propagation (partial)."""
     import onnx
 
-    model = _load(Path(path))
+    model = load_onnx(Path(path))
     for inp in model.graph.input:
         shape = (input_shapes or {}).get(inp.name)
         dims = inp.type.tensor_type.shape.dim

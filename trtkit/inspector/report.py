@@ -16,10 +16,17 @@ from typing import Any
 from trtkit.errors import TrtkitError
 from trtkit.inspector.engine_report import EngineSource, _get, load_engine, meta_backend, meta_onnx
 from trtkit.inspector.layers import ATTENTION_HINTS, EIGHT_BIT, LOW_BIT, Layer
-from trtkit.inspector.onnx_report import OnnxReport, OnnxScan, module_of, node_block, onnx_report, scan_onnx
+from trtkit.inspector.onnx_report import (
+    ATTENTION_NODE,
+    OnnxReport,
+    OnnxScan,
+    module_of,
+    node_block,
+    onnx_report,
+    scan_onnx,
+)
 
 COMPUTE_KINDS = ("conv", "matmul", "attention", "myelin")
-_ATTN_NODE = re.compile(r"^(?P<module>.*/attn\d*)/(?P<op>MatMul|MatMul_1|Softmax)$")
 
 
 @dataclass(frozen=True)
@@ -251,7 +258,7 @@ def attention_status(layers: tuple[Layer, ...], scan: OnnxScan | None) -> list[A
     else:  # from the node names the layers carry
         found: dict[str, set[str]] = defaultdict(set)
         for n in idx:
-            m = _ATTN_NODE.match(n)
+            m = ATTENTION_NODE.match(n)
             if m:
                 found[m.group("module")].add(n)
         for mod, names in found.items():
@@ -352,7 +359,7 @@ def engine_report(plan: str | Path, onnx: str | Path | None = None, backend: str
     notes: list[str] = []
     onnx_path = Path(onnx) if onnx else meta_onnx(src.metadata, plan)
     if onnx and not Path(onnx).is_file():
-        raise TrtkitError(f"--onnx {onnx}: no such file")
+        raise TrtkitError(f"--onnx file {onnx} does not exist")
     scan = scan_onnx(onnx_path) if onnx_path else None
     if scan is None:
         notes.append("no ONNX model (pass --onnx model.onnx, or build with trtkit so the metadata records it): "
@@ -410,7 +417,7 @@ def inspect(path: str | Path, path2: str | Path | None = None, *, onnx: str | Pa
     """The `trtkit inspect` verb: dispatch on the file(s)."""
     p = Path(path)
     if not p.exists():
-        raise TrtkitError(f"{p}: no such file")
+        raise TrtkitError(f"{p} does not exist")
     if p.is_dir():
         raise TrtkitError(f"{p} is a folder; pass an engine plan or an .onnx model")
     if path2 is not None:
