@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from bench_loop import build, event_ms  # benchmarks/ is on sys.path when run as a script
+from bench_loop import build, event_ms, loop_inputs  # benchmarks/ is on sys.path when run as a script
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -54,7 +54,7 @@ def main() -> int:
 
     import torch
 
-    from trtkit.runtime.executors import LoopShape, TorchExecutor
+    from trtkit.runtime.executors import TorchExecutor
     from trtkit.runtime.graph_runner import LoopRunner
     from trtkit.runtime.pipeline import initial_latents
     from trtkit.runtime.schedulers import make_tables
@@ -65,16 +65,7 @@ def main() -> int:
     pipe, base, emb, res = build(args.arch, "cuda", torch.float16, seed=0)
     N = args.steps
     tables = make_tables(pipe.scheduler, N, "euler")
-    sdxl = "pooled_prompt_embeds" in emb
-    lat = res // 8
-    shape = LoopShape(batch=1, latent_channels=4, latent_height=lat, latent_width=lat, cfg=True, text_len=77,
-                      text_dim=emb["prompt_embeds"].shape[-1],
-                      pooled_dim=emb["pooled_prompt_embeds"].shape[-1] if sdxl else None,
-                      time_ids_dim=6 if sdxl else None)
-    cond = {"encoder_hidden_states": torch.cat([emb["negative_prompt_embeds"], emb["prompt_embeds"]])}
-    if sdxl:
-        cond["text_embeds"] = torch.cat([emb["negative_pooled_prompt_embeds"], emb["pooled_prompt_embeds"]])
-        cond["time_ids"] = torch.tensor([[res, res, 0, 0, res, res]] * 2, dtype=torch.float16, device="cuda")
+    shape, cond = loop_inputs(emb, res)
     x = initial_latents(shape, tables, 123)
     rows, ref = [], None
     print(f"{args.arch} {res}x{res}, {N} steps, one graph per variant, {torch.cuda.get_device_name()}", flush=True)

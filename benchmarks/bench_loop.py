@@ -139,6 +139,66 @@ def event_ms(stream: Any, fn: Callable[[], None], repeats: int) -> float:
     return statistics.median(out)
 
 
+def loop_inputs(emb: dict[str, Any], res: int) -> tuple[Any, dict[str, Any]]:
+    """The LoopShape (batch 1, CFG on) and the UNet conditioning (negative half first) for build()'s prompt
+    embeddings, SDXL's added conditions included."""
+    import torch
+
+    from trtkit.runtime.executors import LoopShape
+
+    sdxl = "pooled_prompt_embeds" in emb
+    lat = res // 8
+    shape = LoopShape(batch=1, latent_channels=4, latent_height=lat, latent_width=lat, cfg=True, text_len=77,
+                      text_dim=emb["prompt_embeds"].shape[-1],
+                      pooled_dim=emb["pooled_prompt_embeds"].shape[-1] if sdxl else None,
+                      time_ids_dim=6 if sdxl else None)
+    pe = emb["prompt_embeds"]
+    cond = {"encoder_hidden_states": torch.cat([emb["negative_prompt_embeds"], pe])}
+    if sdxl:
+        cond["text_embeds"] = torch.cat([emb["negative_pooled_prompt_embeds"], emb["pooled_prompt_embeds"]])
+        cond["time_ids"] = torch.tensor([[res, res, 0, 0, res, res]] * 2, dtype=pe.dtype, device=pe.device)
+    return shape, cond
+
+
+def graph_row(bench: Bench, label: str, ex: Any, shape: Any, tables: Any, guidance: float, cond: dict[str, Any],
+              x: np.ndarray, prefix: str = "", **info: Any) -> tuple[np.ndarray, dict[str, float]]:
+    """One timed row of the loop as one CUDA graph over executor `ex`: the first call (warm-up, compilation,
+    capture) timed apart as setup_s, then the row; returns its latents and its device time against N replays
+    of one captured UNet call (events on the loop's stream)."""
+    import torch
+
+    from trtkit.runtime.graph_runner import LoopRunner
+
+    r = LoopRunner(ex, device="cuda", use_graph=True)
+    r.prepare(shape, tables)
+    r.set_inputs(guidance=guidance, **cond)
+    t = time.perf_counter()
+    r.set_inputs(x_init=x)
+    r.run()
+    r.result()
+    setup_s = time.perf_counter() - t
+    print(f"  {label}: warm-up + capture {setup_s:.1f} s", flush=True)
+
+    def fn() -> None:
+        r.set_inputs(x_init=x)
+        r.run()
+
+    bench.time(label, fn, extra_bytes=r.loop.bytes, setup_s=setup_s, **info)
+    out = r.result()
+    one = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(one, stream=r.stream):
+        ex(r.stream.cuda_stream)
+    n = tables.steps
+    loop_dev = event_ms(r.stream, r.graph.replay, bench.repeats)
+    n1_dev = event_ms(r.stream, lambda: [one.replay() for _ in range(n)], bench.repeats)
+    print(f"  {label}: loop graph {loop_dev:.1f} ms vs {n} x one-step graph {n1_dev:.1f} ms: "
+          f"{100 * (loop_dev / n1_dev - 1):+.2f}%", flush=True)
+    one.reset()
+    r.close()
+    return out, {f"{prefix}loop_graph_device_ms": loop_dev, f"{prefix}n_x_one_step_graph_ms": n1_dev,
+                 f"{prefix}loop_over_n_steps": loop_dev / n1_dev}
+
+
 def parity(ex: Any, shape: Any, sched_config: Any, steps: int, guidance: float, cond: dict[str, Any],
            device: str) -> dict[str, Any]:
     """Every scheduler family on this UNet: the loop as one graph vs the same loop eager (same executor,
@@ -193,7 +253,7 @@ def main() -> int:
 
     import torch
 
-    from trtkit.runtime.executors import LoopShape, TorchExecutor
+    from trtkit.runtime.executors import TorchExecutor
     from trtkit.runtime.graph_runner import LoopRunner
     from trtkit.runtime.pipeline import initial_latents
     from trtkit.runtime.schedulers import make_tables
@@ -209,17 +269,7 @@ def main() -> int:
     gen_seed = 123
 
     tables = make_tables(pipe.scheduler, N, "euler")
-    sdxl = "pooled_prompt_embeds" in emb
-    lat = res // 8
-    shape = LoopShape(batch=1, latent_channels=4, latent_height=lat, latent_width=lat, cfg=True, text_len=77,
-                      text_dim=emb["prompt_embeds"].shape[-1],
-                      pooled_dim=emb["pooled_prompt_embeds"].shape[-1] if sdxl else None,
-                      time_ids_dim=6 if sdxl else None)
-    cond = {"encoder_hidden_states": torch.cat([emb["negative_prompt_embeds"], emb["prompt_embeds"]])}
-    if sdxl:
-        cond["text_embeds"] = torch.cat([emb["negative_pooled_prompt_embeds"], emb["pooled_prompt_embeds"]])
-        tid = torch.tensor([[res, res, 0, 0, res, res]] * 2, dtype=dtype, device=device)
-        cond["time_ids"] = tid
+    shape, cond = loop_inputs(emb, res)
     x = initial_latents(shape, tables, gen_seed)
     x_lat = torch.from_numpy(x / np.float32(tables.init_noise_sigma)).to(device, dtype)
 
@@ -247,59 +297,20 @@ def main() -> int:
     out_eager = eager.result()
     results: dict[str, Any] = {}
     if device == "cuda":
-        graph = LoopRunner(ex, device=device, use_graph=True)
-        graph.prepare(shape, tables)
-        graph.set_inputs(guidance=g, **cond)
-        t = time.perf_counter()
-        graph.set_inputs(x_init=x)
-        graph.run()
-        capture_s = time.perf_counter() - t
-        bench.time("trtkit graph loop", loop_fn(graph), extra_bytes=graph.loop.bytes,
-                             capture_s=capture_s)
-        out_graph = graph.result()
+        out_graph, dev = graph_row(bench, "trtkit graph loop", ex, shape, tables, g, cond, x)
+        results.update(dev)
         results["graph_vs_eager_max_abs"] = float(np.abs(out_graph - out_eager).max())
         results["graph_vs_eager_bit_identical"] = bool(np.array_equal(out_graph, out_eager))
         results["trtkit_vs_diffusers_rel"] = float(np.abs(out_graph - ref_latents).max() / np.abs(ref_latents).max())
-        # the loop graph vs N replays of one captured UNet call (device time, events on the loop's stream)
-        one = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(one, stream=graph.stream):
-            ex(graph.stream.cuda_stream)
-        loop_dev = event_ms(graph.stream, graph.graph.replay, args.repeats)
-        n1_dev = event_ms(graph.stream, lambda: [one.replay() for _ in range(N)], args.repeats)
-        results.update(loop_graph_device_ms=loop_dev, n_x_one_step_graph_ms=n1_dev,
-                       loop_over_n_steps=loop_dev / n1_dev)
-        print(f"  loop graph {loop_dev:.1f} ms vs {N} x one-step graph {n1_dev:.1f} ms: "
-              f"{100 * (loop_dev / n1_dev - 1):+.2f}%", flush=True)
-        del one
-        graph.close()
         if not args.no_parity:
             results["graph_vs_eager_per_scheduler"] = parity(ex, shape, pipe.scheduler.config, N, g, cond, device)
         if not args.no_compile:
             exc = TorchExecutor(unet, compile=True)
-            gc_ = LoopRunner(exc, device=device, use_graph=True)
-            gc_.prepare(shape, tables)
-            gc_.set_inputs(guidance=g, **cond)
-            t = time.perf_counter()
-            gc_.set_inputs(x_init=x)
-            gc_.run()
-            gc_.result()
-            compile_s = time.perf_counter() - t
-            print(f"  torch.compile + warm-up + capture: {compile_s:.1f} s", flush=True)
-            bench.time("trtkit graph loop + compile", loop_fn(gc_), extra_bytes=gc_.loop.bytes,
-                              compile_s=compile_s)
+            out_c, dev = graph_row(bench, "trtkit graph loop + compile", exc, shape, tables, g, cond, x,
+                                   prefix="compiled_")
+            results.update(dev)
             results["compiled_graph_vs_diffusers_rel"] = float(
-                np.abs(gc_.result() - ref_latents).max() / np.abs(ref_latents).max())
-            one = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(one, stream=gc_.stream):
-                exc(gc_.stream.cuda_stream)
-            loop_dev = event_ms(gc_.stream, gc_.graph.replay, args.repeats)
-            n1_dev = event_ms(gc_.stream, lambda: [one.replay() for _ in range(N)], args.repeats)
-            results.update(compiled_loop_graph_device_ms=loop_dev, compiled_n_x_one_step_graph_ms=n1_dev,
-                           compiled_loop_over_n_steps=loop_dev / n1_dev)
-            print(f"  compiled: loop graph {loop_dev:.1f} ms vs {N} x one-step graph {n1_dev:.1f} ms: "
-                  f"{100 * (loop_dev / n1_dev - 1):+.2f}%", flush=True)
-            del one
-            gc_.close()
+                np.abs(out_c - ref_latents).max() / np.abs(ref_latents).max())
             pipe.unet = exc.fn  # the same compiled module: the guards match, no second compile
             t = time.perf_counter()
             diffusers_call()
@@ -313,32 +324,14 @@ def main() -> int:
         unet.to("cpu")
         torch.cuda.empty_cache()
         tuned = TorchExecutor(copy.deepcopy(unet).to(device), **opts)
-        gt = LoopRunner(tuned, device=device, use_graph=True)
-        gt.prepare(shape, tables)
-        gt.set_inputs(guidance=g, **cond)
-        t = time.perf_counter()
-        gt.set_inputs(x_init=x)
-        gt.run()
-        out_tuned = gt.result()
-        setup_s = time.perf_counter() - t
         label = "trtkit graph loop, " + "+".join(f"{k}={v}" if v is not True else k for k, v in opts.items())
-        bench.time(label, loop_fn(gt), extra_bytes=gt.loop.bytes, capture_s=setup_s, kernel_options=opts)
-        out_tuned = gt.result()
+        out_tuned, dev = graph_row(bench, label, tuned, shape, tables, g, cond, x, prefix="tuned_",
+                                   kernel_options=opts)
+        results.update(dev)
         results["kernel_options"] = opts
         results["tuned_vs_plain_graph_rel"] = float(np.abs(out_tuned - out_graph).max() / np.abs(out_graph).max())
         results["tuned_vs_diffusers_rel"] = float(np.abs(out_tuned - ref_latents).max() / np.abs(ref_latents).max())
-        one = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(one, stream=gt.stream):
-            tuned(gt.stream.cuda_stream)
-        loop_dev = event_ms(gt.stream, gt.graph.replay, args.repeats)
-        n1_dev = event_ms(gt.stream, lambda: [one.replay() for _ in range(N)], args.repeats)
-        results.update(tuned_loop_graph_device_ms=loop_dev, tuned_n_x_one_step_graph_ms=n1_dev,
-                       tuned_loop_over_n_steps=loop_dev / n1_dev)
-        print(f"  kernel choices: loop graph {loop_dev:.1f} ms vs {N} x one-step graph {n1_dev:.1f} ms: "
-              f"{100 * (loop_dev / n1_dev - 1):+.2f}%", flush=True)
-        del one
-        gt.close()
-        del gt, tuned
+        del tuned
         torch.cuda.empty_cache()
         unet.to(device)
     # the host-bound diffusers row drifts with the host's load: time it again last, report both

@@ -12,7 +12,12 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from bench_loop import build, event_ms, parse_kernel_options  # benchmarks/ is on sys.path as a script
+from bench_loop import (  # benchmarks/ is on sys.path as a script
+    build,
+    event_ms,
+    loop_inputs,
+    parse_kernel_options,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -29,7 +34,7 @@ def main() -> int:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from trtkit.runtime.executors import LoopShape, TorchExecutor
+    from trtkit.runtime.executors import TorchExecutor
     from trtkit.runtime.graph_runner import LoopRunner
     from trtkit.runtime.pipeline import initial_latents
     from trtkit.runtime.schedulers import make_tables
@@ -37,14 +42,7 @@ def main() -> int:
     pipe, unet, emb, res = build(args.arch, "cuda", torch.float16, seed=0)
     ex = TorchExecutor(unet, **parse_kernel_options(args.kernel_options))
     tables = make_tables(pipe.scheduler, args.steps, "euler")
-    sdxl = "pooled_prompt_embeds" in emb
-    lat = res // 8
-    shape = LoopShape(1, 4, lat, lat, True, 77, emb["prompt_embeds"].shape[-1],
-                      emb["pooled_prompt_embeds"].shape[-1] if sdxl else None, 6 if sdxl else None)
-    cond = {"encoder_hidden_states": torch.cat([emb["negative_prompt_embeds"], emb["prompt_embeds"]])}
-    if sdxl:
-        cond["text_embeds"] = torch.cat([emb["negative_pooled_prompt_embeds"], emb["pooled_prompt_embeds"]])
-        cond["time_ids"] = torch.tensor([[res, res, 0, 0, res, res]] * 2, dtype=torch.float16, device="cuda")
+    shape, cond = loop_inputs(emb, res)
     r = LoopRunner(ex, device="cuda", use_graph=True)
     r.prepare(shape, tables)
     r.set_inputs(guidance=7.5, x_init=initial_latents(shape, tables, 0), **cond)
