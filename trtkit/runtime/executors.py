@@ -131,7 +131,7 @@ def as_torch(arr: Any, dtype: str) -> Any:
 ATTENTION_BACKENDS = ("flash", "efficient", "cudnn", "math")
 
 # What `--kernels` picks for the eager torch UNet on a GPU. "tuned" is what benchmarks/bench_kernels.py measured
-# fastest on an H200 for both SD 1.5 (-30% per step) and SDXL (-7%) without extra memory; fuse_qkv is left
+# fastest on an H200 for both SD 1.5 (-29% per step) and SDXL (-6%) without extra weights; fuse_qkv is left
 # out (-1.4% on SDXL for +1.5 GiB of weights), the attention backend to torch (none was faster).
 KERNEL_PRESETS: dict[str, dict[str, Any]] = {
     "plain": {},
@@ -159,7 +159,7 @@ class TorchExecutor(StepExecutor):
     """The diffusers UNet in torch. `compile=True` wraps it in torch.compile (no CUDA graphs of its own:
     the runner captures the whole loop).
 
-    Kernel choices (each changes which kernels the captured graph holds, never the math):
+    Kernel choices (each changes which kernels the captured graph holds; the function stays, the rounding may not):
       * channels_last: the UNet's weights in NHWC (converted in place), so cuDNN runs its fp16 tensor-core
         convolutions without NCHW<->NHWC transposes around each one.
       * cudnn_benchmark: cuDNN times its algorithms on the first call of each shape instead of taking its
