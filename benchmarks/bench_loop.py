@@ -139,6 +139,14 @@ def event_ms(stream: Any, fn: Callable[[], None], repeats: int) -> float:
     return statistics.median(out)
 
 
+def loop_call(runner: Any, x: np.ndarray) -> Callable[[], None]:
+    """One timed unit of a trtkit row: upload the initial latents, run the loop (enqueued)."""
+    def fn() -> None:
+        runner.set_inputs(x_init=x)
+        runner.run()
+    return fn
+
+
 def loop_inputs(emb: dict[str, Any], res: int) -> tuple[Any, dict[str, Any]]:
     """The LoopShape (batch 1, CFG on) and the UNet conditioning (negative half first) for build()'s prompt
     embeddings, SDXL's added conditions included."""
@@ -179,11 +187,7 @@ def graph_row(bench: Bench, label: str, ex: Any, shape: Any, tables: Any, guidan
     setup_s = time.perf_counter() - t
     print(f"  {label}: warm-up + capture {setup_s:.1f} s", flush=True)
 
-    def fn() -> None:
-        r.set_inputs(x_init=x)
-        r.run()
-
-    bench.time(label, fn, extra_bytes=r.loop.bytes, setup_s=setup_s, **info)
+    bench.time(label, loop_call(r, x), extra_bytes=r.loop.bytes, setup_s=setup_s, **info)
     out = r.result()
     one = torch.cuda.CUDAGraph()
     with torch.cuda.graph(one, stream=r.stream):
@@ -284,16 +288,10 @@ def main() -> int:
 
     ex = TorchExecutor(unet)
 
-    def loop_fn(runner: LoopRunner) -> Callable[[], None]:
-        def fn() -> None:
-            runner.set_inputs(x_init=x)
-            runner.run()
-        return fn
-
     eager = LoopRunner(ex, device=device, use_graph=False)
     eager.prepare(shape, tables)
     eager.set_inputs(guidance=g, **cond)
-    bench.time("trtkit eager loop", loop_fn(eager), extra_bytes=getattr(eager.loop, "bytes", 0))
+    bench.time("trtkit eager loop", loop_call(eager, x), extra_bytes=getattr(eager.loop, "bytes", 0))
     out_eager = eager.result()
     results: dict[str, Any] = {}
     if device == "cuda":
