@@ -40,6 +40,18 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "channels_last+cudnn_benchmark+attn=efficient": {"channels_last": True, "cudnn_benchmark": True,
                                                       "attention": "efficient"},
 }
+# Under torch.compile (Inductor picks the kernels; these change what it is given). Not in the default sweep:
+# each is a compile of its own (about a minute for SD 1.5, two for SDXL).
+COMPILED: dict[str, dict[str, Any]] = {
+    "compile": {"compile": True},
+    "compile+channels_last": {"compile": True, "channels_last": True},
+    "compile+channels_last+cudnn_benchmark": {"compile": True, "channels_last": True, "cudnn_benchmark": True},
+    "compile+channels_last+cudnn_benchmark+conv_1x1_as_mm": {
+        "compile": True, "channels_last": True, "cudnn_benchmark": True, "compile_options": {"conv_1x1_as_mm": True}},
+    "compile+channels_last+cudnn_benchmark+conv_1x1_as_mm+fuse_qkv": {
+        "compile": True, "channels_last": True, "cudnn_benchmark": True, "fuse_qkv": True,
+        "compile_options": {"conv_1x1_as_mm": True}},
+}
 
 
 def main() -> int:
@@ -48,7 +60,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names from VARIANTS")
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help="comma-separated names from VARIANTS and COMPILED, or 'compiled' for all of COMPILED")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -67,10 +80,24 @@ def main() -> int:
     tables = make_tables(pipe.scheduler, N, "euler")
     shape, cond = loop_inputs(emb, res)
     x = initial_latents(shape, tables, 123)
-    rows, ref = [], None
+    rows: list[dict[str, Any]] = []
+    ref = None
+    known = {**VARIANTS, **COMPILED}
+    names = list(COMPILED) if args.variants == "compiled" else args.variants.split(",")
+    if unknown := [n for n in names if n not in known]:
+        print(f"unknown variants {unknown}; known: {', '.join(known)}", file=sys.stderr)
+        return 2
+    env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+           "cudnn": torch.backends.cudnn.version(), "gpu": torch.cuda.get_device_name()}
+
+    def save() -> None:  # after every row: a sweep cut short by a time limit keeps what it measured
+        if args.out:
+            args.out.write_text(json.dumps({"arch": args.arch, "resolution": res, "steps": N, "argv": sys.argv,
+                                            "env": env, "rows": rows}, indent=1))
+
     print(f"{args.arch} {res}x{res}, {N} steps, one graph per variant, {torch.cuda.get_device_name()}", flush=True)
-    for name in args.variants.split(","):
-        opts = VARIANTS[name]
+    for name in names:
+        opts = known[name]
         unet = copy.deepcopy(base)
         ex = TorchExecutor(unet, **opts)
         runner = LoopRunner(ex, device="cuda", use_graph=True)
@@ -83,6 +110,7 @@ def main() -> int:
         except Exception as e:  # a backend that cannot run these shapes: report it, go on
             print(f"  {name:46s} failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}", flush=True)
             rows.append({"variant": name, "options": opts, "error": f"{type(e).__name__}: {e}"[:500]})
+            save()
             runner.close()
             del runner, ex, unet
             torch.cuda.empty_cache()
@@ -97,14 +125,10 @@ def main() -> int:
                      "finite": bool(np.isfinite(out).all())})
         print(f"  {name:46s} {ms:8.1f} ms  ({ms / N:.2f} ms/step, {ms / rows[0].get('loop_graph_ms', ms):.3f} of first, "
               f"rel diff {rel:.1e}, warm-up+capture {setup_s:.1f} s)", flush=True)
+        save()
         runner.close()
         del runner, ex, unet
         torch.cuda.empty_cache()
-    env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-           "cudnn": torch.backends.cudnn.version(), "gpu": torch.cuda.get_device_name()}
-    summary = {"arch": args.arch, "resolution": res, "steps": N, "argv": sys.argv, "env": env, "rows": rows}
-    if args.out:
-        args.out.write_text(json.dumps(summary, indent=1))
     return 0
 
 

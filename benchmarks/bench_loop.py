@@ -10,6 +10,10 @@ fp16, batch 1, guidance on, Euler (the SDXL default scheduler; the same for ever
   trtkit graph+compile the same over the torch.compile'd UNet (the same compiled module as diffusers+compile)
   trtkit graph, kernel choices   with --kernel-options: LoopRunner(TorchExecutor(copy of unet, **options)),
                        e.g. channels_last,cudnn_benchmark,attention=cudnn (see bench_kernels.py)
+  trtkit graph+compile, options  with --compile-options: the same over a copy of the UNet compiled with
+                       options (executor options and Inductor settings, e.g. channels_last,fuse_qkv,conv_1x1_as_mm)
+  diffusers+compile, options     the pipeline over that same compiled module (diffusers' own speed-up recipe
+                       is channels_last + fuse_qkv_projections + conv_1x1_as_mm + torch.compile)
   N x 1-step graph     one captured UNet call replayed N times (the floor the loop graph is compared with)
 
 What is timed: the denoising loop, from initial latents to final latents, as each caller pays for it:
@@ -25,13 +29,16 @@ Usage:  python benchmarks/bench_loop.py --arch sdxl --steps 30 --repeats 5 --out
 from __future__ import annotations
 
 import argparse
+import ast
+import contextlib
 import copy
+import inspect
 import json
 import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -230,12 +237,43 @@ def parity(ex: Any, shape: Any, sched_config: Any, steps: int, guidance: float, 
 
 
 def parse_kernel_options(text: str) -> dict[str, Any]:
-    """"channels_last,attention=cudnn" -> {"channels_last": True, "attention": "cudnn"}"""
+    """"channels_last,attention=cudnn,conv_1x1_as_mm" -> TorchExecutor keyword arguments; names that are not
+    TorchExecutor's are Inductor settings and go into compile_options. Values are Python literals or strings."""
+    from trtkit.runtime.executors import TorchExecutor
+
+    own = set(inspect.signature(TorchExecutor).parameters)
     out: dict[str, Any] = {}
     for item in filter(None, (t.strip() for t in text.split(","))):
         k, _, v = item.partition("=")
-        out[k] = v if v else True
+        try:
+            val = ast.literal_eval(v) if v else True
+        except (ValueError, SyntaxError):
+            val = v
+        if k in own:
+            out[k] = val
+        else:
+            out.setdefault("compile_options", {})[k] = val
     return out
+
+
+def options_label(opts: dict[str, Any]) -> str:
+    flat = {k: v for k, v in opts.items() if k != "compile_options"} | opts.get("compile_options", {})
+    return "+".join(f"{k}={v}" if v is not True else k for k, v in flat.items())
+
+
+@contextlib.contextmanager
+def alone_on_device(unet: Any, device: str) -> Iterator[Any]:
+    """A device copy of `unet` to change (layout, fused projections) while the original waits on the host, so
+    that the other rows keep the UNet as built and this row's peak memory holds one UNet, like theirs."""
+    import torch
+
+    unet.to("cpu")
+    torch.cuda.empty_cache()
+    try:
+        yield copy.deepcopy(unet).to(device)
+    finally:
+        torch.cuda.empty_cache()
+        unet.to(device)
 
 
 def main() -> int:
@@ -251,6 +289,9 @@ def main() -> int:
     ap.add_argument("--kernel-options", default="",
                     help="comma-separated TorchExecutor options for an extra graph row, e.g. "
                          "channels_last,cudnn_benchmark,attention=cudnn")
+    ap.add_argument("--compile-options", default="",
+                    help="options for an extra pair of compiled rows (trtkit graph and diffusers over one module): "
+                         "TorchExecutor options and Inductor settings, e.g. channels_last,fuse_qkv,conv_1x1_as_mm")
     ap.add_argument("--device", default=None)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -317,21 +358,33 @@ def main() -> int:
             pipe.unet = unet
     if device == "cuda" and args.kernel_options:
         opts = parse_kernel_options(args.kernel_options)
-        # a copy, so the diffusers rows keep the plain UNet; the original waits on the host meanwhile so that
-        # this row's peak memory holds one UNet, like every other row
-        unet.to("cpu")
-        torch.cuda.empty_cache()
-        tuned = TorchExecutor(copy.deepcopy(unet).to(device), **opts)
-        label = "trtkit graph loop, " + "+".join(f"{k}={v}" if v is not True else k for k, v in opts.items())
-        out_tuned, dev = graph_row(bench, label, tuned, shape, tables, g, cond, x, prefix="tuned_",
-                                   kernel_options=opts)
+        with alone_on_device(unet, device) as twin:
+            tuned = TorchExecutor(twin, **opts)
+            out_tuned, dev = graph_row(bench, "trtkit graph loop, " + options_label(opts), tuned, shape, tables, g,
+                                       cond, x, prefix="tuned_", kernel_options=opts)
+            del tuned, twin
         results.update(dev)
         results["kernel_options"] = opts
         results["tuned_vs_plain_graph_rel"] = float(np.abs(out_tuned - out_graph).max() / np.abs(out_graph).max())
         results["tuned_vs_diffusers_rel"] = float(np.abs(out_tuned - ref_latents).max() / np.abs(ref_latents).max())
-        del tuned
-        torch.cuda.empty_cache()
-        unet.to(device)
+    if device == "cuda" and args.compile_options:
+        opts = parse_kernel_options(args.compile_options)
+        label = options_label(opts)
+        with alone_on_device(unet, device) as twin:
+            exo = TorchExecutor(twin, compile=True, **opts)
+            out_o, dev = graph_row(bench, f"trtkit graph loop + compile, {label}", exo, shape, tables, g, cond, x,
+                                   prefix="compiled_opts_", compile_options=opts)
+            pipe.unet = exo.fn  # the same compiled module, as in the plain pair
+            t = time.perf_counter()
+            diffusers_call()
+            print(f"  diffusers + compile, {label}, first call: {time.perf_counter() - t:.1f} s", flush=True)
+            bench.time(f"diffusers + compile, {label}", diffusers_call, compile_options=opts)
+            pipe.unet = unet
+            del exo, twin
+        results.update(dev)
+        results["compile_options"] = opts
+        results["compiled_opts_vs_diffusers_rel"] = float(
+            np.abs(out_o - ref_latents).max() / np.abs(ref_latents).max())
     # the host-bound diffusers row drifts with the host's load: time it again last, report both
     r_diff2 = bench.time("diffusers (again, last)", diffusers_call)
     base = min(r_diff["median_ms"], r_diff2["median_ms"])

@@ -50,6 +50,17 @@ def test_unknown_attention_backend_is_a_one_line_error(tiny_model_dir: Path) -> 
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("kw, msg", [
+    ({"compile_options": {"conv_1x1_as_mm": True}}, "need compile=True"),
+    ({"compile": True, "compile_mode": "max-autotune", "compile_options": {"conv_1x1_as_mm": True}}, "not both"),
+    ({"compile": True, "compile_options": {"no_such_option": 1}}, "Unexpected optimization option no_such_option$"),
+])
+def test_bad_compile_options_are_one_line_errors(tiny_model_dir: Path, kw: dict, msg: str) -> None:
+    with pytest.raises(TrtkitError, match=msg) as e:
+        TorchExecutor(_unet(tiny_model_dir), **kw)
+    assert "\n" not in str(e.value)
+
+
 def test_kernel_presets() -> None:
     assert kernel_options("tuned", "cpu", False) == {} and kernel_options("tuned", "cuda", True) == {}
     assert kernel_options("plain", "cuda", False) == {}

@@ -169,6 +169,7 @@ class TorchExecutor(StepExecutor):
       * fuse_qkv: diffusers' fuse_qkv_projections() (one GEMM for q, k and v of each self-attention).
       * nhwc_group_norm: with channels_last, every GroupNorm reads and writes NHWC itself (runtime/nhwc.py)
         instead of torch's NCHW-only kernel and the two layout copies around it.
+      * compile_options: Inductor settings for torch.compile (its `options`), e.g. {"conv_1x1_as_mm": True}.
     """
 
     name = "torch"
@@ -176,13 +177,18 @@ class TorchExecutor(StepExecutor):
 
     def __init__(self, unet: Any, compile: bool = False, compile_mode: str | None = None, *,
                  channels_last: bool = False, cudnn_benchmark: bool = False, attention: str | None = None,
-                 fuse_qkv: bool = False, nhwc_group_norm: bool = False) -> None:
+                 fuse_qkv: bool = False, nhwc_group_norm: bool = False,
+                 compile_options: dict[str, Any] | None = None) -> None:
         import torch
 
         if nhwc_group_norm and not channels_last:
             raise TrtkitError("nhwc_group_norm needs channels_last (it reads channels-last activations)")
         if nhwc_group_norm and compile:
             raise TrtkitError("nhwc_group_norm is for the eager UNet; torch.compile fuses GroupNorm itself")
+        if compile_options and not compile:
+            raise TrtkitError("compile_options are Inductor settings: they need compile=True")
+        if compile_options and compile_mode:
+            raise TrtkitError("give torch.compile either a mode or compile_options, not both")
         if attention is not None and attention not in ATTENTION_BACKENDS:
             raise TrtkitError(f"unknown attention backend {attention!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
         self.unet = unet
@@ -204,8 +210,15 @@ class TorchExecutor(StepExecutor):
                 raise TrtkitError("nhwc_group_norm needs triton (it ships with torch's CUDA builds)")
             nhwc.swap_group_norms(unet)
         self.options = {"channels_last": channels_last, "cudnn_benchmark": cudnn_benchmark, "attention": attention,
-                        "fuse_qkv": fuse_qkv, "nhwc_group_norm": nhwc_group_norm}
-        self.fn = torch.compile(unet, fullgraph=True, mode=compile_mode) if compile else unet
+                        "fuse_qkv": fuse_qkv, "nhwc_group_norm": nhwc_group_norm,
+                        "compile_options": dict(compile_options or {})}
+        self.fn = unet
+        if compile:
+            try:  # torch checks the option names here, not at the first call
+                self.fn = torch.compile(unet, fullgraph=True, mode=compile_mode, options=compile_options or None)
+            except RuntimeError as e:
+                why = str(e).splitlines()[0].split(", known options")[0]  # torch appends all ~500 names
+                raise TrtkitError(f"torch.compile refused compile_options {compile_options}: {why}") from None
         self.compiled = compile
         self.t: dict[str, Any] = {}
 
