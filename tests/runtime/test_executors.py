@@ -62,10 +62,12 @@ def test_bad_compile_options_are_one_line_errors(tiny_model_dir: Path, kw: dict,
 
 
 def test_kernel_presets() -> None:
-    assert kernel_options("tuned", "cpu", False) == {} and kernel_options("tuned", "cuda", True) == {}
-    assert kernel_options("plain", "cuda", False) == {}
+    assert kernel_options("tuned", "cpu", False) == {} and kernel_options("tuned", "cpu", True) == {}
+    assert kernel_options("plain", "cuda", False) == {} and kernel_options("plain", "cuda", True) == {}
     tuned = kernel_options("tuned", "cuda", False)
-    assert tuned.items() <= KERNEL_PRESETS["tuned"].items() and tuned["channels_last"]
+    assert tuned.items() <= KERNEL_PRESETS["tuned"]["eager"].items() and tuned["channels_last"]
+    # under torch.compile: no hand-written kernels (Inductor fuses GroupNorm), the layout still helps
+    assert kernel_options("tuned", "cuda", True) == {"channels_last": True}
     with pytest.raises(TrtkitError, match="unknown kernel preset 'x'"):
         kernel_options("x", "cuda", False)
 
@@ -96,4 +98,32 @@ def test_tuned_executor_graph_equals_eager_and_plain(tiny_model_dir: Path) -> No
         np.testing.assert_array_equal(graph, eager)
         out[name] = graph
     err = np.abs(out["tuned"] - out["plain"]).max() / np.abs(out["plain"]).max()
+    assert err < 2e-2, err
+
+
+@pytest.mark.gpu
+def test_compiled_tuned_preset_under_one_graph(tiny_model_dir: Path) -> None:
+    """The compiled preset (channels_last weights, torch.compile with Inductor settings): one graph of the loop
+    equals its eager loop, and stays close to the plain eager UNet."""
+    from diffusers import EulerDiscreteScheduler
+
+    from trtkit.runtime.graph_runner import LoopRunner
+    from trtkit.runtime.pipeline import initial_latents
+    from trtkit.runtime.schedulers import make_scheduler, make_tables
+
+    sched = EulerDiscreteScheduler.from_pretrained(tiny_model_dir / "scheduler")
+    tab = make_tables(make_scheduler("euler", sched.config), 6, "euler")
+    shape = LoopShape(1, 4, 32, 32, True, 77, 64, 32, 6)
+    g = torch.Generator().manual_seed(0)
+    cond = {"encoder_hidden_states": torch.randn(2, 77, 64, generator=g), "text_embeds": torch.randn(2, 32,
+            generator=g), "time_ids": torch.tensor([[256.0, 256, 0, 0, 256, 256]] * 2)}
+    x = initial_latents(shape, tab, 0)
+    plain = LoopRunner(TorchExecutor(_unet(tiny_model_dir, "cuda", torch.float16)), device="cuda",
+                       use_graph=True)(shape, tab, x_init=x, guidance=6.0, **cond)
+    ex = TorchExecutor(_unet(tiny_model_dir, "cuda", torch.float16), compile=True,
+                       compile_options={"conv_1x1_as_mm": True}, **kernel_options("tuned", "cuda", True))
+    eager = LoopRunner(ex, device="cuda", use_graph=False)(shape, tab, x_init=x, guidance=6.0, **cond)
+    graph = LoopRunner(ex, device="cuda", use_graph=True)(shape, tab, x_init=x, guidance=6.0, **cond)
+    np.testing.assert_array_equal(graph, eager)
+    err = np.abs(graph - plain).max() / np.abs(plain).max()
     assert err < 2e-2, err

@@ -130,23 +130,27 @@ def as_torch(arr: Any, dtype: str) -> Any:
 
 ATTENTION_BACKENDS = ("flash", "efficient", "cudnn", "math")
 
-# What `--kernels` picks for the eager torch UNet on a GPU. "tuned" is what benchmarks/bench_kernels.py measured
-# fastest on an H200 for both SD 1.5 (-29% per step) and SDXL (-6%) without extra weights; fuse_qkv is left
-# out (-1.4% on SDXL for +1.5 GiB of weights), the attention backend to torch (none was faster).
-KERNEL_PRESETS: dict[str, dict[str, Any]] = {
-    "plain": {},
-    "tuned": {"channels_last": True, "cudnn_benchmark": True, "nhwc_group_norm": True},
+# What `--kernels` picks for the torch UNet on a GPU, for the eager UNet and under torch.compile. Measured on an
+# H200 with benchmarks/bench_kernels.py and bench_loop.py (docs/benchmarks.md):
+#   eager "tuned": the fastest choice without extra weights for both SD 1.5 (-29% per step) and SDXL (-6%);
+#     fuse_qkv is left out (-1.4% on SDXL for about +1 GiB of weights), the attention backend to torch (none was faster).
+#   compiled "tuned": channels_last alone (SD 1.5 -10%, SDXL -1.5%); Inductor fuses GroupNorm itself, and
+#     cudnn_benchmark and conv_1x1_as_mm gained nothing on top.
+KERNEL_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "plain": {"eager": {}, "compiled": {}},
+    "tuned": {"eager": {"channels_last": True, "cudnn_benchmark": True, "nhwc_group_norm": True},
+              "compiled": {"channels_last": True}},
 }
 
 
 def kernel_options(preset: str, device: str, compile: bool) -> dict[str, Any]:
-    """TorchExecutor options for a preset on this device. The choices are for the eager UNet on a GPU: on
-    the CPU, or under torch.compile (which picks its own kernels), every preset is plain."""
+    """TorchExecutor options for a preset on this device and UNet (eager or torch.compile'd). The choices are
+    for a GPU: on the CPU every preset is plain."""
     if preset not in KERNEL_PRESETS:
         raise TrtkitError(f"unknown kernel preset {preset!r}; choose one of {', '.join(KERNEL_PRESETS)}")
-    if device != "cuda" or compile:
+    if device != "cuda":
         return {}
-    opts = dict(KERNEL_PRESETS[preset])
+    opts = dict(KERNEL_PRESETS[preset]["compiled" if compile else "eager"])
     if opts.get("nhwc_group_norm"):
         from trtkit.runtime import nhwc
 
