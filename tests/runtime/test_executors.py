@@ -4,6 +4,7 @@ through one captured graph)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -72,23 +73,29 @@ def test_kernel_presets() -> None:
         kernel_options("x", "cuda", False)
 
 
-@pytest.mark.gpu
-def test_tuned_executor_graph_equals_eager_and_plain(tiny_model_dir: Path) -> None:
-    """fp16 on the GPU: with every kernel choice on, the loop as one graph is bit-identical to the same
-    executor's eager loop, and close to the plain executor (other kernels, other rounding)."""
+def _gpu_loop(model_dir: Path, steps: int) -> tuple[LoopShape, Any, np.ndarray, dict[str, torch.Tensor]]:
+    """A 256x256 CFG loop of the tiny SDXL-like model: shape, Euler tables, initial latents, conditioning."""
     from diffusers import EulerDiscreteScheduler
 
-    from trtkit.runtime.graph_runner import LoopRunner
     from trtkit.runtime.pipeline import initial_latents
     from trtkit.runtime.schedulers import make_scheduler, make_tables
 
-    sched = EulerDiscreteScheduler.from_pretrained(tiny_model_dir / "scheduler")
-    tab = make_tables(make_scheduler("euler", sched.config), 10, "euler")
+    sched = EulerDiscreteScheduler.from_pretrained(model_dir / "scheduler")
+    tab = make_tables(make_scheduler("euler", sched.config), steps, "euler")
     shape = LoopShape(1, 4, 32, 32, True, 77, 64, 32, 6)
     g = torch.Generator().manual_seed(0)
     cond = {"encoder_hidden_states": torch.randn(2, 77, 64, generator=g), "text_embeds": torch.randn(2, 32,
             generator=g), "time_ids": torch.tensor([[256.0, 256, 0, 0, 256, 256]] * 2)}
-    x = initial_latents(shape, tab, 0)
+    return shape, tab, initial_latents(shape, tab, 0), cond
+
+
+@pytest.mark.gpu
+def test_tuned_executor_graph_equals_eager_and_plain(tiny_model_dir: Path) -> None:
+    """fp16 on the GPU: with every kernel choice on, the loop as one graph is bit-identical to the same
+    executor's eager loop, and close to the plain executor (other kernels, other rounding)."""
+    from trtkit.runtime.graph_runner import LoopRunner
+
+    shape, tab, x, cond = _gpu_loop(tiny_model_dir, 10)
     out = {}
     for name, opts in {"plain": {}, "tuned": {"channels_last": True, "cudnn_benchmark": True, "fuse_qkv": True,
                                          "nhwc_group_norm": True}}.items():
@@ -105,19 +112,9 @@ def test_tuned_executor_graph_equals_eager_and_plain(tiny_model_dir: Path) -> No
 def test_compiled_tuned_preset_under_one_graph(tiny_model_dir: Path) -> None:
     """The compiled preset (channels_last weights, torch.compile with Inductor settings): one graph of the loop
     equals its eager loop, and stays close to the plain eager UNet."""
-    from diffusers import EulerDiscreteScheduler
-
     from trtkit.runtime.graph_runner import LoopRunner
-    from trtkit.runtime.pipeline import initial_latents
-    from trtkit.runtime.schedulers import make_scheduler, make_tables
 
-    sched = EulerDiscreteScheduler.from_pretrained(tiny_model_dir / "scheduler")
-    tab = make_tables(make_scheduler("euler", sched.config), 6, "euler")
-    shape = LoopShape(1, 4, 32, 32, True, 77, 64, 32, 6)
-    g = torch.Generator().manual_seed(0)
-    cond = {"encoder_hidden_states": torch.randn(2, 77, 64, generator=g), "text_embeds": torch.randn(2, 32,
-            generator=g), "time_ids": torch.tensor([[256.0, 256, 0, 0, 256, 256]] * 2)}
-    x = initial_latents(shape, tab, 0)
+    shape, tab, x, cond = _gpu_loop(tiny_model_dir, 6)
     plain = LoopRunner(TorchExecutor(_unet(tiny_model_dir, "cuda", torch.float16)), device="cuda",
                        use_graph=True)(shape, tab, x_init=x, guidance=6.0, **cond)
     ex = TorchExecutor(_unet(tiny_model_dir, "cuda", torch.float16), compile=True,
