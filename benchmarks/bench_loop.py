@@ -256,11 +256,6 @@ def parse_kernel_options(text: str) -> dict[str, Any]:
     return out
 
 
-def options_label(opts: dict[str, Any]) -> str:
-    flat = {k: v for k, v in opts.items() if k != "compile_options"} | opts.get("compile_options", {})
-    return "+".join(f"{k}={v}" if v is not True else k for k, v in flat.items())
-
-
 @contextlib.contextmanager
 def alone_on_device(unet: Any, device: str) -> Iterator[Any]:
     """A device copy of `unet` to change (layout, fused projections) while the original waits on the host, so
@@ -298,7 +293,7 @@ def main() -> int:
 
     import torch
 
-    from trtkit.runtime.executors import TorchExecutor
+    from trtkit.runtime.executors import TorchExecutor, describe_options
     from trtkit.runtime.graph_runner import LoopRunner
     from trtkit.runtime.pipeline import initial_latents
     from trtkit.runtime.schedulers import make_tables
@@ -360,7 +355,7 @@ def main() -> int:
         opts = parse_kernel_options(args.kernel_options)
         with alone_on_device(unet, device) as twin:
             tuned = TorchExecutor(twin, **opts)
-            out_tuned, dev = graph_row(bench, "trtkit graph loop, " + options_label(opts), tuned, shape, tables, g,
+            out_tuned, dev = graph_row(bench, "trtkit graph loop, " + describe_options(opts, "+"), tuned, shape, tables, g,
                                        cond, x, prefix="tuned_", kernel_options=opts)
             del tuned, twin
         results.update(dev)
@@ -369,7 +364,7 @@ def main() -> int:
         results["tuned_vs_diffusers_rel"] = float(np.abs(out_tuned - ref_latents).max() / np.abs(ref_latents).max())
     if device == "cuda" and args.compile_options:
         opts = parse_kernel_options(args.compile_options)
-        label = options_label(opts)
+        label = describe_options(opts, "+")
         with alone_on_device(unet, device) as twin:
             exo = TorchExecutor(twin, compile=True, **opts)
             out_o, dev = graph_row(bench, f"trtkit graph loop + compile, {label}", exo, shape, tables, g, cond, x,

@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from trtkit.errors import TrtkitError
-from trtkit.runtime.executors import KERNEL_PRESETS, LoopShape, TorchExecutor, kernel_options
+from trtkit.runtime.executors import (
+    KERNEL_PRESETS,
+    LoopShape,
+    TorchExecutor,
+    describe_options,
+    kernel_options,
+)
 
 SHAPE = LoopShape(1, 4, 16, 16, True, 77, 64, 32, 6)
 
@@ -60,6 +66,14 @@ def test_bad_compile_options_are_one_line_errors(tiny_model_dir: Path, kw: dict,
     with pytest.raises(TrtkitError, match=msg) as e:
         TorchExecutor(_unet(tiny_model_dir), **kw)
     assert "\n" not in str(e.value)
+
+
+def test_describe_options() -> None:
+    opts = {"channels_last": True, "cudnn_benchmark": False, "attention": "cudnn", "compile_options": {}}
+    assert describe_options(opts) == "channels_last,attention=cudnn"
+    assert describe_options({"fuse_qkv": True, "compile_options": {"conv_1x1_as_mm": True}}, "+") == \
+        "fuse_qkv+conv_1x1_as_mm"
+    assert describe_options({}) == ""
 
 
 def test_kernel_presets() -> None:

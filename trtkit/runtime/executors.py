@@ -159,6 +159,13 @@ def kernel_options(preset: str, device: str, compile: bool) -> dict[str, Any]:
     return opts
 
 
+def describe_options(options: dict[str, Any], sep: str = ",") -> str:
+    """TorchExecutor options as one label: the choices in effect, `name=value` where the value is not True,
+    Inductor settings flattened in ("channels_last,attention=cudnn,conv_1x1_as_mm"); "" for none."""
+    flat = {k: v for k, v in options.items() if k != "compile_options"} | dict(options.get("compile_options") or {})
+    return sep.join(k if v is True else f"{k}={v}" for k, v in flat.items() if v)
+
+
 class TorchExecutor(StepExecutor):
     """The diffusers UNet in torch. `compile=True` wraps it in torch.compile (no CUDA graphs of its own:
     the runner captures the whole loop).

@@ -13,7 +13,7 @@ import numpy as np
 
 from trtkit._quiet import quiet_loading
 from trtkit.errors import TrtkitError
-from trtkit.runtime.executors import LoopShape, StepExecutor, TorchExecutor, kernel_options
+from trtkit.runtime.executors import LoopShape, StepExecutor, TorchExecutor, describe_options, kernel_options
 from trtkit.runtime.graph_runner import LoopRunner
 from trtkit.runtime.schedulers import SCHEDULERS, StepTables, draw_noise, make_tables, scheduler_name
 
@@ -323,4 +323,4 @@ def bench(cfg: RunConfig, warmup: int = 2, repeats: int = 5) -> BenchResult:
     return BenchResult(steps=cfg.steps, warmup=warmup, repeats=repeats, executor=pipe.executor.name,
                        cuda_graph=pipe.runner.use_graph, device=pipe.device,
                        end_to_end_ms=[r["total"] for r in runs], denoise_ms=[r["denoise"] for r in runs],
-                       kernels=",".join(k for k, v in getattr(pipe.executor, "options", {}).items() if v))
+                       kernels=describe_options(getattr(pipe.executor, "options", {})))
