@@ -19,39 +19,38 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from bench_loop import build, event_ms, loop_inputs  # benchmarks/ is on sys.path when run as a script
+from bench_loop import (  # benchmarks/ is on sys.path when run as a script
+    build,
+    event_ms,
+    loop_inputs,
+    parse_kernel_options,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-VARIANTS: dict[str, dict[str, Any]] = {
-    "plain": {},
-    "cudnn_benchmark": {"cudnn_benchmark": True},
-    "channels_last": {"channels_last": True},
-    "channels_last+cudnn_benchmark": {"channels_last": True, "cudnn_benchmark": True},
-    "channels_last+cudnn_benchmark+fuse_qkv": {"channels_last": True, "cudnn_benchmark": True, "fuse_qkv": True},
-    "channels_last+cudnn_benchmark+nhwc_group_norm": {"channels_last": True, "cudnn_benchmark": True,
-                                                       "nhwc_group_norm": True},
-    "channels_last+cudnn_benchmark+nhwc_group_norm+fuse_qkv": {"channels_last": True, "cudnn_benchmark": True,
-                                                                "nhwc_group_norm": True, "fuse_qkv": True},
-    "channels_last+cudnn_benchmark+attn=cudnn": {"channels_last": True, "cudnn_benchmark": True,
-                                                  "attention": "cudnn"},
-    "channels_last+cudnn_benchmark+attn=flash": {"channels_last": True, "cudnn_benchmark": True,
-                                                  "attention": "flash"},
-    "channels_last+cudnn_benchmark+attn=efficient": {"channels_last": True, "cudnn_benchmark": True,
-                                                      "attention": "efficient"},
-}
-# Under torch.compile (Inductor picks the kernels; these change what it is given). Not in the default sweep:
-# each is a compile of its own (about a minute for SD 1.5, two for SDXL).
-COMPILED: dict[str, dict[str, Any]] = {
-    "compile": {"compile": True},
-    "compile+channels_last": {"compile": True, "channels_last": True},
-    "compile+channels_last+cudnn_benchmark": {"compile": True, "channels_last": True, "cudnn_benchmark": True},
-    "compile+channels_last+cudnn_benchmark+conv_1x1_as_mm": {
-        "compile": True, "channels_last": True, "cudnn_benchmark": True, "compile_options": {"conv_1x1_as_mm": True}},
-    "compile+channels_last+cudnn_benchmark+conv_1x1_as_mm+fuse_qkv": {
-        "compile": True, "channels_last": True, "cudnn_benchmark": True, "fuse_qkv": True,
-        "compile_options": {"conv_1x1_as_mm": True}},
-}
+# A variant is its options joined by "+": TorchExecutor options (name or name=value) and, under compile, Inductor
+# settings (bench_loop.parse_kernel_options), e.g. "channels_last+attention=cudnn" or "compile+conv_1x1_as_mm".
+# --variants takes any such name; these are the default sweeps.
+_TUNED = "channels_last+cudnn_benchmark+nhwc_group_norm"
+VARIANTS: list[str] = [
+    "plain", "cudnn_benchmark", "channels_last", "channels_last+cudnn_benchmark",
+    "channels_last+cudnn_benchmark+fuse_qkv", _TUNED, f"{_TUNED}+nhwc_transformer",
+    f"{_TUNED}+nhwc_transformer+fused_geglu", f"{_TUNED}+nhwc_transformer+fused_geglu+fuse_qkv",
+    "channels_last+cudnn_benchmark+attention=cudnn", "channels_last+cudnn_benchmark+attention=flash",
+    "channels_last+cudnn_benchmark+attention=efficient",
+]
+# Under torch.compile (Inductor picks the kernels; these change what it is given): `--variants compiled`. Not in
+# the default sweep: each is a compile of its own (about a minute for SD 1.5, two for SDXL).
+COMPILED: list[str] = [
+    "compile", "compile+channels_last", "compile+channels_last+nhwc_transformer",
+    "compile+channels_last+cudnn_benchmark+conv_1x1_as_mm",
+    "compile+channels_last+cudnn_benchmark+conv_1x1_as_mm+fuse_qkv",
+]
+
+
+def options_of(variant: str) -> dict[str, Any]:
+    """A variant's name -> TorchExecutor keyword arguments ("plain" is none)."""
+    return {} if variant == "plain" else parse_kernel_options(variant.replace("+", ","))
 
 
 def main() -> int:
@@ -61,7 +60,7 @@ def main() -> int:
     ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--variants", default=",".join(VARIANTS),
-                    help="comma-separated names from VARIANTS and COMPILED, or 'compiled' for all of COMPILED")
+                    help="comma-separated variants (options joined by '+', as in VARIANTS), or 'compiled' for COMPILED")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -82,11 +81,7 @@ def main() -> int:
     x = initial_latents(shape, tables, 123)
     rows: list[dict[str, Any]] = []
     ref = None
-    known = {**VARIANTS, **COMPILED}
     names = list(COMPILED) if args.variants == "compiled" else args.variants.split(",")
-    if unknown := [n for n in names if n not in known]:
-        print(f"unknown variants {unknown}; known: {', '.join(known)}", file=sys.stderr)
-        return 2
     env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
            "cudnn": torch.backends.cudnn.version(), "gpu": torch.cuda.get_device_name()}
 
@@ -97,7 +92,7 @@ def main() -> int:
 
     print(f"{args.arch} {res}x{res}, {N} steps, one graph per variant, {torch.cuda.get_device_name()}", flush=True)
     for name in names:
-        opts = known[name]
+        opts = options_of(name)
         unet = copy.deepcopy(base)
         ex = TorchExecutor(unet, **opts)
         runner = LoopRunner(ex, device="cuda", use_graph=True)

@@ -45,6 +45,33 @@ def test_kernel_choices_keep_the_function(tiny_model_dir: Path) -> None:
     np.testing.assert_allclose(tuned, plain, rtol=1e-4, atol=1e-4 * np.abs(plain).max())
 
 
+def test_every_eager_choice_keeps_the_function(tiny_model_dir: Path) -> None:
+    """The pure-torch part of the tuned preset on the CPU (the Triton kernels have their own tests)."""
+    from trtkit.runtime import geglu
+
+    plain = _noise_pred(TorchExecutor(_unet(tiny_model_dir)))
+    tuned = _noise_pred(TorchExecutor(_unet(tiny_model_dir), channels_last=True, nhwc_transformer=True,
+                                      fuse_qkv=True, fused_geglu=geglu.available()))
+    np.testing.assert_allclose(tuned, plain, rtol=1e-4, atol=1e-4 * np.abs(plain).max())
+
+
+def _storage_bytes(module: torch.nn.Module) -> int:
+    return sum({p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in module.parameters()}.values())
+
+
+def test_fuse_qkv_keeps_one_copy_of_the_weights(tiny_model_dir: Path) -> None:
+    """diffusers' fuse_qkv_projections() keeps the unfused weights beside the fused ones; trtkit's views them."""
+    unet = _unet(tiny_model_dir)
+    before = _storage_bytes(unet)
+    want = _noise_pred(TorchExecutor(_unet(tiny_model_dir)))
+    ex = TorchExecutor(unet, fuse_qkv=True)
+    assert any(getattr(m, "fused_projections", False) for m in unet.modules())
+    assert _storage_bytes(unet) == before
+    np.testing.assert_allclose(_noise_pred(ex), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    unet.unfuse_qkv_projections()  # the unfused path reads the views: the same function
+    np.testing.assert_allclose(_noise_pred(TorchExecutor(unet)), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
 def test_cudnn_benchmark_is_scoped_to_the_call(tiny_model_dir: Path) -> None:
     before = torch.backends.cudnn.benchmark
     _noise_pred(TorchExecutor(_unet(tiny_model_dir), cudnn_benchmark=True))
@@ -81,8 +108,9 @@ def test_kernel_presets() -> None:
     assert kernel_options("plain", "cuda", False) == {} and kernel_options("plain", "cuda", True) == {}
     tuned = kernel_options("tuned", "cuda", False)
     assert tuned.items() <= KERNEL_PRESETS["tuned"]["eager"].items() and tuned["channels_last"]
-    # under torch.compile: no hand-written kernels (Inductor fuses GroupNorm), the layout still helps
-    assert kernel_options("tuned", "cuda", True) == {"channels_last": True}
+    # under torch.compile: no hand-written kernels (Inductor fuses GroupNorm and GEGLU), the layout still helps
+    assert kernel_options("tuned", "cuda", True) == {"channels_last": True, "nhwc_transformer": True,
+                                                     "fuse_qkv": True}
     with pytest.raises(TrtkitError, match="unknown kernel preset 'x'"):
         kernel_options("x", "cuda", False)
 
@@ -111,8 +139,9 @@ def test_tuned_executor_graph_equals_eager_and_plain(tiny_model_dir: Path) -> No
 
     shape, tab, x, cond = _gpu_loop(tiny_model_dir, 10)
     out = {}
-    for name, opts in {"plain": {}, "tuned": {"channels_last": True, "cudnn_benchmark": True, "fuse_qkv": True,
-                                         "nhwc_group_norm": True}}.items():
+    every = {"channels_last": True, "cudnn_benchmark": True, "fuse_qkv": True, "nhwc_group_norm": True,
+             "nhwc_transformer": True, "fused_geglu": True}
+    for name, opts in {"plain": {}, "tuned": every}.items():
         ex = TorchExecutor(_unet(tiny_model_dir, "cuda", torch.float16), **opts)
         eager = LoopRunner(ex, device="cuda", use_graph=False)(shape, tab, x_init=x, guidance=6.0, **cond)
         graph = LoopRunner(ex, device="cuda", use_graph=True)(shape, tab, x_init=x, guidance=6.0, **cond)

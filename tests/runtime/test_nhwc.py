@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,8 +56,34 @@ def test_swapped_module_falls_back_to_torch_off_gpu() -> None:
     torch.testing.assert_close(net(x), want)
 
 
+def test_transformers_hand_back_channels_last(tiny_model_dir: Path) -> None:
+    """Transformer2DNHWC: the same values as diffusers' Transformer2DModel, channels-last out for channels-last in
+    (diffusers' own is NCHW), NCHW in and out as before."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    from trtkit.runtime.nhwc import swap_transformers
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet").eval()
+    block = next(m for m in unet.modules() if isinstance(m, Transformer2DModel))
+    g = torch.Generator().manual_seed(0)
+    c = block.config.in_channels
+    x = torch.randn(2, c, 8, 8, generator=g)
+    ctx = torch.randn(2, 77, 64, generator=g)
+    with torch.no_grad():
+        want = block(x, encoder_hidden_states=ctx, return_dict=False)[0]
+        assert swap_transformers(unet) > 0 and isinstance(block, Transformer2DModel)
+        got = block(x.to(memory_format=torch.channels_last), encoder_hidden_states=ctx, return_dict=False)[0]
+        assert got.is_contiguous(memory_format=torch.channels_last) and not got.is_contiguous()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        nchw = block(x, encoder_hidden_states=ctx, return_dict=False)[0]
+        assert nchw.is_contiguous()
+        torch.testing.assert_close(nchw, want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("opts,match", [
     ({"nhwc_group_norm": True}, "needs channels_last"),
+    ({"nhwc_transformer": True}, "nhwc_transformer needs channels_last"),
     ({"nhwc_group_norm": True, "channels_last": True, "compile": True}, "torch.compile fuses GroupNorm"),
 ])
 def test_executor_option_errors(opts: dict, match: str) -> None:

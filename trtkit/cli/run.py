@@ -51,8 +51,8 @@ def register(app: typer.Typer) -> None:
                                           "(version-compatible plans). Only for plans you trust."),
         device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda if present)."),
         compile: bool = typer.Option(False, "--compile", help="torch.compile the torch UNet."),
-        kernels: str = typer.Option("tuned", "--kernels", help="Torch UNet on a GPU: tuned (channels-last, "
-                                    "cuDNN autotune, channels-last GroupNorm; with --compile channels-last) or plain."),
+        kernels: str = typer.Option("tuned", "--kernels", help="Torch UNet on a GPU: tuned (channels-last "
+                                    "activations, cuDNN autotune, fused GEGLU and q/k/v; docs/runtime.md) or plain."),
         output: Path = typer.Option(Path("out.png"), "--output", "-o", help="Image to write (.png/.jpg/.webp)."),
         json_out: bool = typer.Option(False, "--json", help="Print the timings as JSON."),
     ) -> None:

@@ -38,9 +38,11 @@ def accelerate(pipe: Any, engines: Path | str | None = None, cuda_graph: bool = 
                compile: bool = False, kernels: str = "tuned") -> Any:
     """Make `pipe` (StableDiffusionPipeline / StableDiffusionXLPipeline) use the runtime; returns `pipe`.
 
-    With the torch UNet on a GPU, `kernels="tuned"` converts `pipe.unet` in place to channels-last and its
-    GroupNorms to the channels-last kernel (runtime/nhwc.py); the module still runs anywhere, also outside
-    trtkit. `kernels="plain"` leaves it as it is."""
+    With the torch UNet on a GPU, `kernels="tuned"` changes `pipe.unet` in place: channels-last weights, q/k/v
+    fused (diffusers' fuse_qkv_projections; `pipe.unet.unfuse_qkv_projections()` undoes it), and GroupNorm,
+    Transformer2D and GEGLU modules swapped for subclasses that keep activations channels-last and fuse GEGLU
+    (runtime/nhwc.py, runtime/geglu.py). The module computes the same function and still runs anywhere, also
+    outside trtkit. `kernels="plain"` leaves it as it is."""
     from trtkit.runtime.graph_runner import LoopRunner
     from trtkit.runtime.pipeline import make_executor
     from trtkit.runtime.schedulers import scheduler_name

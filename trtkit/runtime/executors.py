@@ -131,15 +131,18 @@ def as_torch(arr: Any, dtype: str) -> Any:
 ATTENTION_BACKENDS = ("flash", "efficient", "cudnn", "math")
 
 # What `--kernels` picks for the torch UNet on a GPU, for the eager UNet and under torch.compile. Measured on an
-# H200 with benchmarks/bench_kernels.py and bench_loop.py (docs/benchmarks.md):
-#   eager "tuned": the fastest choice without extra weights for both SD 1.5 (-29% per step) and SDXL (-6%);
-#     fuse_qkv is left out (-1.4% on SDXL for about +1 GiB of weights), the attention backend to torch (none was faster).
-#   compiled "tuned": channels_last alone (SD 1.5 -10%, SDXL -1.5%); Inductor fuses GroupNorm itself, and
-#     cudnn_benchmark and conv_1x1_as_mm gained nothing on top.
+# H200 with benchmarks/bench_kernels.py and bench_loop.py (docs/benchmarks.md), loop graph per step against plain:
+#   eager "tuned": SD 1.5 -37%, SDXL -18%. channels_last + cudnn_benchmark alone: SD 1.5 -14%, SDXL +5% (layout
+#     copies around torch's NCHW-only GroupNorm and diffusers' NCHW transformer outputs), then nhwc_group_norm,
+#     nhwc_transformer, fused_geglu (-8% on SDXL) and fuse_qkv (-1.4%; no extra weights since its views). The
+#     attention backend stays torch's: none was faster.
+#   compiled "tuned": channels_last, nhwc_transformer and fuse_qkv (SDXL -3.4%); Inductor fuses GroupNorm and
+#     GEGLU itself, and cudnn_benchmark and conv_1x1_as_mm gained nothing on top.
 KERNEL_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "plain": {"eager": {}, "compiled": {}},
-    "tuned": {"eager": {"channels_last": True, "cudnn_benchmark": True, "nhwc_group_norm": True},
-              "compiled": {"channels_last": True}},
+    "tuned": {"eager": {"channels_last": True, "cudnn_benchmark": True, "nhwc_group_norm": True,
+                        "nhwc_transformer": True, "fused_geglu": True, "fuse_qkv": True},
+              "compiled": {"channels_last": True, "nhwc_transformer": True, "fuse_qkv": True}},
 }
 
 
@@ -151,12 +154,42 @@ def kernel_options(preset: str, device: str, compile: bool) -> dict[str, Any]:
     if device != "cuda":
         return {}
     opts = dict(KERNEL_PRESETS[preset]["compiled" if compile else "eager"])
-    if opts.get("nhwc_group_norm"):
-        from trtkit.runtime import nhwc
-
-        if not nhwc.available():  # a torch build without triton: the rest still helps
-            opts.pop("nhwc_group_norm")
+    if not _triton_available():  # a torch build without triton: the rest still helps
+        opts.pop("nhwc_group_norm", None)
+        opts.pop("fused_geglu", None)
     return opts
+
+
+def _triton_available() -> bool:
+    from trtkit.runtime import nhwc
+
+    return nhwc.available()
+
+
+def fuse_qkv_shared(unet: Any) -> None:
+    """diffusers' fuse_qkv_projections(), then each unfused projection's weight and bias made a view of its rows
+    of the fused ones: diffusers keeps both copies (about 1 GiB more for SDXL), and unfuse still works."""
+    from torch import nn
+
+    if not hasattr(unet, "fuse_qkv_projections"):
+        raise TrtkitError("fuse_qkv needs a diffusers UNet with fuse_qkv_projections()")
+    unet.fuse_qkv_projections()
+    for m in unet.modules():
+        if not getattr(m, "fused_projections", False):
+            continue
+        if getattr(m, "to_qkv", None) is not None:
+            fused, parts = m.to_qkv, [m.to_q, m.to_k, m.to_v]
+        else:
+            fused, parts = m.to_kv, [m.to_k, m.to_v]
+        for attr in ("weight", "bias"):
+            whole = getattr(fused, attr, None)
+            if whole is None:
+                continue
+            start = 0
+            for lin in parts:
+                n = lin.out_features
+                setattr(lin, attr, nn.Parameter(whole.data[start:start + n], requires_grad=False))
+                start += n
 
 
 def describe_options(options: dict[str, Any], sep: str = ",") -> str:
@@ -177,9 +210,13 @@ class TorchExecutor(StepExecutor):
         heuristic's pick. Set only while the UNet runs (a context, not the process-wide flag), because the
         pick is cached per shape and a graph keeps the kernel it captured.
       * attention: one scaled-dot-product backend ("flash", "efficient", "cudnn", "math"), else torch's choice.
-      * fuse_qkv: diffusers' fuse_qkv_projections() (one GEMM for q, k and v of each self-attention).
+      * fuse_qkv: diffusers' fuse_qkv_projections() (one GEMM for q, k and v of each self-attention, one for
+        k and v of each cross-attention); the unfused weights become views of the fused ones (no second copy).
       * nhwc_group_norm: with channels_last, every GroupNorm reads and writes NHWC itself (runtime/nhwc.py)
         instead of torch's NCHW-only kernel and the two layout copies around it.
+      * nhwc_transformer: with channels_last, every Transformer2D block hands back channels-last activations
+        (diffusers makes them NCHW with a copy, and everything after pays for it; runtime/nhwc.py).
+      * fused_geglu: each GEGLU's chunk, gelu and product as one Triton kernel (runtime/geglu.py).
       * compile_options: Inductor settings for torch.compile (its `options`), e.g. {"conv_1x1_as_mm": True}.
     """
 
@@ -188,14 +225,17 @@ class TorchExecutor(StepExecutor):
 
     def __init__(self, unet: Any, compile: bool = False, compile_mode: str | None = None, *,
                  channels_last: bool = False, cudnn_benchmark: bool = False, attention: str | None = None,
-                 fuse_qkv: bool = False, nhwc_group_norm: bool = False,
-                 compile_options: dict[str, Any] | None = None) -> None:
+                 fuse_qkv: bool = False, nhwc_group_norm: bool = False, nhwc_transformer: bool = False,
+                 fused_geglu: bool = False, compile_options: dict[str, Any] | None = None) -> None:
         import torch
 
-        if nhwc_group_norm and not channels_last:
-            raise TrtkitError("nhwc_group_norm needs channels_last (it reads channels-last activations)")
+        for name, on in (("nhwc_group_norm", nhwc_group_norm), ("nhwc_transformer", nhwc_transformer)):
+            if on and not channels_last:
+                raise TrtkitError(f"{name} needs channels_last (it keeps channels-last activations so)")
         if nhwc_group_norm and compile:
             raise TrtkitError("nhwc_group_norm is for the eager UNet; torch.compile fuses GroupNorm itself")
+        if fused_geglu and compile:
+            raise TrtkitError("fused_geglu is for the eager UNet; torch.compile fuses GEGLU itself")
         if compile_options and not compile:
             raise TrtkitError("compile_options are Inductor settings: they need compile=True")
         if compile_options and compile_mode:
@@ -208,20 +248,26 @@ class TorchExecutor(StepExecutor):
         self.io_dtype = str(p.dtype).replace("torch.", "")
         self.uses_torch_stream = self.device.type == "cuda"
         self.sdxl = getattr(unet.config, "addition_embed_type", None) == "text_time"
+        if (nhwc_group_norm or fused_geglu) and not _triton_available():
+            raise TrtkitError("nhwc_group_norm and fused_geglu need triton (it ships with torch's CUDA builds)")
         if fuse_qkv:
-            if not hasattr(unet, "fuse_qkv_projections"):
-                raise TrtkitError("fuse_qkv needs a diffusers UNet with fuse_qkv_projections()")
-            unet.fuse_qkv_projections()
+            fuse_qkv_shared(unet)
         if channels_last:
             unet.to(memory_format=torch.channels_last)
-        if nhwc_group_norm:
+        if nhwc_group_norm or nhwc_transformer:
             from trtkit.runtime import nhwc
 
-            if not nhwc.available():
-                raise TrtkitError("nhwc_group_norm needs triton (it ships with torch's CUDA builds)")
-            nhwc.swap_group_norms(unet)
+            if nhwc_group_norm:
+                nhwc.swap_group_norms(unet)
+            if nhwc_transformer:
+                nhwc.swap_transformers(unet)
+        if fused_geglu:
+            from trtkit.runtime import geglu
+
+            geglu.swap_geglus(unet)
         self.options = {"channels_last": channels_last, "cudnn_benchmark": cudnn_benchmark, "attention": attention,
                         "fuse_qkv": fuse_qkv, "nhwc_group_norm": nhwc_group_norm,
+                        "nhwc_transformer": nhwc_transformer, "fused_geglu": fused_geglu,
                         "compile_options": dict(compile_options or {})}
         self.fn = unet
         if compile:
