@@ -231,7 +231,7 @@ class TorchExecutor(StepExecutor):
 
         for name, on in (("nhwc_group_norm", nhwc_group_norm), ("nhwc_transformer", nhwc_transformer)):
             if on and not channels_last:
-                raise TrtkitError(f"{name} needs channels_last (it keeps channels-last activations so)")
+                raise TrtkitError(f"{name} needs channels_last (it works on channels-last activations)")
         if nhwc_group_norm and compile:
             raise TrtkitError("nhwc_group_norm is for the eager UNet; torch.compile fuses GroupNorm itself")
         if fused_geglu and compile:
