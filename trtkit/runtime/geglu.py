@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trtkit.runtime._swap import swap_class
+
 try:
     import triton
     import triton.language as tl
@@ -87,13 +89,7 @@ def swap_geglus(module: nn.Module) -> int:
     """Make every diffusers GEGLU in `module` a FusedGEGLU in place; returns how many."""
     from diffusers.models.activations import GEGLU
 
-    fused = _fused_class()
-    n = 0
-    for m in module.modules():
-        if type(m) is GEGLU:
-            m.__class__ = fused
-            n += 1
-    return n
+    return swap_class(module, GEGLU, _fused_class())
 
 
 def available() -> bool:

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trtkit.runtime._swap import swap_class
+
 try:
     import triton
     import triton.language as tl
@@ -156,12 +158,7 @@ class GroupNormNHWC(nn.GroupNorm):
 
 def swap_group_norms(module: nn.Module) -> int:
     """Make every nn.GroupNorm in `module` a GroupNormNHWC in place; returns how many."""
-    n = 0
-    for m in module.modules():
-        if type(m) is nn.GroupNorm:
-            m.__class__ = GroupNormNHWC
-            n += 1
-    return n
+    return swap_class(module, nn.GroupNorm, GroupNormNHWC)
 
 
 def _channels_last(x: torch.Tensor) -> bool:
@@ -197,13 +194,7 @@ def swap_transformers(module: nn.Module) -> int:
     """Make every diffusers Transformer2DModel in `module` a Transformer2DNHWC in place; returns how many."""
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
-    cls = _transformer_class()
-    n = 0
-    for m in module.modules():
-        if type(m) is Transformer2DModel:
-            m.__class__ = cls
-            n += 1
-    return n
+    return swap_class(module, Transformer2DModel, _transformer_class())
 
 
 def available() -> bool:
