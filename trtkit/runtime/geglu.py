@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trtkit.runtime._swap import swap_class
+from trtkit.runtime.nhwc import _interpreting
 
 try:
     import triton
@@ -57,12 +58,6 @@ def geglu(y: torch.Tensor) -> torch.Tensor:
 def supported(y: torch.Tensor) -> bool:
     return (triton is not None and (y.is_cuda or _interpreting()) and y.is_contiguous() and y.shape[-1] % 2 == 0
             and y.dtype in (torch.float16, torch.bfloat16, torch.float32))
-
-
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @functools.cache
