@@ -22,8 +22,10 @@ BACKENDS = {"trt": "tensorrt", "rtx": "tensorrt_rtx"}
 INSTALL_HINT = ("install one: pip install 'trtkit[rtx]' (TensorRT-RTX, builds on the CPU) or "
                 "pip install 'trtkit[trt]' --extra-index-url https://pypi.nvidia.com (full TensorRT 10/11)")
 PRECISION_FLAGS = ("FP16", "BF16", "INT8", "FP8", "INT4", "FP4")
-# Compute capabilities TensorRT-RTX can run on (it refuses Hopper/SM90 and SM100).
-RTX_RUNNABLE = {(7, 5), (8, 0), (8, 6), (8, 7), (8, 9), (12, 0), (12, 1)}
+# Compute capabilities TensorRT-RTX runs any of its plans on (its own refusal text: "8.0 8.6 8.9 12.0 12.1
+# >12.0"). No Hopper/SM90, SM100, nor Jetson Orin (8.7). Turing (7.5) runs only plans built for it: rtx_runs_on.
+RTX_RUNNABLE = {(8, 0), (8, 6), (8, 9), (12, 0), (12, 1)}
+RTX_TURING = (7, 5)
 
 
 @dataclass(frozen=True)
@@ -124,13 +126,32 @@ def load_backend(name: str | None = None) -> Backend:
     raise TrtkitError(f"no TensorRT backend is installed; {INSTALL_HINT}")
 
 
+def rtx_runs_on(cc: tuple[int, int] | None, plan_targets: list[str] | None = None) -> tuple[bool, str]:
+    """(whether TensorRT-RTX can run a plan on a GPU of compute capability `cc`, why not).
+
+    `plan_targets`: the plan's `target.compute_capabilities` from its metadata ("7.5", "8.9", ...), or
+    None for "any plan". Turing runs only plans built with --target-cc 7.5, which None cannot promise.
+    """
+    if cc is None:
+        return False, "no CUDA GPU"
+    name = f"{cc[0]}.{cc[1]}"
+    if cc == RTX_TURING:
+        if plan_targets is not None and name in plan_targets:
+            return True, ""
+        return False, ("TensorRT-RTX runs on Turing (7.5) only plans built for it (trtkit build --backend rtx "
+                       "--target-cc 7.5)")
+    if cc in RTX_RUNNABLE or cc[0] > 12:
+        return True, ""
+    return False, f"TensorRT-RTX does not run on compute capability {name} (it runs on 8.0, 8.6, 8.9, 12.x)"
+
+
 def _describe(key: str, mod: Any) -> Backend:
     flags = tuple(f for f in PRECISION_FLAGS if hasattr(getattr(mod, "BuilderFlag", None), f))
     version = getattr(mod, "__version__", "0")
     gpu, cc, why = gpu_info()
     can_run, reason = gpu is not None, why
-    if can_run and key == "rtx" and cc not in RTX_RUNNABLE and not (cc and cc[0] >= 12):
-        can_run, reason = False, f"TensorRT-RTX does not run on compute capability {cc[0]}.{cc[1]}"
+    if can_run and key == "rtx":
+        can_run, reason = rtx_runs_on(cc)
     if not hasattr(mod, "Runtime"):
         can_run, reason = False, f"{mod.__name__} has no Runtime"
     return Backend(name=key, trt=mod, version=version, strongly_typed_only=not flags,
@@ -139,6 +160,19 @@ def _describe(key: str, mod: Any) -> Backend:
 
 
 _LOGGERS: dict[str, Any] = {}
+
+
+def keep_message(level: int, info_wanted: bool) -> bool:
+    """Which TensorRT messages reach Python logging: never VERBOSE (thousands per build, each taking the
+    GIL from a builder thread), INFO only when asked for (--verbose), WARNING and above always."""
+    return level >= logging.WARNING or (level == logging.INFO and info_wanted)
+
+
+def last_errors(messages: list[tuple[int, str]], n: int = 1) -> list[str]:
+    """The last `n` ERROR-or-worse messages (first line each) of a logger's `messages`, oldest first:
+    what an error report quotes, never the INFO/WARNING noise around it."""
+    errors = [m.splitlines()[0] if m else m for lvl, m in messages if lvl >= logging.ERROR]
+    return errors[-n:] if n > 0 else []
 
 
 def _logger(trt: Any) -> Any:
@@ -156,6 +190,8 @@ def _logger(trt: Any) -> Any:
 
         def log(self, severity: Any, msg: str) -> None:
             level = levels.get(severity, logging.INFO)
+            if not keep_message(level, log.isEnabledFor(logging.INFO)):
+                return
             self.messages.append((level, msg))
             del self.messages[:-2000]
             log.log(level, msg)

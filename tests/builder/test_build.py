@@ -45,6 +45,8 @@ def check_metadata(r: BuildResult, onnx: Path, precision: str, qdq: list[str]) -
     assert doc["target"] == {"compute_capabilities": ["8.9"], "default_targets": False}
     assert doc["precision"]["requested"] == precision and doc["precision"]["qdq_types"] == qdq
     assert doc["precision"]["strongly_typed"] is True and doc["precision"]["builder_flags"] == []
+    # RTX builds are stream-capturable (review finding 4): REQUIRE_USER_ALLOCATION, recorded.
+    assert doc["builder_flags"] == ["REQUIRE_USER_ALLOCATION"]
     assert [p["name"] for p in doc["profiles"]] == ["tiny-256", "shapes"]
     assert doc["profiles"][0]["shapes"]["sample"] == {"min": [2, 4, 32, 32], "opt": [2, 4, 32, 32],
                                                       "max": [8, 4, 32, 32]}
@@ -63,7 +65,7 @@ def check_metadata(r: BuildResult, onnx: Path, precision: str, qdq: list[str]) -
     # No GPU here: the layer JSON cannot be made, and the metadata says why.
     assert doc["layers"]["saved"] is (r.layers is not None)
     if r.layers is None:
-        assert doc["layers"]["reason"].startswith("not saved:")
+        assert doc["layers"]["reason"].startswith("not saved:") and doc["layers"]["shapes"] is None
     return doc
 
 
@@ -260,3 +262,42 @@ def test_prequantized_fp8_needs_ada_targets(tmp_path: Path) -> None:
     assert_nothing_left(tmp_path / "e.plan")
     r = build(BuildConfig(onnx=onnx, output=tmp_path / "e.plan", shapes=LINEAR_SHAPES, progress=False))  # as given
     assert json.loads(r.metadata.read_text())["target"]["compute_capabilities"] == ["8.9", "12.0"]
+
+
+def test_fp8_on_a_gpu_below_ada_is_refused_before_the_build() -> None:
+    """Review finding 14: full TensorRT builds for the GPU it runs on; FP8 needs 8.9 or later."""
+    from trtkit.builder.build import fp8_gpu_error
+
+    for cc in ((8, 0), (8, 6), (7, 5)):
+        msg = fp8_gpu_error("fp8", (), "trt", cc)
+        assert msg and f"{cc[0]}.{cc[1]}" in msg and "\n" not in msg
+    assert "FP8 Q/DQ" in (fp8_gpu_error("fp16", ("fp8",), "trt", (8, 6)) or "")  # an ONNX arriving with FP8 Q/DQ
+    for cc in ((8, 9), (9, 0), (10, 0), (12, 0)):
+        assert fp8_gpu_error("fp8", ("fp8",), "trt", cc) is None
+    assert fp8_gpu_error("int8", ("int8",), "trt", (8, 0)) is None
+    assert fp8_gpu_error("fp8", (), "rtx", (8, 0)) is None  # RTX builds AOT for --target-cc (checked elsewhere)
+    assert fp8_gpu_error("fp8", (), "trt", None) is None  # no GPU: refused by the backend check instead
+
+
+def test_rtx_build_flags_from_the_installed_module() -> None:
+    from trtkit.backend import load_backend
+    from trtkit.builder.build import rtx_build_flags
+
+    trt = load_backend("rtx").trt
+    assert rtx_build_flags(trt) == ["REQUIRE_USER_ALLOCATION"]
+    cfg = trt.Builder(load_backend("rtx").logger).create_builder_config()
+    for f in rtx_build_flags(trt):
+        cfg.set_flag(getattr(trt.BuilderFlag, f))
+    assert cfg.get_flag(trt.BuilderFlag.REQUIRE_USER_ALLOCATION)
+
+
+def test_refused_compute_capability_is_one_line() -> None:
+    """Review finding 10: set_compute_capability returns False (it does not raise); checked."""
+    from trtkit.backend import load_backend
+    from trtkit.builder.network import set_rtx_targets
+
+    be = load_backend("rtx")
+    cfg = be.trt.Builder(be.logger).create_builder_config()
+    with pytest.raises(TrtkitError, match="refused target compute capability current"):
+        set_rtx_targets(be, cfg, ("8.9", "current"))  # BuildConfig forbids it; here TensorRT-RTX refuses it
+    set_rtx_targets(be, cfg, ("8.9", "12.0"))

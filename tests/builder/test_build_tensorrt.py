@@ -35,10 +35,20 @@ def deserialize(backend, plan: Path):  # type: ignore[no-untyped-def]
 
 
 def check_layers(doc: dict, plan: Path) -> None:
+    """The saved layer JSON exists, is DETAILED, and is resolved at profile 0's opt shapes (review finding 9):
+    no -1 dimension left, and every conv/matmul has FLOPs, as in a live `trtkit inspect`."""
+    from trtkit.inspector.layers import parse_engine_information
+
+    opt = {n: r["opt"] for n, r in doc["profiles"][0]["shapes"].items()}
     assert doc["layers"] == {"saved": True, "path": plan.with_suffix(".layers.json").name,
-                             "reason": "engine inspector JSON (DETAILED)"}
-    layers = json.loads(plan.with_suffix(".layers.json").read_text())["Layers"]
+                             "reason": "engine inspector JSON (DETAILED)", "shapes": opt}
+    text = plan.with_suffix(".layers.json").read_text()
+    layers = json.loads(text)["Layers"]
     assert layers and isinstance(layers[0], dict)  # DETAILED: objects, not bare names
+    info = parse_engine_information(text)
+    assert all(d > 0 for x in info.layers for t in (*x.inputs, *x.outputs) for d in (t.dims or ())), "unresolved -1"
+    compute = [x for x in info.layers if x.kind in ("conv", "matmul")]
+    assert all(x.flops() for x in compute), [x.name for x in compute if not x.flops()]
 
 
 def test_network_flags(backend) -> None:  # type: ignore[no-untyped-def]

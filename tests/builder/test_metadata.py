@@ -49,3 +49,21 @@ def test_layers_not_saved_without_gpu() -> None:
         pytest.skip("this machine can deserialize TensorRT-RTX plans")
     text, reason = md.engine_layers(be, b"")
     assert text is None and reason.startswith("not saved: tensorrt_rtx cannot deserialize")
+
+
+def test_inspection_shapes_are_profile_0_opt(tmp_path: Path) -> None:
+    """Review finding 9: the saved layer JSON is resolved at profile 0's opt shapes (as a live inspect is)."""
+    from builder_models import sd15_like
+
+    from trtkit.builder.config import BuildConfig
+    from trtkit.builder.metadata import inspection_shapes
+    from trtkit.builder.shapes import resolve_profiles
+    from trtkit.builder.source import read_onnx
+
+    onnx = sd15_like(tmp_path / "unet.onnx")
+    cfg = BuildConfig(onnx=onnx, output=tmp_path / "e.plan", profiles=("sd15-512", "sd15-dyn"))
+    profiles, _ = resolve_profiles(cfg, read_onnx(onnx))
+    shapes = inspection_shapes([p.to_json() for p in profiles])
+    assert shapes == {n: tuple(r.opt) for n, r in profiles[0].shapes.items()}
+    assert shapes["sample"] == (2, 4, 64, 64) and shapes["encoder_hidden_states"] == (2, 77, 64)
+    assert inspection_shapes([]) == {}

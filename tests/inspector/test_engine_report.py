@@ -173,3 +173,69 @@ def test_full_tensorrt_inspector_and_profiler(tmp_path):
     dims = [t.dims for x in src.layers.layers for t in x.inputs if t.dims]
     assert dims and all(d[0] == 8 for d in dims if len(d) == 2)
     json.dumps(src.layers.to_json())
+
+
+@pytest.mark.rtx
+def test_rtx_plan_runs_here_decision(rtx_plan_bytes, tmp_path):
+    """Review finding 13 (inspect side): on Turing, TensorRT-RTX runs plans whose metadata lists 7.5 only;
+    never on Orin (8.7) or Hopper. The real RTX backend, described as if on those GPUs."""
+    import dataclasses
+
+    from trtkit.backend import load_backend
+    from trtkit.inspector.engine_report import plan_targets, runs_here
+
+    plan = write_engine(tmp_path, rtx_plan_bytes, None, None)
+    header = read_plan_header(plan)
+    real = load_backend("rtx")
+
+    def on(cc):
+        return dataclasses.replace(real, gpu=f"GPU (sm_{cc[0]}{cc[1]})", compute_capability=cc)
+
+    turing_plan = {"target": {"compute_capabilities": ["7.5", "8.9"]}}
+    default_plan = {"target": {"compute_capabilities": ["8.0", "8.6", "8.9", "12.0"], "default_targets": True}}
+    assert plan_targets(turing_plan) == ["7.5", "8.9"] and plan_targets(None) is None
+    assert runs_here(on((7, 5)), header, turing_plan) == (True, "")
+    assert not runs_here(on((7, 5)), header, default_plan)[0]
+    assert not runs_here(on((7, 5)), header, None)[0]
+    assert not runs_here(on((8, 7)), header, default_plan)[0]
+    assert not runs_here(on((9, 0)), header, default_plan)[0]
+    assert runs_here(on((8, 9)), header, default_plan) == (True, "")
+    ok, why = runs_here(real if real.gpu is None else on((9, 0)), header, default_plan)
+    assert not ok and why
+    trt_header = type(header)("trt", None, None)
+    assert runs_here(on((8, 9)), trt_header, None) == (False, "it is a TensorRT plan and the loaded backend is rtx; "
+                                                               "pass --backend trt")
+
+
+@pytest.mark.tensorrt
+def test_undeserializable_plan_falls_back_to_saved_layers(tmp_path):
+    """Review finding 8: a plan this TensorRT does not load (here version-compatible: inspect never allows its
+    host code) is reported from the saved x.layers.json, with a note naming --from-files."""
+    import numpy as np
+    import onnx
+    from inspect_helpers import fixture_text
+    from onnx import TensorProto, helper, numpy_helper
+
+    from trtkit.backend import load_backend
+
+    be = load_backend("trt")
+    trt = be.trt
+    w = numpy_helper.from_array(np.eye(32, dtype=np.float32), "W")
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="/unet/mm/MatMul")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 32])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 32])], [w])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)]), str(tmp_path / "m.onnx"))
+    builder = trt.Builder(be.logger)
+    net = builder.create_network(0)
+    parser = trt.OnnxParser(net, be.logger)
+    assert parser.parse_from_file(str(tmp_path / "m.onnx"))
+    cfg = builder.create_builder_config()
+    cfg.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)  # carries a lean runtime: host code
+    plan = tmp_path / "m.plan"
+    plan.write_bytes(bytes(builder.build_serialized_network(net, cfg)))
+    plan.with_suffix(".layers.json").write_text(fixture_text("trt10_detailed.json"))
+    src = load_engine(plan, backend="trt")
+    assert src.source == "saved" and src.layers is not None
+    assert any("could not be deserialized" in n and "--from-files" in n for n in src.notes), src.notes
+    with pytest.raises(TrtkitError, match="could not be deserialized"):
+        load_engine(plan, backend="trt", profile_layers=True)

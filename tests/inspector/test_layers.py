@@ -17,7 +17,7 @@ def _by_name(info, needle):
 
 
 def test_fixtures_say_where_their_shape_comes_from():
-    for name in ("trt10_detailed.json", "trt11_detailed.json", "names_only.json"):
+    for name in ("trt10_detailed.json", "trt11_detailed.json", "names_only.json", "myelin_regions.json"):
         src = json.loads(fixture_text(name))["_source"]
         assert "tensorrt-api.md section 3" in src
 
@@ -118,3 +118,21 @@ def test_unknown_and_odd_entries_are_not_fatal():
 def test_bad_layer_information(bad, msg):
     with pytest.raises(TrtkitError, match=msg):
         parse_engine_information(bad)
+
+
+def test_myelin_region_precision_reads_every_boundary_and_inner_layers():
+    """Review finding 16: a Myelin region's first input does not tell what it computes in."""
+    info = parse_engine_information(fixture_text("myelin_regions.json"))
+    cast_norm, attn, time_proj, ff = info.layers
+    assert all(x.is_myelin for x in info.layers)
+    # FP32 network input cast to FP16 inside the region: the first input alone said FP32.
+    assert cast_norm.inputs[0].dtype == "FP32" and cast_norm.precision == "mixed"
+    assert attn.precision == "FP16" and time_proj.precision == "FP32"
+    # FP32 boundaries, FP16 inner layers (listed under a key the parser does not know by name).
+    assert ff.inputs[0].dtype == "FP32" and ff.precision == "FP16"
+    # The documented fixtures keep their answers: FP16 attention region, FP8 named by the kernel (TRT 11).
+    assert _by_name(parse_engine_information(fixture_text("trt10_detailed.json")), "ForeignNode").precision == "FP16"
+    assert _by_name(parse_engine_information(fixture_text("trt11_detailed.json")), "ForeignNode").precision == "FP8"
+    # A non-Myelin layer with an FP32 input and FP16 output (a reformat) still reads its input type.
+    ref = _by_name(parse_engine_information(fixture_text("trt10_detailed.json")), "Reformatting CopyNode for Input")
+    assert not ref.is_myelin and ref.precision == "FP32"

@@ -75,6 +75,32 @@ def _rtx_targets(config: BuildConfig, source: OnnxSource) -> tuple[str, ...]:
     return config.target_cc or FP8_DEFAULT_TARGETS
 
 
+def fp8_gpu_error(precision: str, qdq_types: tuple[str, ...] | list[str], backend_name: str,
+                  cc: tuple[int, int] | None) -> str | None:
+    """Why full TensorRT cannot build FP8 on this GPU (FP8 kernels need Ada, 8.9, or later), or None.
+
+    TensorRT builds for the GPU it runs on, so an FP8 build on an A100 or RTX 3090 would run the Q/DQ pass
+    and then fail inside TensorRT. (RTX builds AOT for --target-cc instead: checked by _rtx_targets.)
+    """
+    if backend_name != "trt" or cc is None or tuple(cc) >= (8, 9):
+        return None
+    if precision != "fp8" and "fp8" not in qdq_types:
+        return None
+    what = "--fp8" if precision == "fp8" else "this ONNX's FP8 Q/DQ"
+    return (f"{what} needs a GPU of compute capability 8.9 or later (Ada, Hopper, Blackwell); this one is "
+            f"{cc[0]}.{cc[1]}: use --int8 or --fp16 here, or build FP8 with --backend rtx --target-cc 8.9")
+
+
+def rtx_build_flags(trt: Any) -> list[str]:
+    """BuilderFlag names every TensorRT-RTX build sets, where this RTX has them.
+
+    REQUIRE_USER_ALLOCATION (RTX 1.2+): no runtime allocation inside enqueue, so the engine can be captured
+    in a CUDA graph (the runtime's default --cuda-graph). Its doc: the build fails for networks whose
+    data-dependent shapes need runtime allocation; diffusion models have none.
+    """
+    return [f for f in ("REQUIRE_USER_ALLOCATION",) if hasattr(trt.BuilderFlag, f)]
+
+
 def _check_backend(config: BuildConfig, backend: Any) -> None:
     if backend.is_rtx:
         return
@@ -117,7 +143,7 @@ def _key_material(config: BuildConfig, backend: Any, source: OnnxSource, profile
         "onnx_sha256": onnx_sha, "calib_sha256": calib_sha if not source.has_qdq else None,
         "precision": config.precision, "fp16_rest": _fp16_rest(config, source), "quant_level": config.quant_level,
         "profiles": [p.to_json() for p in profiles], "opt_level": config.effective_opt_level,
-        "workspace": config.workspace_bytes,
+        "workspace": config.workspace_bytes, "build_flags": rtx_build_flags(backend.trt) if backend.is_rtx else [],
     }
 
 
@@ -240,6 +266,9 @@ def build(config: BuildConfig, progress: BuildProgress | None = None,
     backend = load_backend(config.backend)
     _check_backend(config, backend)
     source = read_onnx(config.onnx)
+    fp8_error = fp8_gpu_error(config.precision, source.qdq_types, backend.name, backend.compute_capability)
+    if fp8_error:
+        raise TrtkitError(fp8_error)
     profiles, dims_from = resolve_profiles(config, source)
     _check_precision(config, source, notes)
     targets = _rtx_targets(config, source) if backend.is_rtx else ()
@@ -278,6 +307,9 @@ def build(config: BuildConfig, progress: BuildProgress | None = None,
         workspace = config.workspace_bytes
         if workspace is not None:
             cfg.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
+        other_flags = rtx_build_flags(trt) if backend.is_rtx else []
+        for f in other_flags:
+            cfg.set_flag(getattr(trt.BuilderFlag, f))
         if backend.is_rtx:
             set_rtx_targets(backend, cfg, targets)
             if config.timing_cache is not None:
@@ -314,7 +346,8 @@ def build(config: BuildConfig, progress: BuildProgress | None = None,
             config.layers_path.unlink(missing_ok=True)
         if timing_cache is not None and config.timing_cache is not None:
             write_bytes_atomic(config.timing_cache, bytes(memoryview(cfg.get_timing_cache().serialize())))
-        layers_text, layers_reason = md.engine_layers(backend, plan) if config.save_layers else (None, "not asked")
+        shapes = md.inspection_shapes([p.to_json() for p in profiles])
+        layers_text, layers_reason = md.engine_layers(backend, plan, shapes) if config.save_layers else (None, "not asked")
         del plan, cfg, parser, network, builder, monitor  # TensorRT objects go before the monitor they point at
     layers_path = None
     if layers_text is not None:
@@ -328,6 +361,7 @@ def build(config: BuildConfig, progress: BuildProgress | None = None,
                    {"gpu": backend.gpu, "compute_capability": ".".join(map(str, backend.compute_capability or ()))}),
         "precision": {"requested": config.precision, "fp16_rest": _fp16_rest(config, source), "qdq_types": list(graph.qdq_types),
                       "strongly_typed": strongly_typed, "builder_flags": flags},
+        "builder_flags": other_flags,  # set besides the precision flags (RTX: REQUIRE_USER_ALLOCATION)
         "profiles": [p.to_json() for p in profiles],
         "io": io,
         "settings": {"opt_level": config.effective_opt_level, "workspace": config.workspace_bytes,
@@ -343,7 +377,8 @@ def build(config: BuildConfig, progress: BuildProgress | None = None,
         "build_seconds": round(build_seconds, 3),
         "plan": {"path": config.output.name, "bytes": plan_bytes, "sha256": plan_sha},
         "layers": {"saved": layers_path is not None, "path": layers_path.name if layers_path else None,
-                   "reason": layers_reason or "engine inspector JSON (DETAILED)"},
+                   "reason": layers_reason or "engine inspector JSON (DETAILED)",
+                   "shapes": {k: list(v) for k, v in shapes.items()} if layers_path else None},
         "notes": notes,
         "cache_key": key,
     }

@@ -7,7 +7,8 @@ inspector's layer JSON (`x.layers.json`) where the backend can deserialize the p
   builder_flags}, profiles [{name, shapes: {input: {min, opt, max}}}], io {inputs, outputs:
   [{name, shape, dtype}]}, settings {opt_level, workspace, timing_cache, static, ...},
   onnx {path, sha256, files, component, dims_from}, calib {path, sha256} | null, build_seconds,
-  plan {path, bytes, sha256}, layers {saved, path, reason}, cache_key.
+  plan {path, bytes, sha256}, layers {saved, path, reason, shapes}, builder_flags (set besides the
+  precision flags, e.g. RTX's REQUIRE_USER_ALLOCATION), cache_key.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -61,8 +63,21 @@ def write_metadata(path: Path, doc: dict[str, Any]) -> Path:
 _NUMBER_LIST = re.compile(r"\[\s+(-?\d+(?:,\s+-?\d+)*)\s+\]")
 
 
-def engine_layers(backend: Any, plan: Any) -> tuple[str | None, str]:
-    """(engine inspector JSON, "") or (None, why not). Needs a backend that can deserialize here."""
+def inspection_shapes(profiles: Sequence[Mapping[str, Any]]) -> dict[str, tuple[int, ...]]:
+    """The input shapes the saved layer information is resolved at: profile 0's opt shapes (what a live
+    `trtkit inspect` uses too), from the profiles' JSON (`x.json` "profiles", `ProfileShapes.to_json()`).
+    Without them the inspector writes -1 for every dynamic dimension and no layer has FLOPs."""
+    if not profiles:
+        return {}
+    shapes = profiles[0].get("shapes") or {}
+    return {name: tuple(int(d) for d in rng["opt"]) for name, rng in shapes.items()}
+
+
+def engine_layers(backend: Any, plan: Any, shapes: Mapping[str, tuple[int, ...]] | None = None) -> tuple[str | None, str]:
+    """(engine inspector JSON, "") or (None, why not). Needs a backend that can deserialize here.
+
+    `shapes` (inspection_shapes) resolve the dynamic dimensions through an execution context.
+    """
     if not backend.can_run:
         return None, f"not saved: {backend.trt.__name__} cannot deserialize on this machine ({backend.why_not_run})"
     trt = backend.trt
@@ -74,8 +89,28 @@ def engine_layers(backend: Any, plan: Any) -> tuple[str | None, str]:
         if engine is None:
             return None, "not saved: the plan did not deserialize on this GPU"
         inspector: trt_api.EngineInspector = engine.create_engine_inspector()
+        context = _shaped_context(trt, engine, shapes) if shapes else None
+        if context is not None:
+            inspector.execution_context = context
         text = inspector.get_engine_information(trt.LayerInformationFormat.JSON)
     except Exception as e:  # a failed inspection must not fail a good build
         log.warning("engine inspector failed: %s", e)
         return None, f"not saved: engine inspector failed ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
     return text, ""
+
+
+def _shaped_context(trt: Any, engine: trt_api.ICudaEngine,
+                    shapes: Mapping[str, tuple[int, ...]]) -> trt_api.IExecutionContext:
+    """A context with every input shape set, for the inspector only (never enqueued, so USER_MANAGED:
+    no activation memory, and allowed for RTX engines built with REQUIRE_USER_ALLOCATION)."""
+    strategy = getattr(getattr(trt, "ExecutionContextAllocationStrategy", None), "USER_MANAGED", None)
+    context: trt_api.IExecutionContext | None = (
+        engine.create_execution_context(strategy) if strategy is not None else engine.create_execution_context())
+    if context is None:
+        raise RuntimeError("TensorRT could not create an execution context (out of GPU memory?)")
+    for name, shape in shapes.items():
+        if hasattr(engine, "is_shape_inference_io") and engine.is_shape_inference_io(name):
+            continue  # shape tensors take values, not shapes; the inspector resolves without them
+        if not context.set_input_shape(name, shape):
+            raise RuntimeError(f"TensorRT refused input shape {'x'.join(map(str, shape))} for {name}")
+    return context

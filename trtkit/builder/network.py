@@ -130,4 +130,6 @@ def set_rtx_targets(backend: Any, config: Any, targets: tuple[str, ...]) -> None
         raise TrtkitError(f"this TensorRT-RTX ({backend.version}) cannot target compute capability {missing[0]}")
     config.num_compute_capabilities = len(targets)
     for i, t in enumerate(targets):
-        config.set_compute_capability(getattr(cc, RTX_TARGETS[t]), i)
+        if not config.set_compute_capability(getattr(cc, RTX_TARGETS[t]), i):  # returns bool, does not raise
+            raise TrtkitError(f"TensorRT-RTX {backend.version} refused target compute capability {t} "
+                              f"(target {i + 1} of {len(targets)}; 'current' must be the only target)")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trtkit.backend import last_errors
 from trtkit.errors import TrtkitError
 from trtkit.inspector.layers import EngineLayers, parse_engine_information
 
@@ -186,9 +187,37 @@ def _try_backend(name: str | None) -> tuple[Any | None, str]:
         return None, str(e)
 
 
+class NotDeserialized(TrtkitError):
+    """The installed backend could not load the plan (another GPU model, another version, corrupt, or a
+    version-compatible plan whose host code inspect never runs): load_engine falls back to the saved files."""
+
+
+def plan_targets(meta: dict[str, Any] | None) -> list[str] | None:
+    """The compute capabilities an RTX plan was built for ("7.5", "8.9", ...), per its metadata; None if unknown."""
+    targets = _get(meta, "target.compute_capabilities")
+    return [str(t) for t in targets] if isinstance(targets, list) else None
+
+
+def runs_here(be: Any, header: PlanHeader, meta: dict[str, Any] | None) -> tuple[bool, str]:
+    """(whether `be` can deserialize this plan on this machine, why not): the backend's own verdict, except that
+    TensorRT-RTX on Turing runs the plans built for 7.5 (backend.rtx_runs_on)."""
+    from trtkit.backend import rtx_runs_on
+
+    if header.flavour != be.name:
+        label = "TensorRT-RTX" if header.flavour == "rtx" else "TensorRT"
+        return False, f"it is a {label} plan and the loaded backend is {be.name}; pass --backend {header.flavour}"
+    if be.is_rtx and be.gpu is not None and hasattr(be.trt, "Runtime"):
+        return rtx_runs_on(be.compute_capability, plan_targets(meta))
+    return bool(be.can_run), be.why_not_run
+
+
 def load_engine(plan: str | Path, backend: str | None = None, profile_layers: bool = False,
                 runs: int = 10, from_files: bool = False) -> EngineSource:
-    """`from_files`: read the saved layer information even where this machine could deserialize the plan."""
+    """`from_files`: read the saved layer information even where this machine could deserialize the plan.
+
+    Where the plan does not deserialize here (NotDeserialized), the saved files are read instead, with a note;
+    only --profile-layers, which must run the engine, fails then.
+    """
     plan = Path(plan)
     if from_files and profile_layers:
         raise TrtkitError("--profile-layers runs the engine; it cannot be combined with --from-files")
@@ -198,13 +227,19 @@ def load_engine(plan: str | Path, backend: str | None = None, profile_layers: bo
     be, why_none = _try_backend(backend)
     check_version(plan, header, meta, be)
     notes: list[str] = []
-    if be is not None and be.can_run and header.flavour == be.name and not from_files:
-        layers, timings = _from_inspector(plan, be, profile_layers, runs)
-        return EngineSource(plan, header, meta, layers, "inspector", notes, timings, be.name)
-    why = ("--from-files" if from_files else why_none or (
-        be.why_not_run if be is not None and not be.can_run else
-        f"it is a {'TensorRT-RTX' if header.flavour == 'rtx' else 'TensorRT'} plan and the loaded backend is "
-        f"{be.name if be else '-'}; pass --backend {header.flavour}"))
+    can_run, why_not = runs_here(be, header, meta) if be is not None else (False, why_none)
+    if from_files:
+        why = "--from-files"
+    elif can_run:
+        try:
+            layers, timings = _from_inspector(plan, be, profile_layers, runs)
+            return EngineSource(plan, header, meta, layers, "inspector", notes, timings, be.name)
+        except NotDeserialized as e:
+            if profile_layers:
+                raise
+            why = f"{e}; `trtkit inspect --from-files` skips this attempt"
+    else:
+        why = why_not
     if profile_layers:
         raise TrtkitError(f"--profile-layers needs TensorRT and a GPU that can run this engine: {why}")
     notes.append(f"engine not deserialized ({why}); read the files `trtkit build` saved beside it")
@@ -251,21 +286,37 @@ def _from_inspector(plan: Path, be: Any, profile_layers: bool, runs: int) -> tup
         validity, diag = runtime.get_engine_validity(data)
         if validity == trt.EngineValidity.INVALID:
             flags = [n for n, v in trt.EngineInvalidityDiagnostics.__members__.items() if int(diag) & int(v)]
-            raise TrtkitError(f"{plan} cannot be loaded by TensorRT-RTX {be.version}: "
-                              f"{', '.join(flags).lower().replace('_', ' ') or 'invalid engine'}")
+            raise NotDeserialized(f"{plan} cannot be loaded by TensorRT-RTX {be.version}: "
+                                  f"{', '.join(flags).lower().replace('_', ' ') or 'invalid engine'}")
     engine = runtime.deserialize_cuda_engine(data)
     if engine is None:
-        last = next((m for lvl, m in reversed(be.logger.messages) if lvl >= 40), "")
-        raise TrtkitError(f"{plan} could not be deserialized by {trt.__name__} {be.version} (truncated, corrupt "
-                          f"or built by another version){': ' + last.splitlines()[0] if last else ''}")
-    context = engine.create_execution_context()
+        last = last_errors(be.logger.messages)
+        raise NotDeserialized(f"{plan} could not be deserialized by {trt.__name__} {be.version} (truncated, corrupt, "
+                              f"version-compatible or built by another version or GPU){': ' + last[0] if last else ''}")
+    context = _context(trt, engine, execute=profile_layers)
     for name, shape in _opt_shapes(engine, trt).items():
-        context.set_input_shape(name, shape)
+        if not context.set_input_shape(name, shape):
+            raise TrtkitError(f"{plan}: TensorRT refused input {name} at profile 0's opt shape "
+                              f"{'x'.join(map(str, shape))}")
     inspector = engine.create_engine_inspector()
     inspector.execution_context = context  # resolves dynamic dimensions and formats
     info = parse_engine_information(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
     timings = _profile(engine, context, trt, runs) if profile_layers else None
     return info, timings
+
+
+def _context(trt: Any, engine: Any, execute: bool) -> Any:
+    """An execution context, checked. Inspection only: USER_MANAGED (no activation memory is allocated, and
+    RTX engines built with REQUIRE_USER_ALLOCATION accept it); for --profile-layers TensorRT's default
+    (STATIC: it allocates what the runs need)."""
+    strategy = getattr(getattr(trt, "ExecutionContextAllocationStrategy", None), "USER_MANAGED", None)
+    if execute or strategy is None:
+        context = engine.create_execution_context()
+    else:
+        context = engine.create_execution_context(strategy)
+    if context is None:
+        raise TrtkitError("TensorRT could not create an execution context (out of GPU memory?)")
+    return context
 
 
 def _profile(engine: Any, context: Any, trt: Any, runs: int) -> dict[str, float]:

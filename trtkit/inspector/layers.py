@@ -145,11 +145,17 @@ class Layer:
         return canonical_dtype(w.get("Type")) if isinstance(w, dict) else None
 
     @property
+    def is_myelin(self) -> bool:
+        """A Myelin region: one "layer" standing for a whole fused subgraph ({ForeignNode[a...b]})."""
+        return "myelin" in self.type.lower() or bool(self.detailed and FOREIGN_RE.search(self.name))
+
+    @property
     def precision(self) -> str:
         """The precision the layer computes in, as far as the layer information tells.
 
         8-bit when a data input is 8-bit or the tactic names an 8-bit kernel; else the first floating
-        input type; else the first output type; "?" when the engine kept names only.
+        input type; else the first output type; "?" when the engine kept names only. Myelin regions:
+        see region_precision (their boundary tensors do not tell the inside).
         """
         in_types = [t.dtype for t in self.inputs if t.dtype]
         for dt in in_types:
@@ -159,6 +165,8 @@ class Layer:
         for frag, dt in _TACTIC_8BIT:
             if frag in tactic:
                 return dt
+        if self.is_myelin:
+            return region_precision(self)
         for dt in in_types:
             if dt in FLOAT:
                 return dt
@@ -201,6 +209,41 @@ class Layer:
             "reformat_for": self.reformat_for,
             "extra": self.extra,
         }
+
+
+def inner_layers(layer: Layer) -> tuple[Layer, ...]:
+    """Layers a Myelin region lists inside itself, where the layer information has them: any list of
+    layer-like objects (with LayerType/Inputs/Outputs) among its unknown keys. TensorRT 10's documented
+    DETAILED JSON has none (tensorrt-api.md section 3.2), so this is () there; the key name is not assumed."""
+    out: list[Layer] = []
+    for value in layer.extra.values():
+        if isinstance(value, list) and value and all(
+                isinstance(o, dict) and ("LayerType" in o or "Inputs" in o or "Outputs" in o) for o in value):
+            out.extend(parse_layer(i, o) for i, o in enumerate(value))
+    return tuple(out)
+
+
+def region_precision(layer: Layer) -> str:
+    """Precision of a Myelin region (after the 8-bit checks of Layer.precision).
+
+    With inner layers: their compute precisions (reformat/Q/DQ copies aside), one type or "mixed".
+    Without: the floating types of every boundary tensor, inputs AND outputs, one type or "mixed" (an FP32
+    input and FP16 outputs mean a cast inside: "mixed", where the first input alone would say FP32).
+    A region with FP32 I/O and FP16 compute inside but no cast at its boundary still reads FP32: the layer
+    information does not say more.
+    """
+    inner = [x.precision for x in inner_layers(layer) if x.kind not in ("reformat", "qdq")]
+    types = [t for t in inner if t != "?"]
+    if not types:
+        types = [t.dtype for t in (*layer.inputs, *layer.outputs) if t.dtype in (*FLOAT, *LOW_BIT)]
+    low = [t for t in types if t in LOW_BIT]
+    if low:
+        return low[0]
+    kinds = list(dict.fromkeys(types))
+    if not kinds:  # no floating tensor at all (an integer shape computation): its first type
+        other = [t.dtype for t in (*layer.outputs, *layer.inputs) if t.dtype]
+        return other[0] if other else "?"
+    return kinds[0] if len(kinds) == 1 else "mixed"
 
 
 @dataclass(frozen=True)
