@@ -24,7 +24,8 @@ KEEP = ("tensorrt/__init__.pyi", "tensorrt_bindings/__init__.pyi", "tensorrt_bin
 
 def patch(text: str) -> str:
     text = re.sub(r"\bin: ", "in_: ", text)
-    text = text.replace("power: Weights = None, channel_axis: int)", "power: Weights = None, channel_axis: int = ...)")
+    # (`int` in the 10.13 stubs, `typing.SupportsInt` in pybind11-stubgen 3's output for TensorRT-RTX)
+    text = re.sub(r"(power: Weights = None, channel_axis: [\w.]+)\)", r"\1 = ...)", text)
     text = re.sub(r"(?m)^bool: .*DataType.*\n", "", text)
     return text
 

@@ -96,3 +96,15 @@ def test_real_logger_drops_verbose_and_info() -> None:
     finally:
         trt_log.setLevel(old)
     assert (logging.INFO, "info wanted") in lg.messages
+
+
+@pytest.mark.rtx
+def test_vendored_rtx_stubs_match_the_installed_module() -> None:
+    """stubs/mypy-rtx.ini checks against stubs/rtx; they must be of the TensorRT-RTX release installed
+    (regenerate: pip install pybind11-stubgen==3.0.0 && python3 stubs/gen_rtx_stubs.py)."""
+    from pathlib import Path
+
+    vendored = (Path(__file__).parents[1] / "stubs" / "rtx" / "VERSION").read_text().split()[0]
+    installed = load_backend("rtx").version
+    assert vendored.split(".")[:2] == installed.split(".")[:2], (
+        f"stubs/rtx are of tensorrt_rtx {vendored}, {installed} is installed: run python3 stubs/gen_rtx_stubs.py")

@@ -78,7 +78,7 @@ def gpu_info() -> tuple[str | None, tuple[int, int] | None, str]:
         from cuda.bindings import driver as cu
     except ImportError:
         try:
-            from cuda import cuda as cu  # type: ignore[no-redef]  # cuda-python < 12.6
+            from cuda import cuda as cu  # cuda-python < 12.6
         except ImportError:
             return None, None, "cuda-python is not installed"
     try:
@@ -183,7 +183,7 @@ def _logger(trt: Any) -> Any:
     levels = {sev.INTERNAL_ERROR: logging.CRITICAL, sev.ERROR: logging.ERROR, sev.WARNING: logging.WARNING,
               sev.INFO: logging.INFO, sev.VERBOSE: logging.DEBUG}
 
-    class _PyLogger(trt.ILogger):  # type: ignore[misc, name-defined]
+    class _PyLogger(trt.ILogger):
         def __init__(self) -> None:
             trt.ILogger.__init__(self)
             self.messages: list[tuple[int, str]] = []

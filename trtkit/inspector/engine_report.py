@@ -11,11 +11,14 @@ import json
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trtkit.backend import last_errors
 from trtkit.errors import TrtkitError
 from trtkit.inspector.layers import EngineLayers, parse_engine_information
+
+if TYPE_CHECKING:  # the TensorRT API as typed by stubs/ (10.13, and TensorRT-RTX via mypy-rtx.ini); never imported
+    import tensorrt as trt_api
 
 # First four bytes of a serialized engine. "ftrt": full TensorRT plans (what torch-tensorrt and others test
 # for); "vtrt": TensorRT-RTX 1.x plans (seen on plans built here with tensorrt_rtx 1.7.1). Header layout
@@ -59,7 +62,7 @@ def read_plan_header(plan: Path) -> PlanHeader:
     size_field = version = None
     if flavour == "rtx" and len(head) >= 28:
         size_field = struct.unpack_from("<Q", head, 16)[0]
-        version = tuple(head[24:28])  # type: ignore[assignment]
+        version = tuple(head[24:28])
         if size_field and size < size_field:
             raise TrtkitError(f"{plan} is truncated: {size} bytes of the {size_field} its header announces")
     return PlanHeader(flavour, size_field, version)  # type: ignore[arg-type]
@@ -230,7 +233,7 @@ def load_engine(plan: str | Path, backend: str | None = None, profile_layers: bo
     can_run, why_not = runs_here(be, header, meta) if be is not None else (False, why_none)
     if from_files:
         why = "--from-files"
-    elif can_run:
+    elif can_run and be is not None:
         try:
             layers, timings = _from_inspector(plan, be, profile_layers, runs)
             return EngineSource(plan, header, meta, layers, "inspector", notes, timings, be.name)
@@ -264,7 +267,12 @@ def load_engine(plan: str | Path, backend: str | None = None, profile_layers: bo
     return EngineSource(plan, header, meta, None, "none", notes, None, be.name if be else None)
 
 
-def _opt_shapes(engine: Any, trt: Any) -> dict[str, tuple[int, ...]]:
+def _dims(d: trt_api.Dims) -> tuple[int, ...]:
+    # Dims is indexable, not iterable, in the stubs (the binding iterates through __getitem__).
+    return tuple(int(d[i]) for i in range(len(d)))
+
+
+def _opt_shapes(engine: trt_api.ICudaEngine, trt: Any) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {}
     for i in range(engine.num_io_tensors):
         name = engine.get_tensor_name(i)
@@ -273,13 +281,13 @@ def _opt_shapes(engine: Any, trt: Any) -> dict[str, tuple[int, ...]]:
         if hasattr(engine, "is_shape_inference_io") and engine.is_shape_inference_io(name):
             continue
         _, opt, _ = engine.get_tensor_profile_shape(name, 0)
-        shapes[name] = tuple(opt)
+        shapes[name] = _dims(opt)
     return shapes
 
 
 def _from_inspector(plan: Path, be: Any, profile_layers: bool, runs: int) -> tuple[EngineLayers, Any]:
     trt = be.trt
-    runtime = trt.Runtime(be.logger)
+    runtime: trt_api.Runtime = trt.Runtime(be.logger)
     runtime.engine_host_code_allowed = False  # never run code shipped inside a plan we only inspect
     data = plan.read_bytes()
     if hasattr(runtime, "get_engine_validity"):  # TensorRT-RTX: says why before trying
@@ -288,7 +296,7 @@ def _from_inspector(plan: Path, be: Any, profile_layers: bool, runs: int) -> tup
             flags = [n for n, v in trt.EngineInvalidityDiagnostics.__members__.items() if int(diag) & int(v)]
             raise NotDeserialized(f"{plan} cannot be loaded by TensorRT-RTX {be.version}: "
                                   f"{', '.join(flags).lower().replace('_', ' ') or 'invalid engine'}")
-    engine = runtime.deserialize_cuda_engine(data)
+    engine: trt_api.ICudaEngine | None = runtime.deserialize_cuda_engine(data)
     if engine is None:
         last = last_errors(be.logger.messages)
         raise NotDeserialized(f"{plan} could not be deserialized by {trt.__name__} {be.version} (truncated, corrupt, "
@@ -298,18 +306,19 @@ def _from_inspector(plan: Path, be: Any, profile_layers: bool, runs: int) -> tup
         if not context.set_input_shape(name, shape):
             raise TrtkitError(f"{plan}: TensorRT refused input {name} at profile 0's opt shape "
                               f"{'x'.join(map(str, shape))}")
-    inspector = engine.create_engine_inspector()
+    inspector: trt_api.EngineInspector = engine.create_engine_inspector()
     inspector.execution_context = context  # resolves dynamic dimensions and formats
     info = parse_engine_information(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
     timings = _profile(engine, context, trt, runs) if profile_layers else None
     return info, timings
 
 
-def _context(trt: Any, engine: Any, execute: bool) -> Any:
+def _context(trt: Any, engine: trt_api.ICudaEngine, execute: bool) -> trt_api.IExecutionContext:
     """An execution context, checked. Inspection only: USER_MANAGED (no activation memory is allocated, and
     RTX engines built with REQUIRE_USER_ALLOCATION accept it); for --profile-layers TensorRT's default
     (STATIC: it allocates what the runs need)."""
     strategy = getattr(getattr(trt, "ExecutionContextAllocationStrategy", None), "USER_MANAGED", None)
+    context: trt_api.IExecutionContext | None
     if execute or strategy is None:
         context = engine.create_execution_context()
     else:
@@ -319,7 +328,7 @@ def _context(trt: Any, engine: Any, execute: bool) -> Any:
     return context
 
 
-def _profile(engine: Any, context: Any, trt: Any, runs: int) -> dict[str, float]:
+def _profile(engine: trt_api.ICudaEngine, context: trt_api.IExecutionContext, trt: Any, runs: int) -> dict[str, float]:
     """Mean time per layer over `runs` executions at the opt shapes (IProfiler), inputs zeroed."""
     from cuda.bindings import driver as cu
 
@@ -334,7 +343,7 @@ def _profile(engine: Any, context: Any, trt: Any, runs: int) -> dict[str, float]
 
     times: dict[str, list[float]] = {}
 
-    class _Profiler(trt.IProfiler):  # type: ignore[misc, name-defined]
+    class _Profiler(trt.IProfiler):
         def __init__(self) -> None:
             trt.IProfiler.__init__(self)
 
@@ -348,7 +357,7 @@ def _profile(engine: Any, context: Any, trt: Any, runs: int) -> dict[str, float]
     try:
         for i in range(engine.num_io_tensors):
             name = engine.get_tensor_name(i)
-            shape = tuple(context.get_tensor_shape(name))
+            shape = _dims(context.get_tensor_shape(name))
             n = 1
             for d in shape:
                 n *= max(int(d), 1)
