@@ -33,7 +33,7 @@ app = typer.Typer(
 )
 
 # One module per verb family; each has `register(app)`.
-COMMAND_MODULES = ("demo", "profiles", "backend", "export", "calibrate", "quantize", "build", "inspect", "run")
+COMMAND_MODULES = ("demo", "doctor", "profiles", "backend", "export", "calibrate", "quantize", "build", "inspect", "run")
 
 
 @app.callback()

@@ -10,9 +10,16 @@ def register(app: typer.Typer) -> None:
     def backend(
         name: str = typer.Option(None, "--backend", "-b", help="trt or rtx (default: $TRTKIT_BACKEND, then trt, then rtx)."),
         as_json: bool = typer.Option(False, "--json"),
+        check: bool = typer.Option(False, "--check", help="Run `trtkit doctor`: build, run and check a tiny engine."),
     ) -> None:
         """Report the TensorRT backend: version, strong typing, precision flags, whether engines can run here."""
         from trtkit.backend import load_backend
+
+        if check:
+            from trtkit.cli.doctor import doctor_command
+
+            doctor_command(name, as_json)
+            return
 
         info = load_backend(name).describe()
         if as_json:
