@@ -43,6 +43,21 @@ def test_which_checks_apply() -> None:
     assert all(v is None for v in applicable("trt", "NVIDIA H200 (sm_90)", True, "").values())
 
 
+def test_doctor_plan_on_turing_and_elsewhere() -> None:
+    from trtkit.doctor import plan_targets_for, runs_doctor_plan
+
+    assert plan_targets_for("rtx", "NVIDIA T4 (sm_75)", (7, 5)) == ("7.5",)
+    assert plan_targets_for("rtx", "NVIDIA L4 (sm_89)", (8, 9)) == () and plan_targets_for("rtx", None, None) == ()
+    assert plan_targets_for("trt", "NVIDIA T4 (sm_75)", (7, 5)) == ()
+    # The backend says "not any plan" on Turing; the doctor's own plan targets 7.5, so it runs.
+    assert runs_doctor_plan("rtx", "NVIDIA T4 (sm_75)", (7, 5), can_run=False)
+    assert not runs_doctor_plan("rtx", "Jetson AGX Orin (sm_87)", (8, 7), can_run=False)
+    assert not runs_doctor_plan("rtx", "NVIDIA H200 (sm_90)", (9, 0), can_run=False)
+    assert runs_doctor_plan("rtx", "NVIDIA RTX 4090 (sm_89)", (8, 9), can_run=True)
+    assert not runs_doctor_plan("rtx", None, None, can_run=False)
+    assert runs_doctor_plan("trt", "NVIDIA H200 (sm_90)", (9, 0), can_run=True)
+
+
 def test_max_error_and_tolerance() -> None:
     ref = np.array([[1.0, -4.0], [2.0, 0.5]], np.float32)
     assert max_error(ref, ref) == (0.0, pytest.approx(0.04))

@@ -11,6 +11,7 @@ CPU; what needs a GPU (`_gpu_checks`) is kept short and only calls the runtime's
 
 from __future__ import annotations
 
+import json
 import platform
 import sys
 import tempfile
@@ -82,6 +83,21 @@ def applicable(backend: str | None, gpu: str | None, can_run: bool, why_not_run:
         for n in RUNTIME_CHECKS:
             out[n] = reason
     return out
+
+
+def plan_targets_for(backend: str, gpu: str | None, cc: tuple[int, int] | None) -> tuple[str, ...]:
+    """--target-cc of the doctor's RTX build: its portable default, except on a Turing GPU, which runs only plans
+    built for 7.5 (backend.rtx_runs_on)."""
+    return ("7.5",) if backend == "rtx" and gpu is not None and cc == (7, 5) else ()
+
+
+def runs_doctor_plan(backend: str, gpu: str | None, cc: tuple[int, int] | None, can_run: bool) -> bool:
+    """Whether the doctor's own plan can run here: the backend's verdict, or RTX on Turing with a 7.5 plan."""
+    from trtkit.backend import rtx_runs_on
+
+    if backend != "rtx" or gpu is None:
+        return can_run
+    return rtx_runs_on(cc, list(plan_targets_for(backend, gpu, cc)) or None)[0]
 
 
 def max_error(out: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
@@ -189,8 +205,8 @@ def run_checks(backend: str | None = None, workdir: Path | None = None,
                                                                      f" (also installed: {', '.join(others)})")))
     except TrtkitError as e:
         add(Check("backend", FAILED, str(e)))
-    todo = applicable(be.name if be else None, be.gpu if be else None, bool(be and be.can_run),
-                      be.why_not_run if be else "")
+    runnable = be is not None and runs_doctor_plan(be.name, be.gpu, be.compute_capability, be.can_run)
+    todo = applicable(be.name if be else None, be.gpu if be else None, runnable, be.why_not_run if be else "")
     if be is not None:
         gpu_line = f"{be.gpu}" + (f"; {be.why_not_run}" if be.gpu and not be.can_run else "")
         add(Check("gpu", OK, gpu_line) if be.gpu else Check("gpu", SKIPPED, be.why_not_run or "no CUDA GPU"))
@@ -215,14 +231,10 @@ def _build(be: Any, onnx_path: Path, plan: Path) -> str:
     from trtkit.builder.build import build
     from trtkit.builder.config import BuildConfig
 
-    targets: tuple[str, ...] = ()
-    if be.is_rtx and be.compute_capability == (7, 5) and be.gpu:
-        targets = ("7.5",)  # Turing runs only plans built for it
+    targets = plan_targets_for(be.name, be.gpu, be.compute_capability)
     r = build(BuildConfig(onnx=onnx_path, output=plan, min_shapes=_shapes(BATCH["min"]),
                           opt_shapes=_shapes(BATCH["opt"]), max_shapes=_shapes(BATCH["max"]), backend=be.name,
                           target_cc=targets, progress=False, force=True))
-    import json
-
     meta = json.loads(r.metadata.read_text())
     where = (f"ahead of time for compute capability {', '.join(meta['target']['compute_capabilities'])}"
              if be.is_rtx else f"for {meta['target']['gpu']}")
