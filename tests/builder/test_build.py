@@ -266,7 +266,7 @@ def test_prequantized_fp8_needs_ada_targets(tmp_path: Path) -> None:
 
 def test_fp8_on_a_gpu_below_ada_is_refused_before_the_build() -> None:
     """Review finding 14: full TensorRT builds for the GPU it runs on; FP8 needs 8.9 or later."""
-    from trtkit.builder.build import fp8_gpu_error
+    from trtkit.builder.config import fp8_gpu_error
 
     for cc in ((8, 0), (8, 6), (7, 5)):
         msg = fp8_gpu_error("fp8", (), "trt", cc)

@@ -28,7 +28,13 @@ from trtkit._files import (
     write_text_atomic,
 )
 from trtkit.builder import metadata as md
-from trtkit.builder.config import EIGHT_BIT, FP8_DEFAULT_TARGETS, RTX_DEFAULT_TARGETS, BuildConfig
+from trtkit.builder.config import (
+    EIGHT_BIT,
+    FP8_DEFAULT_TARGETS,
+    RTX_DEFAULT_TARGETS,
+    BuildConfig,
+    fp8_gpu_error,
+)
 from trtkit.builder.network import add_profiles, network_flags, network_io, parse_onnx, set_rtx_targets
 from trtkit.builder.progress import BuildProgress, cancel_on_sigint, make_monitor, progress_display
 from trtkit.builder.shapes import ProfileShapes, resolve_profiles
@@ -73,22 +79,6 @@ def _rtx_targets(config: BuildConfig, source: OnnxSource) -> tuple[str, ...]:
         raise TrtkitError(f"{source.path.name} has FP8 Q/DQ, which needs compute capability 8.9 or later; "
                           f"drop --target-cc {' '.join(low)}")
     return config.target_cc or FP8_DEFAULT_TARGETS
-
-
-def fp8_gpu_error(precision: str, qdq_types: tuple[str, ...] | list[str], backend_name: str,
-                  cc: tuple[int, int] | None) -> str | None:
-    """Why full TensorRT cannot build FP8 on this GPU (FP8 kernels need Ada, 8.9, or later), or None.
-
-    TensorRT builds for the GPU it runs on, so an FP8 build on an A100 or RTX 3090 would run the Q/DQ pass
-    and then fail inside TensorRT. (RTX builds AOT for --target-cc instead: checked by _rtx_targets.)
-    """
-    if backend_name != "trt" or cc is None or tuple(cc) >= (8, 9):
-        return None
-    if precision != "fp8" and "fp8" not in qdq_types:
-        return None
-    what = "--fp8" if precision == "fp8" else "this ONNX's FP8 Q/DQ"
-    return (f"{what} needs a GPU of compute capability 8.9 or later (Ada, Hopper, Blackwell); this one is "
-            f"{cc[0]}.{cc[1]}: use --int8 or --fp16 here, or build FP8 with --backend rtx --target-cc 8.9")
 
 
 def rtx_build_flags(trt: Any) -> list[str]:

@@ -49,6 +49,22 @@ def parse_target(text: str) -> str:
     return t
 
 
+def fp8_gpu_error(precision: str, qdq_types: tuple[str, ...] | list[str], backend_name: str,
+                  cc: tuple[int, int] | None) -> str | None:
+    """Why full TensorRT cannot build FP8 on this GPU (FP8 kernels need Ada, 8.9, or later), or None.
+
+    TensorRT builds for the GPU it runs on, so an FP8 build on an A100 or RTX 3090 would run the Q/DQ pass
+    and then fail inside TensorRT. (RTX builds AOT for --target-cc instead: checked by build._rtx_targets.)
+    """
+    if backend_name != "trt" or cc is None or tuple(cc) >= (8, 9):
+        return None
+    if precision != "fp8" and "fp8" not in qdq_types:
+        return None
+    what = "--fp8" if precision == "fp8" else "this ONNX's FP8 Q/DQ"
+    return (f"{what} needs a GPU of compute capability 8.9 or later (Ada, Hopper, Blackwell); this one is "
+            f"{cc[0]}.{cc[1]}: use --int8 or --fp16 here, or build FP8 with --backend rtx --target-cc 8.9")
+
+
 @dataclass(frozen=True)
 class BuildConfig:
     """One engine build. Paths may be str; they are normalised to Path.
