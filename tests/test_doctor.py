@@ -126,6 +126,9 @@ def test_doctor_here_builds_and_says_what_cannot_run(tmp_path, capsys) -> None:
     doc = json.loads(capsys.readouterr().out)
     assert doc["ok"] is True and doc["environment"]["backend"]["version"] == be.version
     assert [c["name"] for c in doc["checks"]] == list(CHECKS)
+    assert main(["backend", "--backend", "rtx", "--check"]) == 0  # the same checks, as lines
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split()[:3] == ["ok", "backend", "tensorrt_rtx"] and "build" in out
 
 
 def test_doctor_without_the_asked_backend_fails(capsys) -> None:
