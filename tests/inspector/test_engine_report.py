@@ -239,3 +239,6 @@ def test_undeserializable_plan_falls_back_to_saved_layers(tmp_path):
     assert any("could not be deserialized" in n and "--from-files" in n for n in src.notes), src.notes
     with pytest.raises(TrtkitError, match="could not be deserialized"):
         load_engine(plan, backend="trt", profile_layers=True)
+    plan.with_suffix(".layers.json").unlink()  # nothing saved beside it: the error is the answer
+    with pytest.raises(TrtkitError, match="could not be deserialized"):
+        load_engine(plan, backend="trt")

@@ -219,7 +219,7 @@ def load_engine(plan: str | Path, backend: str | None = None, profile_layers: bo
     """`from_files`: read the saved layer information even where this machine could deserialize the plan.
 
     Where the plan does not deserialize here (NotDeserialized), the saved files are read instead, with a note;
-    only --profile-layers, which must run the engine, fails then.
+    it stays an error with --profile-layers (which must run the engine) or when nothing was saved beside it.
     """
     plan = Path(plan)
     if from_files and profile_layers:
@@ -238,8 +238,8 @@ def load_engine(plan: str | Path, backend: str | None = None, profile_layers: bo
             layers, timings = _from_inspector(plan, be, profile_layers, runs)
             return EngineSource(plan, header, meta, layers, "inspector", notes, timings, be.name)
         except NotDeserialized as e:
-            if profile_layers:
-                raise
+            if profile_layers or (meta is None and not companion_paths(plan)[1].is_file()):
+                raise  # nothing saved to fall back on (or the engine must run): the error is the answer
             why = f"{e}; `trtkit inspect --from-files` skips this attempt"
     else:
         why = why_not
