@@ -136,6 +136,7 @@ def test_run_into_a_folder(tiny_model_dir: Path, tmp_path: Path, cli: Cli) -> No
                 "--device", "cpu", "-o", str(tmp_path))
     assert p.returncode == 0, p.stderr
     assert [x.name for x in tmp_path.iterdir()] == ["out.png"] and mode(tmp_path / "out.png") == FILE_MODE
+    assert f"wrote {tmp_path / 'out.png'} " in p.stdout
 
 
 def test_demo_model_folder_modes(tiny_model_dir: Path) -> None:

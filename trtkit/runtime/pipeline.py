@@ -44,6 +44,7 @@ class RunResult:
     timings_ms: dict[str, float] = field(default_factory=dict)
     executor: str = ""
     cuda_graph: bool = False
+    path: Path | None = None  # where run() saved the image (a folder given as output: out.png in it)
 
 
 def default_device() -> str:
@@ -284,6 +285,7 @@ def run(cfg: RunConfig, output: Path | None = None) -> RunResult:
         with atomic_path(output) as tmp:
             res.image.save(tmp, format={".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(
                 output.suffix.lower(), "PNG"))
+        res.path = output
     return res
 
 
