@@ -32,7 +32,8 @@ RTX_BUILD = ("--shapes", "x:4x64", "--backend", "rtx", "--target-cc", "8.9", "--
 def run_cli(*args: str, prefix: tuple[str, ...] = (), cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([*prefix, sys.executable, "-m", "trtkit", *args], capture_output=True, text=True,
                           cwd=cwd, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200", "HOME": str(cwd or ROOT)})
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200",
+                               **({"HOME": str(cwd)} if cwd else {})})
 
 
 Cli = Callable[..., subprocess.CompletedProcess]
