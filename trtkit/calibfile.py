@@ -93,9 +93,9 @@ def save(cal: Calibration, path: Path | str) -> Path:
 
 
 def load(path: Path | str) -> Calibration:
-    path = Path(path)
-    if not path.is_file():
-        raise TrtkitError(f"calibration file {path} does not exist")
+    from trtkit._files import check_input
+
+    path = check_input(path, "calibration file")
     try:
         doc = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -90,6 +90,9 @@ def _resolve(fn: StageFn | str) -> StageFn:
 
 
 def run_demo(config: DemoConfig, on_stage: Callable[[StageResult], None] | None = None) -> list[StageResult]:
+    from trtkit._files import check_output_dir
+
+    check_output_dir(config.workdir, what="demo folder")  # before the first stage, not 4 s into it
     state = DemoState(config)
     results: list[StageResult] = []
     for name, fn in STAGES:

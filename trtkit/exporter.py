@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trtkit._files import ONNX_PROTO_LIMIT, ensure_writable_dir, staged_onnx
+from trtkit._files import ONNX_PROTO_LIMIT, check_output, check_output_dir, made_dir, staged_onnx
 from trtkit._quiet import quiet_loading
 from trtkit.errors import TrtkitError
 from trtkit.profiles import COMPONENTS, InputShapes, ModelDims, apply_overrides, get_profile
@@ -200,6 +200,12 @@ def resolve_shapes(model_dir: Path | str, component: str, profile: str | None, s
                            max_shapes=max_shapes)
 
 
+def _model_files(model_dir: Path | str) -> list[Path]:
+    """The files an export reads (a local folder; none for a hub id): the output must not be one."""
+    root = Path(model_dir)
+    return [f for f in root.rglob("*") if f.is_file()] if root.is_dir() else []
+
+
 def export(config: ExportConfig, progress: Any = None) -> ExportResult:
     """Export one component of a diffusers folder to `out_dir/<component>.onnx`."""
     import numpy as np
@@ -210,7 +216,10 @@ def export(config: ExportConfig, progress: Any = None) -> ExportResult:
     if not _is_local(config.model_dir) and not str(config.model_dir).count("/") == 1:
         raise TrtkitError(f"model folder {config.model_dir} does not exist")
     shapes = resolve_shapes(config.model_dir, config.component, config.profile, config.shapes)
-    out_dir = ensure_writable_dir(Path(config.out_dir))
+    # Checked now, created only when there is something to write (a failed export leaves no empty folder).
+    out_dir = check_output_dir(Path(config.out_dir))
+    dest = check_output(out_dir / f"{config.component}.onnx", what="output ONNX",
+                        inputs=_model_files(config.model_dir), sidecars=lambda o: [o.parent / (o.name + ".data")])
     step = progress or (lambda msg: None)
 
     step(f"loading {config.component}")
@@ -233,8 +242,7 @@ def export(config: ExportConfig, progress: Any = None) -> ExportResult:
     feeds = example_inputs(shapes, "opt", config.seed, vocab)
     args = tuple(torch.from_numpy(v) for v in feeds.values())
 
-    dest = out_dir / f"{config.component}.onnx"
-    with tempfile.TemporaryDirectory(prefix=".export-", dir=out_dir) as tmpd:
+    with made_dir(out_dir), tempfile.TemporaryDirectory(prefix=".export-", dir=out_dir) as tmpd:
         tmp = Path(tmpd) / "raw.onnx"
         step(f"exporting {config.component} ({n_params / 1e6:.1f} M parameters)")
         try:

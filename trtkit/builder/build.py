@@ -9,6 +9,7 @@ a progress monitor, then write the plan atomically, the layer JSON and the metad
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
@@ -22,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 import trtkit
 from trtkit._files import (
     atomic_path,
+    check_input,
+    check_output,
     ensure_writable_dir,
     sha256_files,
     write_bytes_atomic,
@@ -106,9 +109,24 @@ def _calib_files(calib: Path) -> list[Path]:
     return [calib, side] if side.is_file() else [calib]
 
 
+def checked_output(config: BuildConfig) -> BuildConfig:
+    """Every verb's output checks (trtkit._files.check_output), before any work: a folder gets
+    `<onnx stem>.plan`; neither the plan nor its .json/.layers.json may be a device node, a folder or
+    one of the inputs (the ONNX and its data, the calibration file)."""
+    onnx = config.onnx
+    inputs = [onnx, onnx.parent / (onnx.name + ".data")]
+    if config.calib is not None:
+        inputs += [config.calib, config.calib.with_suffix(".safetensors")]
+    out = check_output(config.output, default_name=onnx.with_suffix(".plan").name, inputs=inputs,
+                       sidecars=lambda o: [o.with_suffix(".json"), o.with_suffix(".layers.json")], what="plan")
+    if config.timing_cache is not None:  # read and written: only a folder or a device node is refused
+        check_output(config.timing_cache, what="timing cache")
+    return config if out == config.output else dataclasses.replace(config, output=out)
+
+
 def _check_precision(config: BuildConfig, source: OnnxSource, notes: list[str]) -> None:
-    if config.calib is not None and not config.calib.is_file():
-        raise TrtkitError(f"calibration file {config.calib} does not exist")
+    if config.calib is not None:
+        check_input(config.calib, "calibration file")
     if config.precision not in EIGHT_BIT:
         if source.has_qdq:
             notes.append(f"the ONNX already has {'/'.join(source.qdq_types)} Q/DQ nodes; they are built as given")
@@ -251,6 +269,8 @@ def build(config: BuildConfig, progress: BuildProgress | None = None,
     say = status or (lambda msg: log.info("%s", msg))
     from trtkit.backend import load_backend
 
+    config = checked_output(config)
+
     t0 = time.perf_counter()
     notes: list[str] = []
     backend = load_backend(config.backend)
@@ -259,6 +279,8 @@ def build(config: BuildConfig, progress: BuildProgress | None = None,
     fp8_error = fp8_gpu_error(config.precision, source.qdq_types, backend.name, backend.compute_capability)
     if fp8_error:
         raise TrtkitError(fp8_error)
+    check_output(config.output, inputs=source.data_files, what="plan",
+                 sidecars=lambda o: [o.with_suffix(".json"), o.with_suffix(".layers.json")])
     profiles, dims_from = resolve_profiles(config, source)
     _check_precision(config, source, notes)
     targets = _rtx_targets(config, source) if backend.is_rtx else ()

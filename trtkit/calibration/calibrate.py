@@ -181,9 +181,9 @@ def read_prompts(path: Path | None, n: int) -> list[str]:
         text = resources.files("trtkit.calibration").joinpath("prompts.txt").read_text()
         where = "the built-in prompt file"
     else:
-        p = Path(path)
-        if not p.is_file():
-            raise TrtkitError(f"prompt file {p} does not exist")
+        from trtkit._files import check_input
+
+        p = check_input(path, "prompt file")
         text, where = p.read_text(encoding="utf-8", errors="replace"), str(p)
     prompts = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     if not prompts:
@@ -223,18 +223,21 @@ def load_for_model(calib_path: Path, model_dir: Path) -> Calibration:
     return cal
 
 
+def pipeline_files(model_dir: Path) -> list[Path]:
+    """The files a pipeline load reads: model_index.json and every file of its component folders (a
+    calibration file may go beside them, never onto them)."""
+    subdirs = [d for d in model_dir.iterdir() if d.is_dir()] if model_dir.is_dir() else []
+    return [model_dir / "model_index.json", *(f for d in subdirs for f in d.rglob("*") if f.is_file())]
+
+
 def partial_path(out: Path) -> Path:
     return out.with_name(out.name + ".partial.npz")
 
 
 def calibrate(cfg: CalibrateConfig, progress: Callable[[int, int, str], None] | None = None) -> Path:
     """Calibrate cfg.model_dir's UNet and write cfg.out (+ .safetensors with SmoothQuant vectors)."""
-    import torch
-
     from trtkit import calibfile
-    from trtkit._files import ensure_writable_dir
-    from trtkit.calibration.hooks import tapped
-    from trtkit.calibration.stats import StepStats
+    from trtkit._files import check_output
 
     recipe = cfg.recipe.resolved()
     if cfg.steps < 1 or cfg.batch < 1:
@@ -242,10 +245,15 @@ def calibrate(cfg: CalibrateConfig, progress: Callable[[int, int, str], None] | 
     model_dir = Path(cfg.model_dir)
     if not (model_dir / "model_index.json").is_file():
         raise TrtkitError(f"{model_dir} is not a diffusers pipeline folder (no model_index.json)")
-    out = Path(cfg.out)
-    ensure_writable_dir(out.parent)
+    out = check_output(cfg.out, default_name="calib.json", what="calibration file",
+                       inputs=[*pipeline_files(model_dir), cfg.prompts],
+                       sidecars=lambda o: [o.with_suffix(".safetensors"), partial_path(o)])
     prompts = read_prompts(cfg.prompts, cfg.num_prompts)
     batches = [prompts[i: i + cfg.batch] for i in range(0, len(prompts), cfg.batch)]
+    import torch  # after the checks above: they fail in a blink, the imports take seconds
+
+    from trtkit.calibration.hooks import tapped
+    from trtkit.calibration.stats import StepStats
 
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.startswith("cuda") else torch.float32

@@ -28,6 +28,10 @@ def register(app: typer.Typer) -> None:
         from trtkit.cli._common import console, err_console, print_json
         from trtkit.inspector.report import inspect
 
+        if html is not None:  # checked before the report is built: a folder, a device node, an input
+            from trtkit.inspector.html import html_output
+
+            html = html_output(html, path, path2, onnx)
         report = inspect(path, path2, onnx=onnx, backend=backend, profile_layers=profile_layers,
                          from_files=from_files)
         if html is not None:

@@ -62,6 +62,7 @@ def register(app: typer.Typer) -> None:
         cfg = _config(model_dir, engines, prompt, negative_prompt, steps, guidance, scheduler, seed, cuda_graph,
                       height, width, trust_engine, device, compile, kernels)
         res = do_run(cfg, output)
+        output = res.path or output  # a folder as -o: the file written in it
         info = {"output": str(output), "executor": res.executor, "cuda_graph": res.cuda_graph,
                 **{f"{k}_ms": round(v, 1) for k, v in res.timings_ms.items()}}
         if json_out:

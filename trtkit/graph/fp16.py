@@ -186,12 +186,13 @@ def to_fp16(graph: gs.Graph, keep_fp32_nodes: Iterable[str] = (), keep_fp32_ops:
 def convert_fp16(onnx_path: Path | str, output: Path | str, *, io_dtype: str = "float32",
                  keep_fp32_ops: Iterable[str] = DEFAULT_KEEP_FP32_OPS, keep_fp32_nodes: Iterable[str] = ()) -> Path:
     """FP32 ONNX (with or without Q/DQ) -> strongly typed FP16 ONNX at `output`."""
-    from trtkit._files import load_onnx
+    from trtkit._files import check_output, load_onnx
     from trtkit.graph.qdq import write_model
 
-    src, dest = Path(onnx_path), Path(output)
-    if dest.resolve() == src.resolve():
-        raise TrtkitError("the output must not overwrite the input ONNX")
+    src = Path(onnx_path)
+    dest = check_output(output, default_name=f"{src.stem}.fp16.onnx", what="output ONNX",
+                        inputs=[src, src.parent / (src.name + ".data")],
+                        sidecars=lambda o: [o.parent / (o.name + ".data")])
     model = load_onnx(src, external=True)
     if not any(_elem(i) == onnx.TensorProto.FLOAT for i in (*model.graph.input, *model.graph.output,
                                                               *model.graph.value_info)) and \

@@ -36,7 +36,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from trtkit._files import load_onnx, staged_onnx
+from trtkit._files import check_output, load_onnx, staged_onnx
 from trtkit.errors import TrtkitError
 from trtkit.graph import patterns
 from trtkit.graph.patterns import AttentionMatch, Matches, WeightedMatch
@@ -522,9 +522,11 @@ def _quantize(cfg: QuantizeConfig) -> QuantizeResult:
     if cfg.precision not in PRECISIONS:
         raise TrtkitError(f"precision {cfg.precision!r} is not one of {', '.join(PRECISIONS)}")
     level = resolve_level(cfg.precision, cfg.level)
-    src, dest = Path(cfg.onnx_path), Path(cfg.output)
-    if dest.resolve() == src.resolve():
-        raise TrtkitError("the output must not overwrite the input ONNX")
+    src = Path(cfg.onnx_path)
+    calib = [Path(cfg.calib), Path(cfg.calib).with_suffix(".safetensors")] if cfg.calib is not None else []
+    dest = check_output(cfg.output, default_name=f"{src.stem}.{cfg.precision}.onnx", what="output ONNX",
+                        inputs=[src, src.parent / (src.name + ".data"), *calib],
+                        sidecars=lambda o: [o.parent / (o.name + ".data")])
     if cfg.io_dtype not in ("float32", "float16"):
         raise TrtkitError(f"io_dtype {cfg.io_dtype!r} is not float32 or float16")
     cal = None

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from trtkit._files import write_text_atomic
+from trtkit._files import check_output, write_text_atomic
 from trtkit.inspector.onnx_report import OnnxReport, coverage_json
 from trtkit.inspector.report import Comparison, EngineReport, _block_order
 
@@ -270,7 +270,18 @@ def combined_html(title: str, sections: list[tuple[str, Any]]) -> str:
     return page(title, "".join(body))
 
 
+def html_output(path: str | Path, *inputs: str | Path | None) -> Path:
+    """Check `inspect --html` before any work: a folder gets `<first input's stem>.html`; the page may
+    not replace an input (a plan, its .json/.layers.json, an ONNX and its .data), a device node or FIFO."""
+    files = [Path(p) for p in inputs if p is not None]
+    around = [p.with_suffix(s) for p in files for s in (".json", ".layers.json")]
+    around += [p.parent / (p.name + ".data") for p in files]
+    return check_output(path, default_name=f"{files[0].stem}.html" if files else "report.html",
+                        inputs=[*files, *around], what="HTML report")
+
+
 def write_html(report: Any, path: str | Path) -> Path:
-    path = Path(path)
+    """Write the page; a folder `path` gets report.html (the CLI names it after the input instead)."""
+    path = check_output(path, default_name="report.html", what="HTML report")
     write_text_atomic(path, render_html(report))
     return path

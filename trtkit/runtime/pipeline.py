@@ -44,6 +44,7 @@ class RunResult:
     timings_ms: dict[str, float] = field(default_factory=dict)
     executor: str = ""
     cuda_graph: bool = False
+    path: Path | None = None  # where run() saved the image (a folder given as output: out.png in it)
 
 
 def default_device() -> str:
@@ -211,6 +212,8 @@ class Pipeline:
         kernel_options(kernels, self.device, compile)  # a bad preset fails before the (slow) load
         if engines is not None and not (Path(engines).is_file() or (Path(engines) / "unet.plan").is_file()):
             raise TrtkitError(f"{engines} has no unet.plan")  # before the (slow) pipeline load
+        if engines is not None and self.device != "cuda":
+            raise TrtkitError("TensorRT engines need a CUDA GPU; none found")  # before the load too
         self.pipe = load_pipeline(Path(model_dir), self.device)
         self.encoders: EngineEncoders | None = None
         if engines is not None and Path(engines).is_dir():
@@ -266,19 +269,23 @@ class Pipeline:
 
 
 def run(cfg: RunConfig, output: Path | None = None) -> RunResult:
-    """`trtkit run`: one image, saved atomically to `output` when given."""
+    """`trtkit run`: one image, saved atomically to `output` when given (a folder: `out.png` in it).
+    The output is checked before the pipeline loads."""
+    from trtkit._files import atomic_path, check_output
+
+    if output is not None:
+        output = check_output(output, default_name="out.png", what="image",
+                              inputs=[Path(cfg.model_dir) / "model_index.json"])
+        if output.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+            raise TrtkitError(f"output {output} must end in .png, .jpg or .webp")
     pipe = Pipeline(cfg.model_dir, engines=cfg.engines, device=cfg.device, cuda_graph=cfg.cuda_graph,
                     trust_engine=cfg.trust_engine, compile=cfg.compile, kernels=cfg.kernels)
     res = pipe(cfg)
     if output is not None:
-        from trtkit._files import atomic_path
-
-        output = Path(output)
-        if output.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
-            raise TrtkitError(f"output {output} must end in .png, .jpg or .webp")
         with atomic_path(output) as tmp:
             res.image.save(tmp, format={".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(
                 output.suffix.lower(), "PNG"))
+        res.path = output
     return res
 
 
