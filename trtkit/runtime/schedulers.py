@@ -156,8 +156,8 @@ def make_tables(scheduler: Any, steps: int, name: str | None = None) -> StepTabl
     clip = 0.0
     kw: dict[str, Any] = {}
     if name in ("euler", "euler_a"):
-        sig = _f32(sch.sigmas)  # (N+1,)
-        s, s_next = sig[:n], sig[1:]
+        sig = _f32(sch.sigmas)  # (N+1,); N+2 with interpolation_type log_linear, whose step() reads [i], [i+1]
+        s, s_next = sig[:n], sig[1:n + 1]
         if pred == "epsilon":
             c["A"], c["B"] = np.ones(n), -s
         else:
