@@ -12,14 +12,16 @@ Matrix, per scheduler (euler, euler_a, ddim, dpmpp_2m): architecture x build x t
 use_karras_sigmas (Euler, DPM-Solver++) x images per prompt (1/2) x size (64x128, 128x64, 64x64) x guidance
 (7 / 1, no CFG) x steps. The full product is ~16,000 pipeline pairs; the rows are a pairwise covering design
 (`pairwise`: every pair of values of any two factors appears in at least one row, greedy over the product,
-deterministic), 62 rows in all. Every option value and the common-option full product are also checked on their
+deterministic), 12 rows per scheduler, 48 in all. Every option value and the common-option full product are also checked on their
 own, without a UNet, in test_schedulers.py; the issue's own case runs here at its 25 steps.
 
 Tolerance: max |ours - diffusers| / max |diffusers| < 1e-4. Both run float32 on the CPU with the same UNet on
 the same inputs; what differs is the order of the scheduler's float32 arithmetic (diffusers' torch ops against
-the tables' float64 coefficients rounded to float32), ~1e-7 per step, carried through the UNet: measured worst
-case 4.2e-6 over the rows (commands in docs/runtime.md). A wrong table (x0 clipped when diffusers does not, a
-shifted timestep, another sigma schedule) moves latents by 1e-2 to 1: the issue's case was 0.97.
+the tables' float64 coefficients rounded to float32), ~1e-7 per step, carried through the UNet. Measured
+worst case 2.4e-5 (DDIM, trailing, 3 steps: x0 = (x - sqrt(1-a) eps) / sqrt(a) with a = 0.0047 at t = 999
+scales float32 rounding by 15), most rows 1e-6 (numbers and command in docs/runtime.md). A wrong table
+moves latents by 1e-2 to 1: with the tables rebuilt by from_config (before the fix) 7 tests here fail, at
+7e-3 to 1.2e-2 (steps_offset put back to 0) and 0.93 to 0.98 (x0 clipped where diffusers no longer clips).
 
 Threads: torch runs these tiny UNets on one thread (`_one_thread`); two threads on a loaded two-core machine
 were 10x slower, and the results are the same.
