@@ -227,9 +227,10 @@ def make_tables(scheduler: Any, steps: int, name: str | None = None) -> StepTabl
     else:  # pragma: no cover - guarded by unsupported_reason
         raise AssertionError(name)
     bad = sorted(k for k, v in c.items() if not np.isfinite(v).all())
-    if bad or not np.isfinite(in_scale).all():  # e.g. zero terminal SNR with epsilon: x0 is undefined there
-        raise TrtkitError(f"{type(scheduler).__name__} gives non-finite step coefficients ({', '.join(bad) or 'input scale'}) "
-                          f"for {steps} steps", hint="diffusers' own loop would give NaN too")
+    if bad or not np.isfinite(in_scale).all():  # e.g. zero terminal SNR with epsilon: x0 = (x - eps) / 0 there
+        raise TrtkitError(f"{type(scheduler).__name__} gives non-finite step coefficients "
+                          f"({', '.join(bad) or 'input scale'}) for {steps} steps",
+                          hint="rescale_betas_zero_snr needs prediction_type v_prediction")
     sigma0 = sch.init_noise_sigma
     return StepTables(family=name, timesteps=ts.astype(np.float32),
                       coef={k: v.astype(np.float32) for k, v in c.items()}, in_scale=in_scale.astype(np.float32),
