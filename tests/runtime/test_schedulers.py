@@ -323,3 +323,15 @@ def test_switch_scheduler() -> None:
         switch_scheduler(own, "lms")
     with pytest.raises(TrtkitError, match="is not 'euler'"):
         make_tables(own, 5, "euler")
+
+
+def test_non_finite_coefficients_are_refused() -> None:
+    """DDIM, zero terminal SNR, epsilon, a step at t=999: x0 = (x - eps) / 0. diffusers gives NaN, or +-1 where
+    it clips; the tables can give neither, so they refuse with one line (v-prediction, the intended pairing, runs)."""
+    from diffusers import DDIMScheduler
+
+    cfg = {**BASE, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+    with pytest.raises(TrtkitError, match="non-finite") as e:
+        make_tables(DDIMScheduler(**cfg), 10)
+    assert "\n" not in str(e.value)
+    assert make_tables(DDIMScheduler(**{**cfg, "prediction_type": "v_prediction"}), 10).steps == 10

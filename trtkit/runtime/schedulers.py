@@ -130,6 +130,7 @@ def _f32(t: Any) -> np.ndarray:
     return np.asarray(t.detach().cpu().numpy() if hasattr(t, "detach") else t, dtype=np.float64)
 
 
+@np.errstate(divide="ignore", invalid="ignore")  # a division by zero becomes the non-finite refusal below
 def make_tables(scheduler: Any, steps: int, name: str | None = None) -> StepTables:
     """Tables for `steps` steps of `scheduler`, the diffusers instance exactly as the pipeline will run it
     (deep-copied, never mutated nor rebuilt). `name`, when given, must be its kind."""
