@@ -20,8 +20,8 @@ the same inputs; what differs is the order of the scheduler's float32 arithmetic
 the tables' float64 coefficients rounded to float32), ~1e-7 per step, carried through the UNet. Measured
 worst case 2.4e-5 (DDIM, trailing, 3 steps: x0 = (x - sqrt(1-a) eps) / sqrt(a) with a = 0.0047 at t = 999
 scales float32 rounding by 15), most rows 1e-6 (numbers and command in docs/runtime.md). A wrong table
-moves latents by 1e-2 to 1: with the tables rebuilt by from_config (before the fix) 7 tests here fail, at
-7e-3 to 1.2e-2 (steps_offset put back to 0) and 0.93 to 0.98 (x0 clipped where diffusers no longer clips).
+moves latents by 1e-2 to 1: with the tables rebuilt by from_config (before the fix) 9 tests here fail, at
+7e-3 to 1.2e-2 (steps_offset put back to 0) and 0.93 to 1.01 (x0 clipped where diffusers no longer clips).
 
 Threads: torch runs these tiny UNets on one thread (`_one_thread`); two threads on a loaded two-core machine
 were 10x slower, and the results are the same.
@@ -272,12 +272,14 @@ def test_unsupported_config_refused_or_falls_back(modules, caplog) -> None:  # t
 
 @pytest.fixture(scope="module")
 def sd15_folder(modules, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A saved SD 1.5-architecture folder whose DDIM scheduler is the issue's: clip_sample left unset, then
-    patched to False by the pipeline before save_pretrained wrote it."""
+    """A saved SD 1.5-architecture folder whose scheduler_config.json names only what its author set, as Hub
+    folders do: the issue's DDIM, clip_sample unset (the pipeline patches it to False when it loads)."""
     from diffusers import DDIMScheduler
 
     out = tmp_path_factory.mktemp("sd15") / "model"
     make_pipeline("sd15", modules["sd15"], DDIMScheduler(**SD_BETAS, **ISSUE_DDIM)).save_pretrained(str(out))
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "DDIMScheduler", **SD_BETAS, **ISSUE_DDIM}))
     return out
 
 
