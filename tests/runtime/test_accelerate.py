@@ -15,6 +15,16 @@ from trtkit.errors import TrtkitError
 from trtkit.runtime.schedulers import make_scheduler
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():  # type: ignore[no-untyped-def]
+    """The tiny UNet runs as fast on one CPU thread; with two on a loaded two-core machine (load ~8) this file
+    took 162 s, with one 27 s (python3 -m pytest -q tests/runtime/test_accelerate.py)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def sdxl(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
     from diffusers import StableDiffusionXLPipeline
@@ -88,3 +98,39 @@ def test_accelerate_on_gpu_fp16(tiny_model_dir: Path, name: str) -> None:
     assert pipe._trtkit.runner.captures == 1
     err = np.abs(got - want).max() / np.abs(want).max()
     assert err < (1e-1 if name == "ddim" else 2e-2), f"{name}: {err:.2e}"
+
+
+SAME_LOOP = [  # one family and one number of steps: new tables, the same loop (and on a GPU the same graph)
+    {}, dict(timestep_spacing="trailing", prediction_type="v_prediction"),
+    dict(timestep_spacing="linspace", use_karras_sigmas=True), dict(steps_offset=0, interpolation_type="log_linear"),
+]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_scheduler_changed_after_accelerate(tiny_model_dir: Path, device: str) -> None:
+    """`pipe.scheduler` replaced after accelerate(), as users switch schedulers: every call builds its tables from
+    the scheduler of that moment, and a captured graph is reused with them (float32; TF32 off on a GPU, so the
+    tolerance is the CPU's: measured ~1e-6 there)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    p = StableDiffusionXLPipeline.from_pretrained(str(tiny_model_dir)).to(device)
+    p.set_progress_bar_config(disable=True)
+    pipe = trtkit.accelerate(p, kernels="plain")
+    diffusers_call = functools.partial(pipe._trtkit.original_call, pipe)
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        for extra in SAME_LOOP:
+            pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, **extra)
+
+            def call(f):  # type: ignore[no-untyped-def]
+                return f("a red cube", num_inference_steps=4, guidance_scale=6.0, height=64, width=64,
+                         generator=torch.Generator("cpu").manual_seed(3), output_type="latent").images.cpu().numpy()
+
+            want, got = call(diffusers_call), call(pipe)
+            err = np.abs(got - want).max() / np.abs(want).max()
+            assert err < 1e-4, f"{extra}: {err:.2e}"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+    if device == "cuda":
+        assert pipe._trtkit.runner.captures == 1

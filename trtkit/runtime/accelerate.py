@@ -5,7 +5,9 @@ with no other change to the user's script: `pipe(prompt, ...)` keeps its signatu
 The pipeline object's class is swapped for a subclass whose `__call__` encodes the prompt, prepares
 latents and decodes exactly as diffusers does (its own `encode_prompt`, `prepare_latents`, generator
 use and ancestral noise draws), so the same seed gives the same image. Arguments the runtime does not
-handle (callbacks, IP-adapters, custom timesteps, ...) fall back to diffusers' own `__call__`.
+handle (callbacks, IP-adapters, custom timesteps, ...) fall back to diffusers' own `__call__`, and so
+does a call whose scheduler the device tables cannot reproduce exactly (schedulers.unsupported_reason):
+a warning, never a different image. The tables are built from `pipe.scheduler` itself at every call.
 """
 
 from __future__ import annotations
@@ -45,11 +47,13 @@ def accelerate(pipe: Any, engines: Path | str | None = None, cuda_graph: bool = 
     outside trtkit. `kernels="plain"` leaves it as it is."""
     from trtkit.runtime.graph_runner import LoopRunner
     from trtkit.runtime.pipeline import make_executor
-    from trtkit.runtime.schedulers import scheduler_name
+    from trtkit.runtime.schedulers import unsupported_reason
 
     if not hasattr(pipe, "unet") or not hasattr(pipe, "encode_prompt"):
         raise TrtkitError(f"{type(pipe).__name__} is not a Stable Diffusion / SDXL text-to-image pipeline")
-    scheduler_name(pipe.scheduler)  # a one-line error now rather than at the first call
+    reason = unsupported_reason(pipe.scheduler)
+    if reason is not None:  # a one-line error now rather than a slow fallback at every call
+        raise TrtkitError(reason, hint="use euler, euler_a, ddim or dpmpp_2m with a supported config (docs/runtime.md)")
     device = pipe.unet.device.type
     executor = make_executor(pipe, Path(engines) if engines else None, trust_engine, compile, device, kernels)
     runner = LoopRunner(executor, device=device, use_graph=cuda_graph)
@@ -66,6 +70,8 @@ def accelerate(pipe: Any, engines: Path | str | None = None, cuda_graph: bool = 
 
 
 def _call(self: Any, *args: Any, **kwargs: Any) -> Any:
+    from trtkit.runtime.schedulers import unsupported_reason
+
     rt: _Runtime = self._trtkit
     if args:  # positional prompt, as diffusers allows
         kwargs = {**dict(zip(["prompt", "prompt_2"] if "prompt_2" in rt.defaults else ["prompt"], args, strict=False)), **kwargs}
@@ -74,6 +80,10 @@ def _call(self: Any, *args: Any, **kwargs: Any) -> Any:
     if extra:
         log.warning("trtkit.accelerate: %s not handled by the runtime; running diffusers' own loop",
                     ", ".join(sorted(extra)))
+        return rt.original_call(self, **kwargs)
+    reason = unsupported_reason(self.scheduler)  # the scheduler may have been swapped after accelerate()
+    if reason is not None:
+        log.warning("trtkit.accelerate: %s; running diffusers' own loop", reason)
         return rt.original_call(self, **kwargs)
     return _accelerated(self, rt, **kwargs)
 
@@ -96,7 +106,7 @@ def _accelerated(pipe: Any, rt: _Runtime, prompt: Any = None, negative_prompt: A
 
     from trtkit.runtime.executors import LoopShape
     from trtkit.runtime.pipeline import decode, is_sdxl
-    from trtkit.runtime.schedulers import make_tables, scheduler_name
+    from trtkit.runtime.schedulers import make_tables
 
     steps = num_inference_steps or rt.defaults.get("num_inference_steps", 50)
     g = rt.defaults.get("guidance_scale", 7.5) if guidance_scale is None else guidance_scale
@@ -122,8 +132,7 @@ def _accelerated(pipe: Any, rt: _Runtime, prompt: Any = None, negative_prompt: A
             tid = torch.tensor([[height, width, 0, 0, height, width]] * b, dtype=pe.dtype, device=device)
             cond["text_embeds"] = torch.cat([npooled, pooled]) if cfg else pooled
             cond["time_ids"] = torch.cat([tid, tid]) if cfg else tid
-        name = scheduler_name(pipe.scheduler)
-        tables = make_tables(pipe.scheduler, steps, name)
+        tables = make_tables(pipe.scheduler, steps)  # the instance diffusers would step, not its config
         pipe.scheduler.set_timesteps(steps, device=device)  # as diffusers does before prepare_latents
         lat = pipe.prepare_latents(b, pipe.unet.config.in_channels, height, width, pe.dtype, device, generator,
                                    latents)

@@ -15,7 +15,13 @@ from trtkit._quiet import quiet_loading
 from trtkit.errors import TrtkitError
 from trtkit.runtime.executors import LoopShape, StepExecutor, TorchExecutor, describe_options, kernel_options
 from trtkit.runtime.graph_runner import LoopRunner
-from trtkit.runtime.schedulers import SCHEDULERS, StepTables, draw_noise, make_tables, scheduler_name
+from trtkit.runtime.schedulers import (
+    StepTables,
+    draw_noise,
+    make_tables,
+    switch_scheduler,
+    unsupported_reason,
+)
 
 
 @dataclass(frozen=True)
@@ -234,10 +240,14 @@ class Pipeline:
             self.runner = LoopRunner(self.executor, device=self.device, use_graph=cuda_graph)
 
     def tables(self, scheduler: str | None, steps: int) -> StepTables:
-        name = scheduler or scheduler_name(self.pipe.scheduler)
-        if name not in SCHEDULERS:
-            raise TrtkitError(f"unknown scheduler {name!r}", hint=f"choose one of {', '.join(SCHEDULERS)}")
-        return make_tables(self.pipe.scheduler, steps, name)
+        """Tables of the folder's scheduler instance as loaded (config patches included), or of diffusers'
+        `from_config` switch to `scheduler` when that names another kind."""
+        sch = switch_scheduler(self.pipe.scheduler, scheduler)
+        reason = unsupported_reason(sch)
+        if reason is not None:
+            raise TrtkitError(reason, hint=None if scheduler else "--scheduler euler, euler_a, ddim or dpmpp_2m "
+                              "switches from the folder's config")
+        return make_tables(sch, steps)
 
     def __call__(self, cfg: RunConfig) -> RunResult:
         t0 = time.perf_counter()

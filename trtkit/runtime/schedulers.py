@@ -12,11 +12,16 @@ inside a CUDA graph. Every scheduler supported here is, per step, an affine map 
 
 The coefficients are computed here from the diffusers scheduler's own `set_timesteps` arrays
 (sigmas, timesteps, alphas_cumprod), so spacing, Karras sigmas and final-sigma options carry over.
-`reference_step` is the numpy version of the math the fused CUDA kernel runs (kernels.py).
+They come from a deep copy of the very instance the pipeline runs, never from a re-read of its config:
+diffusers pipelines patch their scheduler's config in place (clip_sample, steps_offset) and `from_config`
+would put back the class defaults for every key the user left unset. What the tables cannot reproduce
+exactly is named by `unsupported_reason`, so that callers fall back or refuse instead of drawing a
+different image. `reference_step` is the numpy version of the math the fused CUDA kernel runs (kernels.py).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,8 +81,34 @@ def scheduler_name(scheduler: Any) -> str:
     return CLASS_TO_NAME[cls]
 
 
+def unsupported_reason(scheduler: Any) -> str | None:
+    """Why the device tables cannot reproduce `scheduler` (a diffusers instance, as the pipeline will run it)
+    step for step, or None when they can. Each "no" is a config value whose step() math the tables lack."""
+    cls = type(scheduler).__name__
+    if cls not in CLASS_TO_NAME:  # exact class: a subclass may override step()
+        return f"scheduler {cls} has no device tables (supported: {', '.join(SCHEDULERS.values())})"
+    name, cfg = CLASS_TO_NAME[cls], scheduler.config
+    pred = cfg.get("prediction_type", "epsilon")
+    if pred not in ("epsilon", "v_prediction"):
+        return f"{cls} prediction_type {pred!r} has no device tables (epsilon or v_prediction)"
+    if cfg.get("thresholding", False):
+        return f"{cls} dynamic thresholding (thresholding=True) has no device tables"
+    if name == "dpmpp_2m":
+        if cfg.get("algorithm_type", "dpmsolver++") != "dpmsolver++":
+            return f"{cls} algorithm_type {cfg.get('algorithm_type')!r} has no device tables (dpmsolver++ only)"
+        if cfg.get("solver_order", 2) not in (1, 2):
+            return f"{cls} solver_order {cfg.get('solver_order')} has no device tables (1 or 2)"
+        for key in ("use_flow_sigmas", "use_dynamic_shifting"):
+            if cfg.get(key, False):
+                return f"{cls} {key}=True has no device tables"
+        if cfg.get("variance_type") is not None:  # learned variance: step() splits the UNet's output channels
+            return f"{cls} variance_type {cfg.get('variance_type')!r} has no device tables"
+    return None
+
+
 def make_scheduler(name: str, config: Any) -> Any:
-    """A fresh diffusers scheduler of our short `name`, built from a pipeline's scheduler config."""
+    """A fresh diffusers scheduler of our short `name`, built from a config (a dict, or a scheduler's config:
+    then this is diffusers' own `Cls.from_config(pipe.scheduler.config)` switch, with its defaults)."""
     import diffusers
 
     if name not in SCHEDULERS:
@@ -85,24 +116,39 @@ def make_scheduler(name: str, config: Any) -> Any:
     return getattr(diffusers, SCHEDULERS[name]).from_config(config)
 
 
+def switch_scheduler(scheduler: Any, name: str | None) -> Any:
+    """The scheduler `trtkit run --scheduler NAME` runs: the pipeline's own instance when NAME is None or
+    its own kind (so its config, patches included, is kept as is), else diffusers' switch idiom."""
+    if name is not None and name not in SCHEDULERS:
+        raise TrtkitError(f"unknown scheduler {name!r}", hint=f"choose one of {', '.join(SCHEDULERS)}")
+    if name is None or CLASS_TO_NAME.get(type(scheduler).__name__) == name:
+        return scheduler
+    return make_scheduler(name, scheduler.config)
+
+
 def _f32(t: Any) -> np.ndarray:
     return np.asarray(t.detach().cpu().numpy() if hasattr(t, "detach") else t, dtype=np.float64)
 
 
+@np.errstate(divide="ignore", invalid="ignore")  # a division by zero becomes the non-finite refusal below
 def make_tables(scheduler: Any, steps: int, name: str | None = None) -> StepTables:
-    """Tables for `steps` steps of `scheduler` (a diffusers instance; it is copied, never mutated)."""
+    """Tables for `steps` steps of `scheduler`, the diffusers instance exactly as the pipeline will run it
+    (deep-copied, never mutated nor rebuilt). `name`, when given, must be its kind."""
     if steps < 1:
         raise TrtkitError(f"steps must be >= 1, got {steps}")
-    name = name or scheduler_name(scheduler)
-    sch = make_scheduler(name, scheduler.config)
+    reason = unsupported_reason(scheduler)
+    if reason is not None:
+        raise TrtkitError(reason)
+    own = scheduler_name(scheduler)
+    if name is not None and name != own:
+        raise TrtkitError(f"make_tables: scheduler {type(scheduler).__name__} is not {name!r}",
+                          hint="switch_scheduler(scheduler, name) first")
+    name = own
+    # A copy of the instance, not from_config(config): see the module docstring.
+    sch = copy.deepcopy(scheduler)
     sch.set_timesteps(steps, device="cpu")
     cfg = sch.config
     pred = cfg.get("prediction_type", "epsilon")
-    if pred not in ("epsilon", "v_prediction"):
-        raise TrtkitError(f"prediction_type {pred!r} is not supported by the device schedulers",
-                          hint="epsilon or v_prediction")
-    if cfg.get("thresholding", False):
-        raise TrtkitError("dynamic thresholding is not supported by the device schedulers")
     ts = _f32(sch.timesteps)
     n = len(ts)
     z = np.zeros(n)
@@ -111,8 +157,8 @@ def make_tables(scheduler: Any, steps: int, name: str | None = None) -> StepTabl
     clip = 0.0
     kw: dict[str, Any] = {}
     if name in ("euler", "euler_a"):
-        sig = _f32(sch.sigmas)  # (N+1,)
-        s, s_next = sig[:n], sig[1:]
+        sig = _f32(sch.sigmas)  # (N+1,); N+2 with interpolation_type log_linear, whose step() reads [i], [i+1]
+        s, s_next = sig[:n], sig[1:n + 1]
         if pred == "epsilon":
             c["A"], c["B"] = np.ones(n), -s
         else:
@@ -150,10 +196,6 @@ def make_tables(scheduler: Any, steps: int, name: str | None = None) -> StepTabl
         if cfg.get("clip_sample", False):
             clip = float(cfg.get("clip_sample_range", 1.0))
     elif name == "dpmpp_2m":
-        if cfg.get("algorithm_type") != "dpmsolver++" or cfg.get("solver_order") not in (1, 2):
-            raise TrtkitError("only DPM-Solver++ (algorithm_type dpmsolver++) of order 1 or 2 has device tables")
-        if cfg.get("use_flow_sigmas", False):
-            raise TrtkitError("flow-matching sigmas are not supported by the device schedulers")
         sig = _f32(sch.sigmas)
         alpha = 1 / np.sqrt(sig**2 + 1)
         sigma_t = sig * alpha
@@ -183,8 +225,13 @@ def make_tables(scheduler: Any, steps: int, name: str | None = None) -> StepTabl
                 k = alpha[i + 1] * (em1 / h + 1) / r0
                 c["P"][i], c["Q"][i], c["R"][i] = p, -alpha[i + 1] * em1 + k, -k
         kw["uses_prev"] = True
-    else:  # pragma: no cover - guarded by make_scheduler
+    else:  # pragma: no cover - guarded by unsupported_reason
         raise AssertionError(name)
+    bad = sorted(k for k, v in c.items() if not np.isfinite(v).all())
+    if bad or not np.isfinite(in_scale).all():  # e.g. zero terminal SNR with epsilon: x0 = (x - eps) / 0 there
+        raise TrtkitError(f"{type(scheduler).__name__} gives non-finite step coefficients "
+                          f"({', '.join(bad) or 'input scale'}) for {steps} steps",
+                          hint="rescale_betas_zero_snr needs prediction_type v_prediction")
     sigma0 = sch.init_noise_sigma
     return StepTables(family=name, timesteps=ts.astype(np.float32),
                       coef={k: v.astype(np.float32) for k, v in c.items()}, in_scale=in_scale.astype(np.float32),
