@@ -54,6 +54,14 @@ def runtime_cache_path(plan: Path) -> Path:
     return plan.with_suffix(".runtime_cache")
 
 
+def plan_backend(path: Path, requested: str | None = None) -> str:
+    """The backend that runs `path`: read from its header / x.json (plan.choose_backend); no TensorRT needed."""
+    from trtkit.inspector.engine_report import meta_backend, read_metadata, read_plan_header
+
+    return choose_backend(path.name, read_plan_header(path).flavour, meta_backend(read_metadata(path))[0],
+                          requested or os.environ.get("TRTKIT_BACKEND") or None)
+
+
 def _dims(d: Any) -> Shape:
     """A TensorRT Dims as a tuple (Dims has __len__ and __getitem__, typed without __iter__)."""
     return tuple(int(d[i]) for i in range(len(d)))
@@ -148,15 +156,13 @@ class Engine:
     def load(cls, path: Path | str, trust_engine: bool = False, backend: str | None = None,
              activations: SharedActivations | None = None) -> Engine:
         from trtkit.backend import load_backend
-        from trtkit.inspector.engine_report import meta_backend, read_metadata, read_plan_header
+        from trtkit.inspector.engine_report import read_metadata
 
         path = Path(path)
         if not path.is_file():
             raise EngineError(f"engine {path} does not exist")
         meta = read_metadata(path)
-        name = choose_backend(path.name, read_plan_header(path).flavour, meta_backend(meta)[0],
-                              backend or os.environ.get("TRTKIT_BACKEND") or None)
-        be = load_backend(name)
+        be = load_backend(plan_backend(path, backend))
         if not be.can_run:
             raise EngineError(f"cannot run engines here: {be.why_not_run or 'no GPU'}")
         cuda.init()

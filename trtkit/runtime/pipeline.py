@@ -265,9 +265,15 @@ class Pipeline:
         kernel_options(kernels, self.device, compile)  # a bad preset fails before the (slow) load
         if engines is not None and not (Path(engines).is_file() or (Path(engines) / "unet.plan").is_file()):
             raise TrtkitError(f"{engines} has no unet.plan")  # before the (slow) pipeline load
+        names = engine_files(engines)
+        if engines is not None:  # which TensorRT runs each plan: a one-line error now, before the (slow) load
+            from trtkit.runtime.engine import plan_backend
+
+            folder = Path(engines)
+            for n in names:
+                plan_backend(folder if folder.is_file() else folder / f"{n}.plan", backend)
         if engines is not None and self.device != "cuda":
             raise TrtkitError("TensorRT engines need a CUDA GPU; none found")
-        names = engine_files(engines)
         self.pipe = load_pipeline(Path(model_dir), self.device, names)
         self.unet_config = unet_config(self.pipe, Path(model_dir))
         self.engines: dict[str, Any] = {}
