@@ -106,7 +106,7 @@ def create_context(trt: Any, engine: trt_api.ICudaEngine, user_managed: bool, ca
         cache = rc.create_runtime_cache()
         if cache_blob and not cache.deserialize(cache_blob):
             log.warning("runtime cache not reused (another GPU, driver or TensorRT-RTX version); it is rebuilt")
-        if not rc.set_runtime_cache(cache):
+        if rc.set_runtime_cache(cache) is False:
             log.warning("TensorRT-RTX refused the runtime cache; kernels are compiled again at every load")
             cache = None
     return engine.create_execution_context(rc), rc, cache
@@ -178,7 +178,7 @@ class Engine:
                                               "pass --trust-engine only for plans you trust")
             raise EngineError(f"TensorRT could not deserialize {path.name}: {' | '.join(errs)[-300:] or 'no error logged'}",
                               hint=hint)
-        names = [p.name for p in EngineDesc.from_metadata(meta, path.stem).profiles] if meta else None
+        names = [str(p.get("name")) for p in meta.get("profiles") or [] if isinstance(p, dict)] if meta else None
         desc = describe(trt, engine, path.stem, be.name, names)
         e = cls(trt, engine, desc, user_managed=activations is not None,
                 cache_path=runtime_cache_path(path) if be.is_rtx else None)
