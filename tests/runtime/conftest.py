@@ -29,14 +29,15 @@ def rtx_unet_plans(rtx_unet_builds: dict) -> dict[str, dict[str, Any]]:
 
 
 @pytest.fixture(scope="session")
-def rtx_text_plans(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
-    """component -> {plan, meta}: the tiny pipeline's two text encoders, FP16, the tiny-256 preset profile."""
+def rtx_pipeline_plans(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    """component -> {plan, meta}: the tiny pipeline's two text encoders and VAE decoder, FP16, the tiny-256
+    preset profile."""
     pytest.importorskip("tensorrt_rtx")
     from trtkit.exporter import ExportConfig, export
 
     d = tmp_path_factory.mktemp("rtx-text")
     out = {}
-    for comp in ("text_encoder", "text_encoder_2"):
+    for comp in ("text_encoder", "text_encoder_2", "vae_decoder"):
         onnx = export(ExportConfig(model_dir=tiny_model_dir, component=comp, profile="tiny-256", out_dir=d / comp)).path
         out[comp] = _build(onnx, d / "engines" / f"{comp}.plan", profiles=("tiny-256",), precision="fp16",
                            model_dir=tiny_model_dir)

@@ -13,6 +13,7 @@ import pytest
 from trtkit.runtime.components import (
     check_encoder,
     check_unet,
+    check_vae,
     encoder_shapes,
     encoder_texts,
     engine_files,
@@ -34,7 +35,7 @@ def tokens(model_dir: Path) -> int:
     (True, "", True, 1),          # SDXL's zero negative for an empty negative prompt: the prompt alone
     (False, "", False, 1),        # guidance <= 1: the prompt alone
 ])
-def test_encoder_call_fits_the_rtx_text_encoders(rtx_text_plans: dict[str, dict[str, Any]], tiny_model_dir: Path,
+def test_encoder_call_fits_the_rtx_text_encoders(rtx_pipeline_plans: dict[str, dict[str, Any]], tiny_model_dir: Path,
                                                   cfg: bool, negative: str, zero_negative: bool, batch: int) -> None:
     """Finding 1: the batch the pipeline asks the text encoders for lies inside the profile of the real plans
     (batch 1 was always refused: the profile started at 2)."""
@@ -45,7 +46,7 @@ def test_encoder_call_fits_the_rtx_text_encoders(rtx_text_plans: dict[str, dict[
     shapes = encoder_shapes(texts, tokens(tiny_model_dir))
     for comp, outputs in (("text_encoder", ["penultimate_hidden_state"]),
                           ("text_encoder_2", ["penultimate_hidden_state", "pooled_output"])):
-        desc = EngineDesc.from_metadata(rtx_text_plans[comp]["meta"], comp)
+        desc = EngineDesc.from_metadata(rtx_pipeline_plans[comp]["meta"], comp)
         assert desc.profiles[0].ranges["input_ids"][0] == (1, 77)  # profiles.py: min batch 1
         check_encoder(desc, shapes, outputs)
         # the profile the builder used to make (min batch 2) refuses the one-prompt call
@@ -57,17 +58,23 @@ def test_encoder_call_fits_the_rtx_text_encoders(rtx_text_plans: dict[str, dict[
 
 @pytest.mark.rtx
 def test_unet_engine_matches_the_pipeline(rtx_unet_plans: dict[str, dict[str, Any]],
-                                          rtx_text_plans: dict[str, dict[str, Any]]) -> None:
+                                          rtx_pipeline_plans: dict[str, dict[str, Any]]) -> None:
     for p in ("fp16", "int8", "fp8"):
         check_unet(EngineDesc.from_metadata(rtx_unet_plans[p]["meta"], "unet"), sdxl=True)
     desc = EngineDesc.from_metadata(rtx_unet_plans["fp16"]["meta"], "unet")
     with pytest.raises(EngineError, match="is not the pipeline's UNet"):
         check_unet(desc, sdxl=False)  # an SDXL UNet for an SD 1.x pipeline
-    te = EngineDesc.from_metadata(rtx_text_plans["text_encoder"]["meta"], "text_encoder")
+    te = EngineDesc.from_metadata(rtx_pipeline_plans["text_encoder"]["meta"], "text_encoder")
     with pytest.raises(EngineError, match="is not the pipeline's UNet"):
         check_unet(te, sdxl=True)
     with pytest.raises(EngineError, match="text_encoder has no output images"):
         check_encoder(te, {"input_ids": (1, 77)}, ["images"])
+    vae = EngineDesc.from_metadata(rtx_pipeline_plans["vae_decoder"]["meta"], "vae_decoder")
+    check_vae(vae, (1, 4, 32, 32))  # what EngineEncoders.decode feeds for one 256x256 image
+    with pytest.raises(EngineError, match="no optimization profile covers latent 1x4x48x48"):
+        check_vae(vae, (1, 4, 48, 48))
+    with pytest.raises(EngineError, match="is not the pipeline's VAE decoder"):
+        check_vae(te, (1, 4, 32, 32))
 
 
 def test_which_modules_engines_take(tmp_path: Path) -> None:

@@ -230,6 +230,9 @@ class EngineEncoders:
 
         vae = self.pipe.vae.config
         z = latents / vae.scaling_factor + (getattr(vae, "shift_factor", None) or 0.0)
+        from trtkit.runtime.components import check_vae
+
+        check_vae(self.engines["vae_decoder"].desc, tuple(z.shape))
         img = self.engines["vae_decoder"].infer({"latent": z.astype(np.float32)}, self.stream.handle)["images"]
         img = np.clip(img.astype(np.float32) / 2 + 0.5, 0, 1)
         return Image.fromarray((img[0].transpose(1, 2, 0) * 255).round().astype(np.uint8))
