@@ -285,18 +285,18 @@ class LoopRunner:
 
     def replay(self) -> None:
         key = self._current_key()
-        if self.graph is None and not self.executor.uses_torch_stream \
-                and not self.executor.capturable(self.loop.handle):
-            # TensorRT-RTX says this context would allocate or JIT under capture: run eagerly from now on
-            log.warning("%s cannot be captured in a CUDA graph on this GPU; running the loop without one",
-                        self.executor.name)
-            self.use_graph = False
-            self.eager()
-            return
         if self.graph is None or key != self.key:
             if self.graph is not None and not self.recapture:
                 raise GraphMismatchError(f"captured graph does not match: {_diff(self.key, key)}",
                                          hint="allow re-capture or keep shapes and buffers fixed")
+            if not self.executor.uses_torch_stream and not self.executor.capturable(self.loop.handle):
+                # TensorRT-RTX says this context would allocate or compile under capture: run eagerly from now on
+                log.warning("the %s UNet cannot be captured in a CUDA graph here (is_stream_capturable is false); "
+                            "running the loop without one", self.executor.name)
+                self._release_graph()
+                self.use_graph = False
+                self.eager()
+                return
             self.capture()
         if self.executor.uses_torch_stream:
             with self._ctx():
