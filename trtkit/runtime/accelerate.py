@@ -141,6 +141,8 @@ def _accelerated(pipe: Any, rt: _Runtime, prompt: Any = None, negative_prompt: A
                       cfg=cfg, text_len=pe.shape[1], text_dim=pe.shape[2],
                       pooled_dim=cond["text_embeds"].shape[-1] if sdxl else None, time_ids_dim=6 if sdxl else None)
     out = rt.runner(shape, tables, x_init=lat.float().cpu().numpy(), guidance=g, noise=noise, **cond)
+    if hasattr(rt.executor, "engine"):  # TensorRT-RTX: keep the kernels this first run compiled (x.runtime_cache)
+        rt.executor.engine.save_runtime_cache()
     if output_type == "latent":
         images: Any = torch.from_numpy(out).to(device, pe.dtype)
     else:
