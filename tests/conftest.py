@@ -61,3 +61,29 @@ def _no_debug_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRTKIT_DEBUG", raising=False)
     if "TRTKIT_BACKEND" in os.environ:
         monkeypatch.delenv("TRTKIT_BACKEND")
+
+
+# The tiny UNet built by TensorRT-RTX on the CPU (one target, SM89) in FP16, INT8 and FP8, each with two
+# optimization profiles: the builder's tests check the builds, the runtime's tests decide from their metadata.
+RTX_TARGET = ("8.9",)
+RTX_SMALL = "sample:2x4x16x16,timestep:1,encoder_hidden_states:2x77x64,text_embeds:2x32,time_ids:2x6"
+
+
+@pytest.fixture(scope="session")
+def rtx_unet_builds(tiny_unet_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """precision -> (BuildConfig, BuildResult); profiles tiny-256 then a static 16x16-latent one."""
+    pytest.importorskip("tensorrt_rtx")
+    pytest.importorskip("trtkit.graph.qdq")
+    from trtkit.builder.build import build
+    from trtkit.builder.config import BuildConfig
+    from trtkit.calibfile import Calibration, save
+
+    d = tmp_path_factory.mktemp("rtx-unet")
+    calib = save(Calibration(precision="int8", settings={"note": "test: ranges from the pass's sample run"}),
+                 d / "calib.json")
+    out = {}
+    for p in ("fp16", "int8", "fp8"):
+        cfg = BuildConfig(onnx=tiny_unet_onnx, output=d / p / "unet.plan", profiles=("tiny-256", RTX_SMALL),
+                          target_cc=RTX_TARGET, progress=False, precision=p, calib=calib if p == "int8" else None)
+        out[p] = (cfg, build(cfg))
+    return out

@@ -48,6 +48,15 @@ def test_sdxl_1024_guidance_doubles_batch() -> None:
     assert get_profile("sdxl-1024").shapes("text_encoder_2", SDXL)["input_ids"].max == (8, 77)
 
 
+def test_text_encoders_take_one_prompt_or_a_guidance_pair() -> None:
+    """Finding 1: the pipeline encodes [negative; prompt] in one call (batch 2) or the prompt alone (batch 1)."""
+    for name in ("sdxl-1024", "tiny-256"):
+        r = get_profile(name).shapes("text_encoder", SDXL)["input_ids"]
+        assert r.min == (1, 77) and r.opt == (2, 77) and r.max == (8, 77)
+    st = get_profile("sdxl-1024").with_static().shapes("text_encoder_2", SDXL)["input_ids"]
+    assert st.min == (1, 77) and st.max == (2, 77)
+
+
 def test_turbo_has_no_guidance_doubling() -> None:
     s = get_profile("sdxl-turbo-512").shapes("unet", SDXL)
     assert s["sample"].min == (1, 4, 64, 64) and s["sample"].max == (4, 4, 64, 64)

@@ -129,7 +129,9 @@ class Profile:
                 out["time_ids"] = rng(lambda i: (b[i], dims.time_ids_len))
             return out
         if component in ("text_encoder", "text_encoder_2"):
-            b = self.batches(doubled=True)
+            # One call per prompt: [negative; prompt] (doubled) with guidance, the prompt alone without it
+            # (guidance <= 1, or SDXL's zero negative), so the range starts at one image, undoubled.
+            b = (self.batch[0], *self.batches(doubled=True)[1:])
             return {"input_ids": rng(lambda i: (b[i], self.tokens))}
         b = self.batches(doubled=False)
         return {"latent": rng(lambda i: (b[i], dims.latent_channels, *lat[i]))}

@@ -70,19 +70,9 @@ def check_metadata(r: BuildResult, onnx: Path, precision: str, qdq: list[str]) -
 
 
 @pytest.fixture(scope="module")
-def fp16_build(tiny_unet_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[BuildConfig, BuildResult]:
+def fp16_build(rtx_unet_builds: dict) -> tuple[BuildConfig, BuildResult]:
     pytest.importorskip("trtkit.graph.fp16")
-    cfg = config(tiny_unet_onnx, tmp_path_factory.mktemp("fp16") / "unet.plan", precision="fp16")
-    return cfg, build(cfg)
-
-
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A calibration file without ranges: the Q/DQ pass measures every range on its sample run."""
-    from trtkit.calibfile import Calibration, save
-
-    return save(Calibration(precision="int8", settings={"note": "test: ranges from the pass's sample run"}),
-                tmp_path_factory.mktemp("calib") / "calib.json")
+    return rtx_unet_builds["fp16"]  # built once per session, shared with the runtime's tests
 
 
 def test_fp16_two_profiles(fp16_build: tuple[BuildConfig, BuildResult], tiny_unet_onnx: Path) -> None:
@@ -104,10 +94,9 @@ def test_second_build_is_cache_hit(fp16_build: tuple[BuildConfig, BuildResult]) 
 
 
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
-def test_8bit_two_profiles(precision: str, tiny_unet_onnx: Path, calib: Path, tmp_path: Path) -> None:
+def test_8bit_two_profiles(precision: str, tiny_unet_onnx: Path, rtx_unet_builds: dict) -> None:
     pytest.importorskip("trtkit.graph.qdq")
-    r = build(config(tiny_unet_onnx, tmp_path / "unet.plan", precision=precision,
-                     calib=calib if precision == "int8" else None))
+    _, r = rtx_unet_builds[precision]  # built once per session (tests/conftest.py), with `config()`'s settings
     doc = check_metadata(r, tiny_unet_onnx, precision, [precision])
     assert doc["precision"]["fp16_rest"] is True
     assert any(f"{precision} Q/DQ pass applied" in n for n in doc["notes"])

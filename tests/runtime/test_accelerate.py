@@ -66,6 +66,11 @@ def test_images_and_fallback(sdxl, caplog) -> None:  # type: ignore[no-untyped-d
     assert seen == [0, 1] and "callback_on_step_end" in caplog.text  # diffusers' own loop ran
 
 
+def test_backend_is_checked(sdxl, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(TrtkitError, match="backend must be 'trt' or 'rtx'"):
+        trtkit.accelerate(sdxl, backend="cuda")
+
+
 def test_unsupported_scheduler_is_one_line_error(sdxl) -> None:  # type: ignore[no-untyped-def]
     from diffusers import LMSDiscreteScheduler
 

@@ -80,6 +80,29 @@ def test_cuda_python_graph_equals_eager_and_reference(name: str) -> None:
     np.testing.assert_allclose(graph, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
+class UncapturableCopy(CopyExecutor):
+    """What TensorRT-RTX answers for a context that would allocate under capture: is_stream_capturable false."""
+
+    def capturable(self, stream: int) -> bool:
+        return False
+
+
+@pytest.mark.gpu
+def test_uncapturable_executor_runs_eagerly(caplog: pytest.LogCaptureFixture) -> None:
+    """Finding 4: the runner asks before capturing; a "no" gives one warning and the eager loop's latents."""
+    tab = make_tables(make_scheduler("euler", BASE), 6, "euler")
+    x = np.random.default_rng(1).standard_normal(SHAPE.latent).astype(np.float32) * tab.init_noise_sigma
+    eager = LoopRunner(CopyExecutor(), device="cuda", use_graph=False)(SHAPE, tab, x_init=x, guidance=5.0)
+    r = LoopRunner(UncapturableCopy(), device="cuda", use_graph=True)
+    with caplog.at_level("WARNING"):
+        got = r(SHAPE, tab, x_init=x, guidance=5.0)
+        again = r(SHAPE, tab, x_init=x, guidance=5.0)
+    assert r.captures == 0 and not r.use_graph and r.graph is None
+    assert sum("cannot be captured in a CUDA graph" in m for m in caplog.messages) == 1
+    np.testing.assert_array_equal(got, eager)
+    np.testing.assert_array_equal(again, eager)
+
+
 @pytest.fixture(scope="module")
 def gpu_pipe(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
     from trtkit.runtime.pipeline import Pipeline

@@ -32,6 +32,37 @@ def test_run_errors_are_one_line(tiny_model_dir: Path, tmp_path: Path, capsys: p
     assert not out.exists()
 
 
+@pytest.mark.parametrize("args,match", [
+    (["--backend", "cuda"], "--backend must be trt or rtx"),
+    (["--backend", "rtx"], "--backend picks the TensorRT that runs --engines; give --engines too"),
+])
+def test_backend_errors_are_one_line(tiny_model_dir: Path, capsys: pytest.CaptureFixture, args: list[str],
+                                     match: str) -> None:
+    for verb in (["run", "--prompt", "x"], ["bench"]):
+        rc = main([verb[0], str(tiny_model_dir), *verb[1:], "--device", "cpu", *args])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and match in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.rtx
+def test_backend_is_checked_against_the_plan(tiny_model_dir: Path, rtx_unet_plans: dict, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture) -> None:
+    """Finding 3 through the CLI: an RTX-built unet.plan with --backend trt is refused in one line, before the
+    pipeline loads; without --backend the plan's header picks TensorRT-RTX (then: no GPU here)."""
+    import shutil
+
+    folder = tmp_path / "engines"
+    folder.mkdir()
+    shutil.copy(rtx_unet_plans["fp16"]["plan"], folder / "unet.plan")
+    out = tmp_path / "c.png"
+    base = ["run", str(tiny_model_dir), "--prompt", "x", "--device", "cpu", "--engines", str(folder), "-o", str(out)]
+    assert main([*base, "--backend", "trt"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unet.plan was built by TensorRT-RTX; backend trt cannot run it" in err and len(err.splitlines()) == 1
+    assert main(base) == 2
+    assert "TensorRT engines need a CUDA GPU" in capsys.readouterr().err and not out.exists()
+
+
 def test_bench_prints_per_step_and_end_to_end(tiny_model_dir: Path, capsys: pytest.CaptureFixture) -> None:
     rc = main(["bench", str(tiny_model_dir), "--steps", "2", "--height", "64", "--width", "64", "--device", "cpu",
                "--warmup", "1", "--repeats", "2", "--json"])

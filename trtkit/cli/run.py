@@ -9,7 +9,8 @@ from trtkit.cli._common import console, print_json
 
 def _config(model_dir: Path, engines: Path | None, prompt: str, negative_prompt: str, steps: int, guidance: float,
             scheduler: str | None, seed: int, cuda_graph: bool, height: int | None, width: int | None,
-            trust_engine: bool, device: str | None, compile: bool, kernels: str):  # type: ignore[no-untyped-def]
+            trust_engine: bool, device: str | None, compile: bool, kernels: str,
+            backend: str | None = None):  # type: ignore[no-untyped-def]
     from trtkit.errors import TrtkitError
     from trtkit.runtime.executors import KERNEL_PRESETS
     from trtkit.runtime.pipeline import RunConfig
@@ -21,12 +22,20 @@ def _config(model_dir: Path, engines: Path | None, prompt: str, negative_prompt:
         raise TrtkitError("--steps must be >= 1")
     if device not in (None, "cpu", "cuda"):
         raise TrtkitError(f"--device must be cpu or cuda, got {device!r}")
+    if backend not in (None, "trt", "rtx"):
+        raise TrtkitError(f"--backend must be trt or rtx, got {backend!r}")
+    if backend is not None and engines is None:
+        raise TrtkitError("--backend picks the TensorRT that runs --engines; give --engines too")
     if kernels not in KERNEL_PRESETS:
         raise TrtkitError(f"--kernels must be one of {', '.join(KERNEL_PRESETS)}, got {kernels!r}")
     return RunConfig(model_dir=model_dir, prompt=prompt, negative_prompt=negative_prompt, steps=steps,
                      guidance=guidance, scheduler=scheduler, seed=seed, height=height, width=width,
                      cuda_graph=cuda_graph, engines=engines, trust_engine=trust_engine, device=device,
-                     compile=compile, kernels=kernels)
+                     compile=compile, kernels=kernels, backend=backend)
+
+
+BACKEND_HELP = ("trt or rtx: the TensorRT that runs --engines (default: the one that built each plan, read "
+                "from its header).")
 
 
 def register(app: typer.Typer) -> None:
@@ -53,6 +62,7 @@ def register(app: typer.Typer) -> None:
         compile: bool = typer.Option(False, "--compile", help="torch.compile the torch UNet."),
         kernels: str = typer.Option("tuned", "--kernels", help="Torch UNet on a GPU: tuned (channels-last "
                                     "activations, cuDNN autotune, fused GEGLU and q/k/v; docs/runtime.md) or plain."),
+        backend: str = typer.Option(None, "--backend", help=BACKEND_HELP),
         output: Path = typer.Option(Path("out.png"), "--output", "-o", help="Image to write (.png/.jpg/.webp)."),
         json_out: bool = typer.Option(False, "--json", help="Print the timings as JSON."),
     ) -> None:
@@ -60,7 +70,7 @@ def register(app: typer.Typer) -> None:
         from trtkit.runtime.pipeline import run as do_run
 
         cfg = _config(model_dir, engines, prompt, negative_prompt, steps, guidance, scheduler, seed, cuda_graph,
-                      height, width, trust_engine, device, compile, kernels)
+                      height, width, trust_engine, device, compile, kernels, backend)
         res = do_run(cfg, output)
         output = res.path or output  # a folder as -o: the file written in it
         info = {"output": str(output), "executor": res.executor, "cuda_graph": res.cuda_graph,
@@ -88,13 +98,14 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option(None, "--device"),
         compile: bool = typer.Option(False, "--compile"),
         kernels: str = typer.Option("tuned", "--kernels", help="tuned | plain (torch UNet on a GPU)."),
+        backend: str = typer.Option(None, "--backend", help=BACKEND_HELP),
         json_out: bool = typer.Option(False, "--json"),
     ) -> None:
         """Per-step and end-to-end latency (median of --repeats after --warmup runs)."""
         from trtkit.runtime.pipeline import bench as do_bench
 
         cfg = _config(model_dir, engines, prompt, "", steps, guidance, scheduler, 0, cuda_graph, height, width,
-                      trust_engine, device, compile, kernels)
+                      trust_engine, device, compile, kernels, backend)
         s = do_bench(cfg, warmup, repeats).summary()
         if json_out:
             print_json(s)

@@ -37,14 +37,17 @@ class _Runtime:
 
 
 def accelerate(pipe: Any, engines: Path | str | None = None, cuda_graph: bool = True, trust_engine: bool = False,
-               compile: bool = False, kernels: str = "tuned") -> Any:
+               compile: bool = False, kernels: str = "tuned", backend: str | None = None) -> Any:
     """Make `pipe` (StableDiffusionPipeline / StableDiffusionXLPipeline) use the runtime; returns `pipe`.
 
     With the torch UNet on a GPU, `kernels="tuned"` changes `pipe.unet` in place: channels-last weights, q/k/v
     fused (diffusers' fuse_qkv_projections; `pipe.unet.unfuse_qkv_projections()` undoes it), and GroupNorm,
     Transformer2D and GEGLU modules swapped for subclasses that keep activations channels-last and fuse GEGLU
     (runtime/nhwc.py, runtime/geglu.py). The module computes the same function and still runs anywhere, also
-    outside trtkit. `kernels="plain"` leaves it as it is."""
+    outside trtkit. `kernels="plain"` leaves it as it is.
+
+    `backend` ("trt" / "rtx") names the TensorRT that runs `engines`; by default the one that built the plan
+    (its header), so a TensorRT-RTX plan runs on TensorRT-RTX even where full TensorRT is installed too."""
     from trtkit.runtime.graph_runner import LoopRunner
     from trtkit.runtime.pipeline import make_executor
     from trtkit.runtime.schedulers import unsupported_reason
@@ -55,7 +58,10 @@ def accelerate(pipe: Any, engines: Path | str | None = None, cuda_graph: bool = 
     if reason is not None:  # a one-line error now rather than a slow fallback at every call
         raise TrtkitError(reason, hint="use euler, euler_a, ddim or dpmpp_2m with a supported config (docs/runtime.md)")
     device = pipe.unet.device.type
-    executor = make_executor(pipe, Path(engines) if engines else None, trust_engine, compile, device, kernels)
+    if backend not in (None, "trt", "rtx"):
+        raise TrtkitError(f"backend must be 'trt' or 'rtx', got {backend!r}")
+    executor = make_executor(pipe, Path(engines) if engines else None, trust_engine, compile, device, kernels,
+                             backend)
     runner = LoopRunner(executor, device=device, use_graph=cuda_graph)
     base = type(pipe)
     if getattr(pipe, "_trtkit", None) is not None:
@@ -144,6 +150,8 @@ def _accelerated(pipe: Any, rt: _Runtime, prompt: Any = None, negative_prompt: A
                       cfg=cfg, text_len=pe.shape[1], text_dim=pe.shape[2],
                       pooled_dim=cond["text_embeds"].shape[-1] if sdxl else None, time_ids_dim=6 if sdxl else None)
     out = rt.runner(shape, tables, x_init=lat.float().cpu().numpy(), guidance=g, noise=noise, **cond)
+    if hasattr(rt.executor, "engine"):  # TensorRT-RTX: keep the kernels this first run compiled (x.runtime_cache)
+        rt.executor.engine.save_runtime_cache()
     if output_type == "latent":
         images: Any = torch.from_numpy(out).to(device, pe.dtype)
     else:

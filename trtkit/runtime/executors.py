@@ -83,6 +83,10 @@ class StepExecutor(ABC):
         """Anything besides the bound buffers that a captured graph bakes in (weight addresses...)."""
         return ()
 
+    def capturable(self, stream: int) -> bool:
+        """Whether a call on `stream` may be stream-captured (TensorRT-RTX can say no)."""
+        return True
+
 
 # ------------------------------------------------------------------------------------------------
 # torch
@@ -105,12 +109,12 @@ def as_torch(arr: Any, dtype: str) -> Any:
         try:
             from cuda.core import Buffer
         except ImportError:
-            from cuda.core.experimental import Buffer  # type: ignore[no-redef]
+            from cuda.core.experimental import Buffer
         buf = Buffer.from_handle(arr.ptr, arr.nbytes)
         raw = torch.from_dlpack(buf)
         if raw.data_ptr() == arr.ptr and raw.numel() * raw.element_size() == arr.nbytes:
             t = raw.view(torch.uint8).view(tdt).view(arr.shape)
-            t._trtkit_owner = (buf, arr)  # type: ignore[attr-defined]
+            t._trtkit_owner = (buf, arr)
     except Exception:
         t = None
     if t is None:
@@ -265,7 +269,7 @@ class TorchExecutor(StepExecutor):
             from trtkit.runtime import geglu
 
             geglu.swap_geglus(unet)
-        self.options = {"channels_last": channels_last, "cudnn_benchmark": cudnn_benchmark, "attention": attention,
+        self.options: dict[str, Any] = {"channels_last": channels_last, "cudnn_benchmark": cudnn_benchmark, "attention": attention,
                         "fuse_qkv": fuse_qkv, "nhwc_group_norm": nhwc_group_norm,
                         "nhwc_transformer": nhwc_transformer, "fused_geglu": fused_geglu,
                         "compile_options": dict(compile_options or {})}
@@ -373,3 +377,6 @@ class TensorRTExecutor(StepExecutor):
 
     def fingerprint(self) -> tuple:
         return self.engine.fingerprint()
+
+    def capturable(self, stream: int) -> bool:
+        return bool(self.engine.capturable(stream))

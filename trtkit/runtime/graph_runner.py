@@ -18,6 +18,7 @@ the torch executor with torch.cuda.graph, because torch's caching allocator must
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +26,10 @@ import numpy as np
 
 from trtkit.errors import TrtkitError
 from trtkit.runtime.executors import UNET_OUTPUT, LoopShape, StepExecutor
+from trtkit.runtime.host_dtypes import encode, storage_dtype
 from trtkit.runtime.schedulers import LoopState, StepTables, reference_step
+
+log = logging.getLogger(__name__)
 
 
 class GraphCaptureError(TrtkitError):
@@ -100,7 +104,7 @@ class _DeviceLoop:
         from trtkit.runtime.kernels import KernelSpec, LoopPointers, get_kernels
 
         self.executor, self.shape, self.tables, self.stream = executor, shape, tables, stream
-        io_dt = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}[executor.io_dtype]
+        io_dt = storage_dtype(executor.io_dtype)  # bfloat16 lives in uint16 buffers
         n = int(np.prod(shape.latent))
         E = cuda.DeviceArray.empty
         self.io = {k: E(s, np.float32 if kind == "f32" else io_dt) for k, (s, kind) in shape.unet_io().items()}
@@ -147,10 +151,8 @@ class _DeviceLoop:
             v = _host(value)
             if tuple(v.shape) != arr.shape:
                 raise TrtkitError(f"{name}: got shape {tuple(v.shape)}, the loop was set up for {arr.shape}")
-            if arr.dtype == np.uint16:  # bfloat16: round float32 to its top 16 bits
-                b = v.astype(np.float32).view(np.uint32)
-                v = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(np.uint16)
-            arr.upload(v.astype(arr.dtype), self.handle)
+            kind = self.shape.unet_io()[name][1]
+            arr.upload(encode(v, "float32" if kind == "f32" else self.executor.io_dtype), self.handle)
 
     def body(self) -> None:
         h = self.handle
@@ -287,6 +289,14 @@ class LoopRunner:
             if self.graph is not None and not self.recapture:
                 raise GraphMismatchError(f"captured graph does not match: {_diff(self.key, key)}",
                                          hint="allow re-capture or keep shapes and buffers fixed")
+            if not self.executor.uses_torch_stream and not self.executor.capturable(self.loop.handle):
+                # TensorRT-RTX says this context would allocate or compile under capture: run eagerly from now on
+                log.warning("the %s UNet cannot be captured in a CUDA graph here (is_stream_capturable is false); "
+                            "running the loop without one", self.executor.name)
+                self._release_graph()
+                self.use_graph = False
+                self.eager()
+                return
             self.capture()
         if self.executor.uses_torch_stream:
             with self._ctx():

@@ -4,7 +4,9 @@ LoopRunner (one CUDA graph on a GPU, the eager numpy-reference loop on a CPU).""
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,14 @@ import numpy as np
 
 from trtkit._quiet import quiet_loading
 from trtkit.errors import TrtkitError
-from trtkit.runtime.executors import LoopShape, StepExecutor, TorchExecutor, describe_options, kernel_options
+from trtkit.runtime.executors import (
+    LoopShape,
+    StepExecutor,
+    TensorRTExecutor,
+    TorchExecutor,
+    describe_options,
+    kernel_options,
+)
 from trtkit.runtime.graph_runner import LoopRunner
 from trtkit.runtime.schedulers import (
     StepTables,
@@ -41,6 +50,7 @@ class RunConfig:
     device: str | None = None  # None: cuda if present
     compile: bool = False
     kernels: str = "tuned"  # torch UNet kernel choices on a GPU (executors.KERNEL_PRESETS)
+    backend: str | None = None  # None: the backend that built each plan (its header)
 
 
 @dataclass
@@ -62,34 +72,66 @@ def default_device() -> str:
         return "cpu"
 
 
-def load_pipeline(model_dir: Path, device: str) -> Any:
+def load_pipeline(model_dir: Path, device: str, engines: Iterable[str] = ()) -> Any:
+    """The diffusers pipeline with only the torch modules the runtime uses on `device`: modules that `engines`
+    (names of plans, components.ENGINE_NAMES) replace are not loaded (UNet, text encoders) or stay on the CPU
+    (a replaced VAE; its config is read), so the GPU holds no second copy of them (finding 6)."""
     import torch
     from diffusers import DiffusionPipeline
+
+    from trtkit.runtime.components import (
+        engine_modules,
+        modules_not_loaded,
+        modules_on_device,
+        pipeline_modules,
+    )
 
     model_dir = Path(model_dir)
     if not (model_dir / "model_index.json").is_file():
         raise TrtkitError(f"{model_dir} is not a diffusers pipeline folder (no model_index.json)")
     dtype = torch.float16 if device == "cuda" else torch.float32
     try:
+        taken = engine_modules(engines, pipeline_modules(json.loads((model_dir / "model_index.json").read_text())))
+    except ValueError as e:
+        raise TrtkitError(f"{model_dir / 'model_index.json'} is not valid JSON: {e}") from e
+    skip = {m: None for m in modules_not_loaded(taken)}
+    try:
         with quiet_loading():
-            pipe = DiffusionPipeline.from_pretrained(str(model_dir), dtype=dtype)
+            pipe = DiffusionPipeline.from_pretrained(str(model_dir), dtype=dtype, **skip)
     except Exception as e:
         raise TrtkitError(f"cannot load the pipeline in {model_dir}: {str(e).splitlines()[0]}") from e
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    if not taken:
+        return pipe.to(device)
+    present = [m for m in ("unet", "text_encoder", "text_encoder_2", "vae") if getattr(pipe, m, None) is not None]
+    for m in modules_on_device(present, taken):
+        getattr(pipe, m).to(device)
+    return pipe
 
 
-def is_sdxl(pipe: Any) -> bool:
-    return getattr(pipe.unet.config, "addition_embed_type", None) == "text_time"
+def unet_config(pipe: Any, model_dir: Path | None = None) -> Any:
+    """The UNet's config: from the module, or from its folder when an engine replaced it (not loaded)."""
+    if getattr(pipe, "unet", None) is not None:
+        return pipe.unet.config
+    from diffusers import UNet2DConditionModel
+    from diffusers.configuration_utils import FrozenDict
+
+    folder = Path(model_dir or pipe.config._name_or_path)
+    return FrozenDict(UNet2DConditionModel.load_config(str(folder), subfolder="unet"))
+
+
+def is_sdxl(pipe: Any, config: Any = None) -> bool:
+    return getattr(config if config is not None else pipe.unet.config, "addition_embed_type", None) == "text_time"
 
 
 def encode(pipe: Any, prompt: str | list[str], negative_prompt: str | list[str] | None, cfg: bool,
-           height: int, width: int, device: str) -> tuple[dict[str, Any], LoopShape]:
+           height: int, width: int, device: str, unet_cfg: Any = None) -> tuple[dict[str, Any], LoopShape]:
     """The UNet conditioning, [uncond; cond] on the batch axis when `cfg`, as the diffusers pipelines make it."""
     import torch
 
+    unet_cfg = unet_cfg if unet_cfg is not None else pipe.unet.config
     with torch.no_grad():
-        if is_sdxl(pipe):
+        if is_sdxl(pipe, unet_cfg):
             pe, npe, pooled, npooled = pipe.encode_prompt(prompt, device=device, do_classifier_free_guidance=cfg,
                                                          negative_prompt=negative_prompt or None)
             b = pe.shape[0]
@@ -104,7 +146,7 @@ def encode(pipe: Any, prompt: str | list[str], negative_prompt: str | list[str] 
             cond = {"encoder_hidden_states": torch.cat([npe, pe]) if cfg else pe}
             pooled_dim, tdim = None, None
     f = pipe.vae_scale_factor
-    shape = LoopShape(batch=b, latent_channels=pipe.unet.config.in_channels, latent_height=height // f,
+    shape = LoopShape(batch=b, latent_channels=unet_cfg.in_channels, latent_height=height // f,
                       latent_width=width // f, cfg=cfg, text_len=pe.shape[1], text_dim=pe.shape[2],
                       pooled_dim=pooled_dim, time_ids_dim=tdim)
     return cond, shape
@@ -141,44 +183,52 @@ class EngineEncoders:
     `vae_decoder.plan` beside unet.plan), numpy in and out; tokenizers and configs from the diffusers folder.
     Each component without a plan stays in torch."""
 
-    def __init__(self, pipe: Any, engines: dict[str, Any], stream: Any) -> None:
+    def __init__(self, pipe: Any, engines: dict[str, Any], stream: Any, unet_cfg: Any = None) -> None:
         self.pipe, self.engines, self.stream = pipe, engines, stream
+        self.unet_cfg = unet_cfg if unet_cfg is not None else pipe.unet.config
 
     def has_text(self) -> bool:
-        need = ["text_encoder"] + (["text_encoder_2"] if is_sdxl(self.pipe) else [])
+        need = ["text_encoder"] + (["text_encoder_2"] if is_sdxl(self.pipe, self.unet_cfg) else [])
         return all(n in self.engines for n in need)
 
     def _ids(self, tokenizer: Any, prompt: list[str]) -> np.ndarray:
         return tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                          return_tensors="np").input_ids.astype(np.int32)
 
+    def _run(self, name: str, tokenizer: Any, texts: list[str], outputs: list[str]) -> dict[str, np.ndarray]:
+        from trtkit.runtime.components import check_encoder
+
+        ids = self._ids(tokenizer, texts)
+        check_encoder(self.engines[name].desc, {"input_ids": ids.shape}, outputs)
+        return self.engines[name].infer({"input_ids": ids}, self.stream.handle)
+
     def encode(self, prompt: str, negative: str, cfg: bool, height: int, width: int) -> tuple[dict, LoopShape]:
-        p, h = self.pipe, self.stream.handle
-        sdxl = is_sdxl(p)
+        """ONE call per text encoder: [negative; prompt] (batch 2) with guidance, [prompt] without (finding 1)."""
+        from trtkit.runtime.components import encoder_texts
 
-        def one(text: str) -> tuple[np.ndarray, np.ndarray | None]:
-            if not sdxl:
-                return self.engines["text_encoder"].infer({"input_ids": self._ids(p.tokenizer, [text])},
-                                                          h)["last_hidden_state"].astype(np.float32), None
-            a = self.engines["text_encoder"].infer({"input_ids": self._ids(p.tokenizer, [text])}, h)
-            b = self.engines["text_encoder_2"].infer({"input_ids": self._ids(p.tokenizer_2, [text])}, h)
-            emb = np.concatenate([a["penultimate_hidden_state"], b["penultimate_hidden_state"]], axis=-1)
-            return emb.astype(np.float32), b["pooled_output"].astype(np.float32)
-
-        pooled: np.ndarray | None
-        pe, pooled = one(prompt)
-        if cfg and sdxl and not negative and getattr(p.config, "force_zeros_for_empty_prompt", False):
-            npe, npooled = np.zeros_like(pe), None if pooled is None else np.zeros_like(pooled)
-        elif cfg:
-            npe, npooled = one(negative)
-        cond: dict[str, Any] = {"encoder_hidden_states": np.concatenate([npe, pe]) if cfg else pe}
+        p = self.pipe
+        sdxl = is_sdxl(p, self.unet_cfg)
+        zero_neg = cfg and sdxl and not negative and bool(getattr(p.config, "force_zeros_for_empty_prompt", False))
+        texts = encoder_texts(prompt, negative, cfg, zero_neg)
+        pooled: np.ndarray | None = None
         if sdxl:
-            tid = np.array([[height, width, 0, 0, height, width]], np.float32)
-            cond["text_embeds"] = np.concatenate([npooled, pooled]) if cfg else pooled
-            cond["time_ids"] = np.concatenate([tid, tid]) if cfg else tid
+            a = self._run("text_encoder", p.tokenizer, texts, ["penultimate_hidden_state"])
+            b = self._run("text_encoder_2", p.tokenizer_2, texts, ["penultimate_hidden_state", "pooled_output"])
+            emb = np.concatenate([a["penultimate_hidden_state"], b["penultimate_hidden_state"]], axis=-1)
+            pooled = b["pooled_output"].astype(np.float32)
+        else:
+            emb = self._run("text_encoder", p.tokenizer, texts, ["last_hidden_state"])["last_hidden_state"]
+        emb = emb.astype(np.float32)
+        if zero_neg:  # diffusers' zero negative for SDXL's empty negative prompt
+            emb = np.concatenate([np.zeros_like(emb), emb])
+            pooled = None if pooled is None else np.concatenate([np.zeros_like(pooled), pooled])
+        cond: dict[str, Any] = {"encoder_hidden_states": emb}
+        if sdxl:
+            cond["text_embeds"] = pooled
+            cond["time_ids"] = np.repeat(np.array([[height, width, 0, 0, height, width]], np.float32), len(emb), 0)
         f = p.vae_scale_factor
-        shape = LoopShape(batch=1, latent_channels=p.unet.config.in_channels, latent_height=height // f,
-                          latent_width=width // f, cfg=cfg, text_len=pe.shape[1], text_dim=pe.shape[2],
+        shape = LoopShape(batch=1, latent_channels=self.unet_cfg.in_channels, latent_height=height // f,
+                          latent_width=width // f, cfg=cfg, text_len=emb.shape[1], text_dim=emb.shape[2],
                           pooled_dim=None if pooled is None else pooled.shape[-1], time_ids_dim=6 if sdxl else None)
         return cond, shape
 
@@ -187,13 +237,16 @@ class EngineEncoders:
 
         vae = self.pipe.vae.config
         z = latents / vae.scaling_factor + (getattr(vae, "shift_factor", None) or 0.0)
+        from trtkit.runtime.components import check_vae
+
+        check_vae(self.engines["vae_decoder"].desc, tuple(z.shape))
         img = self.engines["vae_decoder"].infer({"latent": z.astype(np.float32)}, self.stream.handle)["images"]
         img = np.clip(img.astype(np.float32) / 2 + 0.5, 0, 1)
         return Image.fromarray((img[0].transpose(1, 2, 0) * 255).round().astype(np.uint8))
 
 
 def make_executor(pipe: Any, engines: Path | None, trust_engine: bool, compile: bool, device: str,
-                  kernels: str = "tuned") -> StepExecutor:
+                  kernels: str = "tuned", backend: str | None = None, unet_cfg: Any = None) -> StepExecutor:
     if engines is not None:
         # a folder holding unet.plan, or the plan itself
         plan = Path(engines) if Path(engines).suffix in (".plan", ".engine") else Path(engines) / "unet.plan"
@@ -201,10 +254,12 @@ def make_executor(pipe: Any, engines: Path | None, trust_engine: bool, compile: 
             raise TrtkitError(f"{engines} has no unet.plan")
         if device != "cuda":
             raise TrtkitError("TensorRT engines need a CUDA GPU; none found")
+        from trtkit.runtime.components import check_unet
         from trtkit.runtime.engine import Engine
-        from trtkit.runtime.executors import TensorRTExecutor
 
-        return TensorRTExecutor(Engine.load(plan, trust_engine=trust_engine))
+        engine = Engine.load(plan, trust_engine=trust_engine, backend=backend)
+        check_unet(engine.desc, is_sdxl(pipe, unet_cfg))
+        return TensorRTExecutor(engine)
     return TorchExecutor(pipe.unet, compile=compile, **kernel_options(kernels, device, compile))
 
 
@@ -213,30 +268,43 @@ class Pipeline:
 
     def __init__(self, model_dir: Path, engines: Path | None = None, device: str | None = None,
                  cuda_graph: bool = True, trust_engine: bool = False, compile: bool = False,
-                 kernels: str = "tuned") -> None:
+                 kernels: str = "tuned", backend: str | None = None) -> None:
+        from trtkit.runtime.components import check_unet, engine_files
+
         self.device = device or default_device()
         kernel_options(kernels, self.device, compile)  # a bad preset fails before the (slow) load
         if engines is not None and not (Path(engines).is_file() or (Path(engines) / "unet.plan").is_file()):
             raise TrtkitError(f"{engines} has no unet.plan")  # before the (slow) pipeline load
+        names = engine_files(engines)
+        if engines is not None:  # which TensorRT runs each plan: a one-line error now, before the (slow) load
+            from trtkit.runtime.engine import plan_backend
+
+            folder = Path(engines)
+            for n in names:
+                plan_backend(folder if folder.is_file() else folder / f"{n}.plan", backend)
         if engines is not None and self.device != "cuda":
-            raise TrtkitError("TensorRT engines need a CUDA GPU; none found")  # before the load too
-        self.pipe = load_pipeline(Path(model_dir), self.device)
+            raise TrtkitError("TensorRT engines need a CUDA GPU; none found")
+        self.pipe = load_pipeline(Path(model_dir), self.device, names)
+        self.unet_config = unet_config(self.pipe, Path(model_dir))
+        self.engines: dict[str, Any] = {}
         self.encoders: EngineEncoders | None = None
         if engines is not None and Path(engines).is_dir():
-            if self.device != "cuda":
-                raise TrtkitError("TensorRT engines need a CUDA GPU; none found")
             from trtkit.runtime.engine import load_engines
-            from trtkit.runtime.executors import TensorRTExecutor
 
             # every plan of the folder shares one activation area: they run one after another on one stream
-            found = load_engines(engines, trust_engine=trust_engine)
+            found = load_engines(engines, trust_engine=trust_engine, backend=backend)
             if "unet" not in found:
                 raise TrtkitError(f"{engines} has no unet.plan")
+            check_unet(found["unet"].desc, is_sdxl(self.pipe, self.unet_config))
+            self.engines = found
             self.executor: StepExecutor = TensorRTExecutor(found["unet"])
             self.runner = LoopRunner(self.executor, device=self.device, use_graph=cuda_graph)
-            self.encoders = EngineEncoders(self.pipe, found, self.runner.stream)
+            self.encoders = EngineEncoders(self.pipe, found, self.runner.stream, self.unet_config)
         else:
-            self.executor = make_executor(self.pipe, engines, trust_engine, compile, self.device, kernels)
+            self.executor = make_executor(self.pipe, engines, trust_engine, compile, self.device, kernels, backend,
+                                          self.unet_config)
+            if isinstance(self.executor, TensorRTExecutor):  # the TensorRT UNet alone
+                self.engines = {"unet": self.executor.engine}
             self.runner = LoopRunner(self.executor, device=self.device, use_graph=cuda_graph)
 
     def tables(self, scheduler: str | None, steps: int) -> StepTables:
@@ -251,7 +319,7 @@ class Pipeline:
 
     def __call__(self, cfg: RunConfig) -> RunResult:
         t0 = time.perf_counter()
-        unet_cfg = self.pipe.unet.config
+        unet_cfg = self.unet_config
         f = self.pipe.vae_scale_factor
         height = cfg.height or unet_cfg.sample_size * f
         width = cfg.width or unet_cfg.sample_size * f
@@ -262,7 +330,8 @@ class Pipeline:
         if self.encoders is not None and self.encoders.has_text():
             cond, shape = self.encoders.encode(cfg.prompt, cfg.negative_prompt, use_cfg, height, width)
         else:
-            cond, shape = encode(self.pipe, cfg.prompt, cfg.negative_prompt, use_cfg, height, width, self.device)
+            cond, shape = encode(self.pipe, cfg.prompt, cfg.negative_prompt, use_cfg, height, width, self.device,
+                                 unet_cfg)
         t1 = time.perf_counter()
         x = initial_latents(shape, tables, cfg.seed)
         noise = draw_noise(tables, shape.latent, cfg.seed + 1)
@@ -273,6 +342,8 @@ class Pipeline:
         else:
             image = decode(self.pipe, lat)[0]
         t3 = time.perf_counter()
+        for e in self.engines.values():  # TensorRT-RTX: keep the kernels compiled by this first run
+            e.save_runtime_cache()
         return RunResult(image=image, latents=lat, executor=self.executor.name, cuda_graph=self.runner.use_graph,
                          timings_ms={"encode": (t1 - t0) * 1e3, "denoise": (t2 - t1) * 1e3,
                                      "decode": (t3 - t2) * 1e3, "total": (t3 - t0) * 1e3})
@@ -289,7 +360,7 @@ def run(cfg: RunConfig, output: Path | None = None) -> RunResult:
         if output.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
             raise TrtkitError(f"output {output} must end in .png, .jpg or .webp")
     pipe = Pipeline(cfg.model_dir, engines=cfg.engines, device=cfg.device, cuda_graph=cfg.cuda_graph,
-                    trust_engine=cfg.trust_engine, compile=cfg.compile, kernels=cfg.kernels)
+                    trust_engine=cfg.trust_engine, compile=cfg.compile, kernels=cfg.kernels, backend=cfg.backend)
     res = pipe(cfg)
     if output is not None:
         with atomic_path(output) as tmp:
@@ -333,7 +404,7 @@ def bench(cfg: RunConfig, warmup: int = 2, repeats: int = 5) -> BenchResult:
     if warmup < 0 or repeats < 1:
         raise TrtkitError("--warmup must be >= 0 and --repeats >= 1")
     pipe = Pipeline(cfg.model_dir, engines=cfg.engines, device=cfg.device, cuda_graph=cfg.cuda_graph,
-                    trust_engine=cfg.trust_engine, compile=cfg.compile, kernels=cfg.kernels)
+                    trust_engine=cfg.trust_engine, compile=cfg.compile, kernels=cfg.kernels, backend=cfg.backend)
     for _ in range(warmup):
         pipe(cfg)
     runs = [pipe(cfg).timings_ms for _ in range(repeats)]
