@@ -156,15 +156,16 @@ class Engine:
     def load(cls, path: Path | str, trust_engine: bool = False, backend: str | None = None,
              activations: SharedActivations | None = None) -> Engine:
         from trtkit.backend import load_backend
-        from trtkit.inspector.engine_report import read_metadata
+        from trtkit.inspector.engine_report import read_metadata, read_plan_header, runs_here
 
         path = Path(path)
         if not path.is_file():
             raise EngineError(f"engine {path} does not exist")
         meta = read_metadata(path)
         be = load_backend(plan_backend(path, backend))
-        if not be.can_run:
-            raise EngineError(f"cannot run engines here: {be.why_not_run or 'no GPU'}")
+        ok, why = runs_here(be, read_plan_header(path), meta)  # RTX on Turing: only plans built for 7.5
+        if not ok:
+            raise EngineError(f"cannot run {path.name} here: {why or 'no GPU'}")
         cuda.init()
         trt = be.trt
         runtime: trt_api.Runtime = trt.Runtime(be.logger)
