@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -83,3 +85,43 @@ def test_parser_errors_listed_with_verbose(tmp_path: Path) -> None:
     assert "node /unet/custom/NoSuchOp (NoSuchOp)" in one_line_error(p)
     assert "ONNX parser errors (" in p.stderr
     assert not (tmp_path / "m.plan").exists()
+
+
+class SigintDuringParse(logging.Filter):
+    """Sends this process SIGINT when TensorRT's parser logs the ONNX file name, i.e. inside the parse:
+    Python then runs the SIGINT handler inside TensorRT's logger callback, as for a real Ctrl-C."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.sent and record.getMessage().startswith("Input filename:"):
+            self.sent += 1
+            os.kill(os.getpid(), signal.SIGINT)
+        return True
+
+
+@pytest.mark.rtx
+def test_ctrl_c_during_parse_cancels(tiny_unet_onnx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """Newcomer trial P4: a Ctrl-C in the parse was swallowed by TensorRT and the plan written (rc 0)."""
+    from trtkit.cli import main
+
+    trt_log = logging.getLogger("trtkit.tensorrt")
+    hook = SigintDuringParse()
+    monkeypatch.setattr(trt_log, "level", logging.INFO)
+    trt_log.addFilter(hook)  # before the CLI's own filter, which drops INFO records
+    out = tmp_path / "v.plan"
+    try:
+        rc = main(["build", str(tiny_unet_onnx), "-p", "tiny-256", "--backend", "rtx", "--target-cc", "8.9",
+                   "-o", str(out)])
+    finally:
+        trt_log.removeFilter(hook)
+    err = capsys.readouterr().err
+    assert hook.sent == 1
+    assert rc == 130, err
+    # the status lines ("  hashing ...", "  parsing ..."), then one line about the cancel
+    assert [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("  ")] == [
+        "error: build cancelled (interrupted (Ctrl-C)); no plan written"], err
+    assert list(tmp_path.iterdir()) == []  # no plan, no json, no work folder

@@ -30,7 +30,14 @@ from trtkit._files import (
 from trtkit.builder import metadata as md
 from trtkit.builder.config import EIGHT_BIT, FP8_DEFAULT_TARGETS, RTX_DEFAULT_TARGETS, BuildConfig
 from trtkit.builder.network import add_profiles, network_flags, network_io, parse_onnx, set_rtx_targets
-from trtkit.builder.progress import BuildProgress, cancel_on_sigint, make_monitor, progress_display
+from trtkit.builder.progress import (
+    BuildCancelled,
+    BuildProgress,
+    DropAfterCancel,
+    cancel_on_sigint,
+    make_monitor,
+    progress_display,
+)
 from trtkit.builder.shapes import ProfileShapes, resolve_profiles
 from trtkit.builder.source import OnnxSource, read_onnx
 from trtkit.errors import TrtkitError
@@ -225,6 +232,16 @@ class _LastError(logging.Handler):
             trt_log.removeHandler(self)
 
 
+def _stop_if_cancelled(state: BuildProgress, backend: Any) -> None:
+    """Raise BuildCancelled after a TensorRT call during which the build was cancelled or Ctrl-C hit."""
+    try:
+        backend.logger.reraise_interrupt()
+    except KeyboardInterrupt:
+        state.cancel("interrupted (Ctrl-C)")
+    if state.cancelled:
+        raise BuildCancelled(f"build cancelled ({state.cancel_reason}); no plan written")
+
+
 def build(config: BuildConfig, progress: BuildProgress | None = None,
           status: Callable[[str], None] | None = None) -> BuildResult:
     """Build `config.onnx` into `config.output` (+ `.json`, `.layers.json`). One-line TrtkitError on bad input.
@@ -265,53 +282,57 @@ def build(config: BuildConfig, progress: BuildProgress | None = None,
         graph = _prepare_onnx(config, backend, source, profiles, Path(work_dir), notes, say)
         flags = _precision_flags(config, backend, source, graph)
 
-        builder: trt_api.Builder = trt.Builder(backend.logger)
-        network = builder.create_network(network_flags(backend, strongly_typed))
-        say(f"parsing {graph.path.name} with {trt.__name__} {backend.version}")
-        parser = parse_onnx(backend, network, graph.path)
-        io = network_io(network)
-        cfg = builder.create_builder_config()
-        for f in flags:
-            cfg.set_flag(getattr(trt.BuilderFlag, f))
-        cfg.builder_optimization_level = config.effective_opt_level
-        cfg.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
-        workspace = config.workspace_bytes
-        if workspace is not None:
-            cfg.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
-        if backend.is_rtx:
-            set_rtx_targets(backend, cfg, targets)
-            if config.timing_cache is not None:
-                notes.append("--timing-cache ignored: TensorRT-RTX has no timing cache (it keeps a runtime cache "
-                             "when engines run)")
-                log.warning(notes[-1])
-        timing_cache = _load_timing_cache(cfg, config, notes) if not backend.is_rtx else None
-        add_profiles(trt, builder, cfg, network, profiles)
-
+        # Ctrl-C cancels from here on: a KeyboardInterrupt inside TensorRT's parse would be dropped by
+        # TensorRT (it catches what its logger callback raises), so the handler only records it.
         state = progress or BuildProgress()
-        last_error = _LastError()
-        with atomic_path(config.output) as tmp_plan:
-            title = f"building {config.output.name} ({config.precision}, {backend.name} {backend.version})"
-            with progress_display(config.progress, title) as display:
-                if progress is None:
-                    state = BuildProgress(display)
-                monitor = make_monitor(trt, state)
-                cfg.progress_monitor = monitor
-                tb = time.perf_counter()
-                with cancel_on_sigint(state), last_error.attached():
-                    plan = builder.build_serialized_network(network, cfg)
-                build_seconds = time.perf_counter() - tb
-            if plan is None or state.cancelled:
-                if state.cancelled:
-                    raise TrtkitError(f"build cancelled ({state.cancel_reason}); no plan written")
-                raise TrtkitError(f"TensorRT could not build {config.onnx.name}: "
-                                  f"{last_error.message or 'see the log above (--verbose)'}")
-            with open(tmp_plan, "wb") as fh:
-                fh.write(memoryview(plan))
-            plan_sha = hashlib.sha256(memoryview(plan)).hexdigest()
-            plan_bytes = tmp_plan.stat().st_size
-            # The old metadata goes before the new plan lands, so no stale key ever vouches for it.
-            config.metadata_path.unlink(missing_ok=True)
-            config.layers_path.unlink(missing_ok=True)
+        backend.logger.interrupted.clear()
+        with cancel_on_sigint(state), DropAfterCancel(state).attached():
+            builder: trt_api.Builder = trt.Builder(backend.logger)
+            network = builder.create_network(network_flags(backend, strongly_typed))
+            say(f"parsing {graph.path.name} with {trt.__name__} {backend.version}")
+            parser = parse_onnx(backend, network, graph.path)
+            _stop_if_cancelled(state, backend)
+            io = network_io(network)
+            cfg = builder.create_builder_config()
+            for f in flags:
+                cfg.set_flag(getattr(trt.BuilderFlag, f))
+            cfg.builder_optimization_level = config.effective_opt_level
+            cfg.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+            workspace = config.workspace_bytes
+            if workspace is not None:
+                cfg.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
+            if backend.is_rtx:
+                set_rtx_targets(backend, cfg, targets)
+                if config.timing_cache is not None:
+                    notes.append("--timing-cache ignored: TensorRT-RTX has no timing cache (it keeps a runtime "
+                                 "cache when engines run)")
+                    log.warning(notes[-1])
+            timing_cache = _load_timing_cache(cfg, config, notes) if not backend.is_rtx else None
+            add_profiles(trt, builder, cfg, network, profiles)
+
+            last_error = _LastError()
+            with atomic_path(config.output) as tmp_plan:
+                title = f"building {config.output.name} ({config.precision}, {backend.name} {backend.version})"
+                with progress_display(config.progress, title) as display:
+                    if progress is None:
+                        state.show_on(display)
+                    monitor = make_monitor(trt, state)
+                    cfg.progress_monitor = monitor
+                    tb = time.perf_counter()
+                    with last_error.attached():
+                        plan = None if state.cancelled else builder.build_serialized_network(network, cfg)
+                    build_seconds = time.perf_counter() - tb
+                _stop_if_cancelled(state, backend)
+                if plan is None:
+                    raise TrtkitError(f"TensorRT could not build {config.onnx.name}: "
+                                      f"{last_error.message or 'see the log above (--verbose)'}")
+                with open(tmp_plan, "wb") as fh:
+                    fh.write(memoryview(plan))
+                plan_sha = hashlib.sha256(memoryview(plan)).hexdigest()
+                plan_bytes = tmp_plan.stat().st_size
+                # The old metadata goes before the new plan lands, so no stale key ever vouches for it.
+                config.metadata_path.unlink(missing_ok=True)
+                config.layers_path.unlink(missing_ok=True)
         if timing_cache is not None and config.timing_cache is not None:
             write_bytes_atomic(config.timing_cache, bytes(memoryview(cfg.get_timing_cache().serialize())))
         layers_text, layers_reason = md.engine_layers(backend, plan) if config.save_layers else (None, "not asked")
