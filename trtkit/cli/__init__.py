@@ -63,8 +63,13 @@ def _fail(message: str, code: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in args or os.environ.get("TRTKIT_DEBUG") == "1"
+    args = list(sys.argv[1:] if argv is None else argv)
+    # --debug is global but users put it anywhere (`trtkit inspect x.plan --debug`): honour it wherever it
+    # stands before a `--`, as the root option.
+    end = args.index("--") if "--" in args else len(args)
+    if "--debug" in args[:end]:
+        args = ["--debug"] + [a for a in args[:end] if a != "--debug"] + args[end:]
+    debug = "--debug" in args[:1] or os.environ.get("TRTKIT_DEBUG") == "1"
     try:
         rv = app(args=args, prog_name="trtkit", standalone_mode=False)
         return int(rv) if isinstance(rv, int) else 0

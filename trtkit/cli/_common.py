@@ -10,6 +10,8 @@ from typing import Any
 
 from rich.console import Console
 
+from trtkit.errors import TrtkitError
+
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
@@ -30,3 +32,26 @@ def step_progress(title: str) -> Iterator[Callable[[str], None]]:
 
 def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def check_image_size(height: int | None, width: int | None) -> None:
+    """The pipelines need multiples of 8 (the VAE factor); checked before any model is loaded."""
+    for flag, v in (("--height", height), ("--width", width)):
+        if v is not None and (v < 8 or v % 8):
+            raise TrtkitError(f"{flag} must be a positive multiple of 8, got {v} (height and width are in "
+                              "pixels; use e.g. 512 or 1024)")
+
+
+def check_device(device: str | None) -> None:
+    """`--device cuda` on a machine where torch has no CUDA: one line now, not torch's assertion later."""
+    if device is None or device == "cpu":
+        return
+    if device != "cuda" and not device.startswith("cuda:"):
+        raise TrtkitError(f"--device must be cpu or cuda, got {device!r}")
+    import torch
+
+    if not torch.cuda.is_available():
+        why = ("this torch is a CPU-only build" if torch.version.cuda is None  # type: ignore[attr-defined]
+               else "torch finds no CUDA GPU here")
+        raise TrtkitError(f"--device {device}: {why}; use --device cpu, or leave --device out "
+                          "(cuda where there is one, else cpu)")

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import typer
 
-from trtkit.cli._common import console, err_console
+from trtkit.cli._common import check_device, check_image_size, console, err_console
 
 
 def register(app: typer.Typer) -> None:
@@ -41,6 +41,8 @@ def register(app: typer.Typer) -> None:
 
         if int8 and fp8:
             raise TrtkitError("--int8 and --fp8 exclude each other")
+        check_image_size(height, width)
+        check_device(device)
         base = Recipe()
         recipe = Recipe(precision="fp8" if fp8 else "int8", level=level,
                         percentile=base.percentile if percentile is None else percentile,

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import typer
 
-from trtkit.cli._common import console, print_json
+from trtkit.cli._common import check_device, check_image_size, console, print_json
 
 
 def _config(model_dir: Path, engines: Path | None, prompt: str, negative_prompt: str, steps: int, guidance: float,
@@ -21,6 +21,8 @@ def _config(model_dir: Path, engines: Path | None, prompt: str, negative_prompt:
         raise TrtkitError("--steps must be >= 1")
     if device not in (None, "cpu", "cuda"):
         raise TrtkitError(f"--device must be cpu or cuda, got {device!r}")
+    check_image_size(height, width)
+    check_device(device)
     if kernels not in KERNEL_PRESETS:
         raise TrtkitError(f"--kernels must be one of {', '.join(KERNEL_PRESETS)}, got {kernels!r}")
     return RunConfig(model_dir=model_dir, prompt=prompt, negative_prompt=negative_prompt, steps=steps,

@@ -532,7 +532,7 @@ def _quantize(cfg: QuantizeConfig) -> QuantizeResult:
         from trtkit.calibfile import load as load_calib
 
         cal = load_calib(cfg.calib)
-    model = load_onnx(src, external=False)  # weights are read one by one when quantized
+    model = load_onnx(src, external=False, needs_data=True)  # weights are read one by one when quantized
     opset = _opset(model)
     if opset < 13:
         raise TrtkitError(f"{src.name} has opset {opset}; per-channel Q/DQ needs opset >= 13 (re-export with 19)")

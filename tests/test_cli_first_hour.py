@@ -1,0 +1,120 @@
+"""The newcomer trial's first-hour problems (docs/findings/newcomer-trial.md, issue 13), each reproduced
+with the trial's command: one-line errors where there were tracebacks, and the right behaviour."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from trtkit.cli import main
+
+
+def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    rc = main(list(args))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def one_line_error(capsys: pytest.CaptureFixture[str], *args: str, rc: int = 2) -> str:
+    code, _, err = cli(capsys, *args)
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert code == rc, err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def linear_onnx(path: Path, external: bool = False) -> Path:
+    """x[B, 64] -> MatMul(W) -> y: a model the Q/DQ pass quantizes (module `fc`)."""
+    w = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="/fc/MatMul")], "linear",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 64])],
+                              [numpy_helper.from_array(w, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    model.ir_version = 9
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
+              location=f"{path.name}.data", size_threshold=0)
+    return path
+
+
+def calib_file(path: Path, **changes: object) -> Path:
+    doc = {"format": "trtkit-calib", "version": 1, "precision": "int8",
+           "model": {"source": "x", "class": "UNet2DConditionModel", "config_hash": "0"},
+           "run": {}, "settings": {"level": 3.0}, "activations": {"fc": {"amax": 3.0}}}
+    doc.update(changes)
+    doc = {k: v for k, v in doc.items() if v is not None}
+    path.write_text(json.dumps(doc))
+    return path
+
+
+# -- P6: tracebacks where one line is promised ----------------------------------------------------
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+@pytest.mark.skipif(_has_cuda(), reason="this machine has CUDA: --device cuda is valid here")
+@pytest.mark.parametrize("verb", ["calibrate", "run", "bench"])
+def test_device_cuda_without_gpu(verb: str, tiny_model_dir: Path, tmp_path: Path,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    extra = ("--prompt", "x") if verb == "run" else ("-o", str(tmp_path / "c.json")) if verb == "calibrate" else ()
+    line = one_line_error(capsys, verb, str(tiny_model_dir), "--device", "cuda", *extra)
+    assert "--device cuda: this torch is a CPU-only build" in line or "finds no CUDA GPU" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("verb", ["calibrate", "run"])
+def test_size_not_a_multiple_of_8(verb: str, tiny_model_dir: Path, tmp_path: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    extra = ("--prompt", "x") if verb == "run" else ()
+    line = one_line_error(capsys, verb, str(tiny_model_dir), "--height", "100", "--width", "100", *extra,
+                          "-o", str(tmp_path / ("c.json" if verb == "calibrate" else "i.png")))
+    assert "--height must be a positive multiple of 8, got 100" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_quantize_with_calib_missing_external_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    onnx_path = linear_onnx(tmp_path / "noext" / "m.onnx", external=True)
+    (tmp_path / "noext" / "m.onnx.data").unlink()
+    line = one_line_error(capsys, "quantize", str(onnx_path), "--int8", "--calib", str(calib_file(tmp_path / "c.json")),
+                          "-o", str(tmp_path / "q.onnx"))
+    assert line.endswith("keeps weights in m.onnx.data, which is missing next to it")
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_debug_after_the_subcommand_is_the_global_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from trtkit.errors import TrtkitError
+
+    fake = tmp_path / "fake.plan"
+    fake.write_text("hello\n")
+    with pytest.raises(TrtkitError, match="not a TensorRT plan"):  # --debug: the traceback, as designed
+        main(["inspect", str(fake), "--debug"])
+    monkeypatch.delenv("TRTKIT_DEBUG", raising=False)  # the root option sets it for the process
+    with pytest.raises(TrtkitError, match="not a TensorRT plan"):
+        main(["--debug", "inspect", str(fake)])
+    monkeypatch.delenv("TRTKIT_DEBUG", raising=False)
+    assert "not a TensorRT plan" in one_line_error(capsys, "inspect", str(fake))
+
+
+# -- P13: the same input gets the same answer ------------------------------------------------------
+
+
+@pytest.mark.parametrize("verb", ["inspect", "quantize", "build"])
+def test_empty_onnx_one_wording(verb: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    extra = {"inspect": (), "quantize": ("--int8", "-o", str(tmp_path / "q.onnx")),
+             "build": ("-o", str(tmp_path / "e.plan"))}[verb]
+    line = one_line_error(capsys, verb, str(empty), *extra)
+    assert line == f"error: {empty} is not a readable ONNX model: it has no graph nodes or outputs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.onnx"]
