@@ -111,6 +111,18 @@ def test_8bit_two_profiles(precision: str, tiny_unet_onnx: Path, calib: Path, tm
     assert any(f"{precision} Q/DQ pass applied" in n for n in doc["notes"])
     assert (doc["calib"] is not None) is (precision == "int8")
     assert doc["target"]["compute_capabilities"] == ["8.9"]
+    # Newcomer trial P7: the Q/DQ graph TensorRT parsed is kept beside the plan and recorded, and inspect
+    # cross-checks against it by default (it used to say "unet.onnx has no Q/DQ").
+    from trtkit.builder.source import read_onnx
+    from trtkit.inspector.report import engine_report
+
+    kept = tmp_path / "unet.qdq.onnx"
+    assert doc["qdq_onnx"] == {"path": "unet.qdq.onnx", "sha256": sha256_files([kept]), "files": ["unet.qdq.onnx"]}
+    assert read_onnx(kept).qdq_types == (precision,)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["unet.json", "unet.plan", "unet.qdq.onnx"]
+    report = engine_report(r.plan)
+    assert report.onnx is not None and report.onnx.path == kept and report.onnx.quantized
+    assert not any("has no Q/DQ" in n for n in report.notes)
 
 
 @pytest.mark.parametrize("qdq", ["int8", "fp8"])

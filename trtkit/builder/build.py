@@ -136,13 +136,16 @@ def _prepare_onnx(config: BuildConfig, backend: Any, source: OnnxSource, profile
     if config.precision in EIGHT_BIT and not source.has_qdq:
         preset = next((p.name for p in profiles if ":" not in p.name and p.name in config.profiles), None)
         say(f"{config.precision} Q/DQ pass (trtkit.graph.qdq)")
-        path, fp16_done = _quantize(config, path, work / "model.qdq.onnx", fp16, preset)
+        # Both passes write the kept name (in two folders), so the last one's external data file is
+        # already named as it will be beside the plan.
+        (work / "qdq").mkdir()
+        path, fp16_done = _quantize(config, path, work / "qdq" / _qdq_onnx_path(config).name, fp16, preset)
         notes.append(f"{config.precision} Q/DQ pass applied" + (f" with {config.calib.name}" if config.calib else "")
                      + (", the rest converted to FP16" if fp16_done else ""))
         fp16 = fp16 and not fp16_done
     if fp16 and _strongly_typed(backend):
         say("FP16 graph conversion (trtkit.graph.fp16)")
-        path = _convert_fp16(path, work / "model.fp16.onnx")
+        path = _convert_fp16(path, work / (_qdq_onnx_path(config).name if path != source.path else "model.fp16.onnx"))
         notes.append("FP16 graph conversion applied (strongly typed network)")
     return source if path == source.path else read_onnx(path)
 
@@ -230,6 +233,29 @@ class _LastError(logging.Handler):
             yield self
         finally:
             trt_log.removeHandler(self)
+
+
+def _qdq_onnx_path(config: BuildConfig) -> Path:
+    return config.output.with_suffix(".qdq.onnx")
+
+
+def _keep_qdq_onnx(config: BuildConfig, source: OnnxSource, graph: OnnxSource) -> dict[str, Any] | None:
+    """Move the graph the Q/DQ pass made (what TensorRT parsed) beside the plan as `<stem>.qdq.onnx`, so
+    `trtkit inspect` can cross-check the engine against it; its {path (beside the plan), sha256, files}."""
+    dest = _qdq_onnx_path(config)
+    stale_data = dest.with_name(dest.name + ".data")
+    if source.has_qdq or graph.path == source.path or graph.path.name != dest.name:
+        return None  # no Q/DQ pass ran: the source ONNX is the one to cross-check against
+    if dest.resolve() == source.path.resolve():
+        log.warning("not keeping the Q/DQ ONNX: %s is the input", dest)
+        return None
+    sha = graph.sha256()
+    for f in graph.data_files:  # data first: the model never points at a missing file
+        os.replace(f, dest.parent / f.name)
+    if not graph.data_files:
+        stale_data.unlink(missing_ok=True)
+    os.replace(graph.path, dest)
+    return {"path": dest.name, "sha256": sha, "files": [dest.name, *(f.name for f in graph.data_files)]}
 
 
 def _stop_if_cancelled(state: BuildProgress, backend: Any) -> None:
@@ -333,6 +359,10 @@ def build(config: BuildConfig, progress: BuildProgress | None = None,
                 # The old metadata goes before the new plan lands, so no stale key ever vouches for it.
                 config.metadata_path.unlink(missing_ok=True)
                 config.layers_path.unlink(missing_ok=True)
+                kept = _keep_qdq_onnx(config, source, graph)
+                if kept is not None:
+                    notes.append(f"kept the Q/DQ ONNX TensorRT parsed as {kept['path']} beside the plan "
+                                 "(`trtkit inspect` cross-checks the engine against it)")
         if timing_cache is not None and config.timing_cache is not None:
             write_bytes_atomic(config.timing_cache, bytes(memoryview(cfg.get_timing_cache().serialize())))
         layers_text, layers_reason = md.engine_layers(backend, plan) if config.save_layers else (None, "not asked")
@@ -361,6 +391,7 @@ def build(config: BuildConfig, progress: BuildProgress | None = None,
                  "files": [p.name for p in (source.path, *source.data_files)], "component": source.component,
                  "scope": source.metadata.get("trtkit.scope"), "dims_from": dims_from},
         "calib": {"path": str(config.calib.resolve()), "sha256": calib_sha} if config.calib else None,
+        "qdq_onnx": kept,
         "build_seconds": round(build_seconds, 3),
         "plan": {"path": config.output.name, "bytes": plan_bytes, "sha256": plan_sha},
         "layers": {"saved": layers_path is not None, "path": layers_path.name if layers_path else None,
