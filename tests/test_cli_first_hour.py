@@ -118,3 +118,38 @@ def test_empty_onnx_one_wording(verb: str, tmp_path: Path, capsys: pytest.Captur
     line = one_line_error(capsys, verb, str(empty), *extra)
     assert line == f"error: {empty} is not a readable ONNX model: it has no graph nodes or outputs"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.onnx"]
+
+
+# -- P9: a calibration file that carries no calibration, or is for another model ----------------------
+
+
+def test_calib_without_activations(tiny_unet_onnx: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    noact = calib_file(tmp_path / "noact.json", activations=None)
+    line = one_line_error(capsys, "quantize", str(tiny_unet_onnx), "--int8", "--calib", str(noact),
+                          "-o", str(tmp_path / "q.onnx"))
+    assert 'has no "activations" entry' in line and not (tmp_path / "q.onnx").exists()
+
+
+def test_calib_for_another_model(tiny_unet_onnx: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    other = calib_file(tmp_path / "other.json", model={"source": "/models/sd15", "config_hash": "0123456789abcdef"},
+                       activations={"down_blocks.0.resnets.0.conv1": {"amax": 4.0}})
+    line = one_line_error(capsys, "quantize", str(tiny_unet_onnx), "--int8", "--calib", str(other),
+                          "-o", str(tmp_path / "q.onnx"))
+    assert "made for another UNet (/models/sd15, config hash 0123456789abcdef)" in line
+    assert 'delete "config_hash"' in line and not (tmp_path / "q.onnx").exists()
+
+
+def test_calib_missing_modules_warns(tiny_unet_onnx: Path, tiny_model_dir: Path, tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    """Decided: a file missing some of the inputs quantized (another --level than calibrated) is used, with
+    a warning on stderr, and the ranges line says how many came from the sample run."""
+    from trtkit.calibration.calibrate import model_info
+
+    part = calib_file(tmp_path / "part.json", model=model_info(tiny_model_dir),
+                      activations={"down_blocks.0.resnets.0.conv1": {"amax": 4.0}})
+    rc, out, err = cli(capsys, "quantize", str(tiny_unet_onnx), "--int8", "--calib", str(part),
+                       "-o", str(tmp_path / "q.onnx"))
+    assert rc == 0, err
+    assert "ranges: calibration file (151 ranges from a sample run)" in out
+    warning = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(w.startswith("the calibration file has no range for 151 of the 152 inputs") for w in warning)
