@@ -138,6 +138,20 @@ def test_prequantized_onnx_built_as_given(qdq: str, tmp_path: Path) -> None:
     assert "the ONNX already has" in doc["notes"][0] and doc["calib"] is None
 
 
+def test_prequantized_onnx_without_flag_is_labelled_8bit(tmp_path: Path) -> None:
+    """Newcomer trial P11: a Q/DQ ONNX built without --int8 was labelled fp32 everywhere."""
+    from trtkit.inspector.report import engine_report
+
+    onnx = make_linear(tmp_path / "in" / "m.onnx", "int8")
+    r = build(BuildConfig(onnx=onnx, output=tmp_path / "e.plan", shapes=LINEAR_SHAPES, target_cc=TARGET,
+                          progress=False))
+    assert r.precision == "int8"
+    doc = json.loads(r.metadata.read_text())
+    assert doc["precision"]["requested"] == "fp32" and doc["precision"]["engine"] == "int8"
+    assert "Q/DQ nodes: an int8 engine" in doc["notes"][0]
+    assert engine_report(r.plan).to_json()["precision"] == "int8 (Q/DQ int8)"
+
+
 def test_cache_key_follows_inputs_and_settings(tmp_path: Path) -> None:
     onnx = make_linear(tmp_path / "in" / "m.onnx", "int8")
     base = dict(onnx=onnx, output=tmp_path / "e.plan", shapes=LINEAR_SHAPES, precision="int8", target_cc=TARGET,

@@ -204,3 +204,22 @@ def test_quiet_tensorrt_log_counts_warnings(caplog: pytest.LogCaptureFixture) ->
         trt_log.warning("after")
     assert counter.count == 2
     assert [r.getMessage() for r in caplog.records] == ["a real error", "after"]
+
+
+def test_warnings_summary_lists_distinct_messages() -> None:
+    """Newcomer trial P11: "52 warnings (--verbose shows them)" were 2 messages x 26; say which."""
+    import logging
+
+    from trtkit.builder.progress import quiet_tensorrt_log
+
+    trt_log = logging.getLogger("trtkit.tensorrt")
+    with quiet_tensorrt_log() as counter:
+        for _ in range(26):
+            trt_log.warning("(foreignNode) Converting conv weight/activation scales to fp32")
+            trt_log.warning("Detected layernorm nodes in FP16.\nsecond line")
+        for i in range(7):
+            trt_log.warning(f"rare {i}")
+    assert counter.count == 59 and len(counter.distinct) == 9
+    assert counter.summary(top=3) == ["26x (foreignNode) Converting conv weight/activation scales to fp32",
+                                      "26x Detected layernorm nodes in FP16.", "1x rare 0",
+                                      "... and 6 more distinct messages"]

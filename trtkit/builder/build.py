@@ -102,7 +102,8 @@ def _check_precision(config: BuildConfig, source: OnnxSource, notes: list[str]) 
         raise TrtkitError(f"calibration file {config.calib} does not exist")
     if config.precision not in EIGHT_BIT:
         if source.has_qdq:
-            notes.append(f"the ONNX already has {'/'.join(source.qdq_types)} Q/DQ nodes; they are built as given")
+            notes.append(f"the ONNX already has {'/'.join(source.qdq_types)} Q/DQ nodes: an "
+                         f"{'/'.join(source.qdq_types)} engine (its Q/DQ are built as given)")
         return
     if source.has_qdq:
         if config.precision not in source.qdq_types:
@@ -114,6 +115,14 @@ def _check_precision(config: BuildConfig, source: OnnxSource, notes: list[str]) 
         return
     if config.precision == "int8" and config.calib is None:
         raise TrtkitError(f"--int8 needs calibration for {source.path.name}, which has no Q/DQ nodes; {CALIBRATE_HINT}")
+
+
+def engine_precision(config: BuildConfig, source: OnnxSource) -> str:
+    """What the engine runs in, for labels: the requested precision, or the Q/DQ type of an ONNX that
+    already has Q/DQ and was built without --int8/--fp8 (it is 8-bit whatever the flag)."""
+    if config.precision in EIGHT_BIT or not source.has_qdq:
+        return config.precision
+    return "/".join(source.qdq_types)
 
 
 def _key_material(config: BuildConfig, backend: Any, source: OnnxSource, profiles: list[ProfileShapes],
@@ -299,7 +308,7 @@ def build(config: BuildConfig, progress: BuildProgress | None = None,
         layers = config.layers_path if config.layers_path.is_file() else None
         log.info("cache hit: %s was built with the same inputs and settings (key %s)", config.output, key[:12])
         return BuildResult(config.output, config.metadata_path, layers, True, time.perf_counter() - t0,
-                           float(doc.get("build_seconds", 0.0)), key, names, config.precision, backend.name,
+                           float(doc.get("build_seconds", 0.0)), key, names, engine_precision(config, source), backend.name,
                            ["cache hit: same ONNX, settings and backend; --force rebuilds"])
 
     trt = backend.trt
@@ -338,7 +347,8 @@ def build(config: BuildConfig, progress: BuildProgress | None = None,
 
             last_error = _LastError()
             with atomic_path(config.output) as tmp_plan:
-                title = f"building {config.output.name} ({config.precision}, {backend.name} {backend.version})"
+                title = (f"building {config.output.name} ({engine_precision(config, source)}, {backend.name} "
+                         f"{backend.version})")
                 with progress_display(config.progress, title) as display:
                     if progress is None:
                         state.show_on(display)
@@ -377,7 +387,8 @@ def build(config: BuildConfig, progress: BuildProgress | None = None,
         "target": ({"compute_capabilities": list(targets or RTX_DEFAULT_TARGETS),
                     "default_targets": not targets} if backend.is_rtx else
                    {"gpu": backend.gpu, "compute_capability": ".".join(map(str, backend.compute_capability or ()))}),
-        "precision": {"requested": config.precision, "fp16_rest": _fp16_rest(config, source), "qdq_types": list(graph.qdq_types),
+        "precision": {"requested": config.precision, "engine": engine_precision(config, source),
+                      "fp16_rest": _fp16_rest(config, source), "qdq_types": list(graph.qdq_types),
                       "strongly_typed": strongly_typed, "builder_flags": flags},
         "profiles": [p.to_json() for p in profiles],
         "io": io,
@@ -401,7 +412,7 @@ def build(config: BuildConfig, progress: BuildProgress | None = None,
     }
     md.write_metadata(config.metadata_path, doc)
     return BuildResult(config.output, config.metadata_path, layers_path, False, time.perf_counter() - t0,
-                       build_seconds, key, names, config.precision, backend.name, notes)
+                       build_seconds, key, names, engine_precision(config, source), backend.name, notes)
 
 
 def _load_timing_cache(cfg: trt_api.IBuilderConfig, config: BuildConfig,

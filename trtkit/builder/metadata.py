@@ -3,8 +3,8 @@ inspector's layer JSON (`x.layers.json`) where the backend can deserialize the p
 
 `x.json` is what `trtkit inspect` and the runtime read; its keys:
   format ("trtkit-engine"), version, trtkit_version, backend {name, module, version},
-  target {gpu | compute_capabilities}, precision {requested, fp16_rest, qdq_types, strongly_typed,
-  builder_flags}, profiles [{name, shapes: {input: {min, opt, max}}}], io {inputs, outputs:
+  target {gpu | compute_capabilities}, precision {requested, engine (what it runs in: the Q/DQ type of
+  a pre-quantized ONNX built without --int8/--fp8), fp16_rest, qdq_types, strongly_typed, builder_flags}, profiles [{name, shapes: {input: {min, opt, max}}}], io {inputs, outputs:
   [{name, shape, dtype}]}, settings {opt_level, workspace, timing_cache, static, ...},
   onnx {path, sha256, files, component, dims_from}, calib {path, sha256} | null,
   qdq_onnx {path (beside the plan), sha256, files} | null (the graph the build's Q/DQ pass made and

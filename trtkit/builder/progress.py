@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -210,17 +211,29 @@ def progress_display(enabled: bool, title: str) -> Iterator[Any]:
 
 
 class TensorRTWarnings(logging.Filter):
-    """Counts and hides TensorRT's messages below ERROR (hundreds of per-layer warnings for a UNet)."""
+    """Counts and hides TensorRT's messages below ERROR (hundreds of per-layer warnings for a UNet); keeps
+    the distinct warnings with their counts, which are few (the same message per layer)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.count = 0
+        self.distinct: Counter[str] = Counter()
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno >= logging.ERROR:
             return True
-        self.count += record.levelno >= logging.WARNING
+        if record.levelno >= logging.WARNING:
+            self.count += 1
+            first = record.getMessage().strip().splitlines()
+            self.distinct[first[0] if first else ""] += 1
         return False
+
+    def summary(self, top: int = 5) -> list[str]:
+        """'26x <message>' lines, most frequent first, then how many other distinct messages there were."""
+        lines = [f"{n}x {msg}" for msg, n in self.distinct.most_common(top)]
+        if len(self.distinct) > top:
+            lines.append(f"... and {len(self.distinct) - top} more distinct messages")
+        return lines
 
 
 @contextlib.contextmanager

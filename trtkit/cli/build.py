@@ -9,6 +9,14 @@ import typer
 from trtkit.cli._common import console, err_console
 
 
+def _model_bytes(onnx: Path) -> int:
+    """The ONNX with its external data (the FP32 weights, for an unquantized export)."""
+    from trtkit.builder.source import read_onnx
+
+    src = read_onnx(onnx)
+    return sum(p.stat().st_size for p in (src.path, *src.data_files))
+
+
 def register(app: typer.Typer) -> None:
     @app.command("build")
     def build(
@@ -77,11 +85,18 @@ def register(app: typer.Typer) -> None:
         for note in r.notes:
             console.print(f"note: {note}", markup=False)
         if warnings is not None and warnings.count:
-            console.print(f"note: TensorRT logged {warnings.count} warnings (--verbose shows them)")
+            console.print(f"note: TensorRT logged {warnings.count} warnings ({len(warnings.distinct)} distinct; "
+                          "--verbose shows the full log):", markup=False)
+            for line in warnings.summary():
+                console.print(f"  {line}", markup=False)
         if r.cached:
             console.print(f"up to date: {r.plan} (built earlier in {r.build_seconds:.1f} s); --force rebuilds")
             return
         size = r.plan.stat().st_size / 2**20
         console.print(f"built {r.plan} ({size:.1f} MiB, {r.precision}, {r.backend}, profiles "
                       f"{', '.join(r.profiles) or 'static'}) in {r.build_seconds:.1f} s")
+        if r.precision in ("int8", "fp8") and r.plan.stat().st_size > _model_bytes(onnx):
+            console.print("note: the plan is larger than the ONNX: it holds compiled kernels besides the "
+                          "weights, and an 8-bit plan has both the 8-bit kernels and the FP16 ones for the rest; "
+                          "for a small model the kernels outweigh the weights 8-bit saves (docs/building.md)")
         console.print(f"metadata {r.metadata}" + (f", layers {r.layers}" if r.layers else ""))

@@ -167,7 +167,7 @@ def decide(matches: Matches, cfg: QuantizeConfig, level: float) -> dict[str, Dec
             d = Decision(a.module, "attention", False, f"excluded by --exclude {p}")
         elif not want_attn and _first_match(a.module, cfg.include) is None:
             if cfg.precision == "int8":
-                why = "INT8 leaves attention in FP16 (quantize_attention=True forces it)"
+                why = "INT8 leaves attention in FP16 (--attention forces it; in Python quantize_attention=True)"
             else:
                 why = f"level {level:g} leaves attention unquantized (FP8 attention is level 4)"
             d = Decision(a.module, "attention", False, why)

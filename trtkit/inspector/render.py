@@ -72,7 +72,8 @@ def render_onnx(report: OnnxReport, console: Console) -> None:
 def render_engine(r: EngineReport, console: Console, *, all_layers: bool = True) -> None:
     j = r.to_json()
     console.print(f"[bold]Engine[/] {r.src.plan}  backend {j['backend']} {j['tensorrt_version'] or '?'}  "
-                  f"precision {j['precision'] or '?'}  layers from: {r.src.source}")
+                  f"precision {j['precision'] or '?'}  "
+                  + (f"layers from: {r.src.source}" if r.src.source != "none" else "no layer information (see the notes)"))
     if j["metadata_summary"]:
         t = Table(show_header=False, box=None, padding=(0, 2))
         for label, text in j["metadata_summary"]:

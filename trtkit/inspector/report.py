@@ -202,7 +202,9 @@ def metadata_summary(meta: dict[str, Any] | None) -> list[tuple[str, str]]:
             map(str, tgt.get("compute_capabilities") or [])))))
     prec = meta.get("precision")
     if isinstance(prec, dict):
-        rows.append(("precision", f"{prec.get('requested')}; Q/DQ types: {', '.join(prec.get('qdq_types') or []) or 'none'}"
+        asked = prec.get("requested")
+        eng = prec.get("engine") or asked
+        rows.append(("precision", f"{eng}{'' if eng == asked else f' (requested {asked})'}; Q/DQ types: {', '.join(prec.get('qdq_types') or []) or 'none'}"
                      f"; strongly typed: {prec.get('strongly_typed')}; builder flags: "
                      f"{', '.join(prec.get('builder_flags') or []) or 'none'}"))
     for prof in meta.get("profiles") or []:
@@ -234,7 +236,7 @@ def metadata_summary(meta: dict[str, Any] | None) -> list[tuple[str, str]]:
 
 
 def _precision(meta: dict[str, Any] | None) -> str | None:
-    p = _get(meta, "precision.requested", "precision")
+    p = _get(meta, "precision.engine", "precision.requested", "precision")
     if isinstance(p, dict):
         return None
     types = _get(meta, "precision.qdq_types")
