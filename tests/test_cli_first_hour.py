@@ -155,3 +155,19 @@ def test_calib_missing_modules_warns(tiny_unet_onnx: Path, tiny_model_dir: Path,
     assert "INT8 leaves attention in FP16 (--attention forces it" in " ".join(out.split())
     warning = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any(w.startswith("the calibration file has no range for 151 of the 152 inputs") for w in warning)
+
+
+@pytest.mark.parametrize("verb", ["quantize", "build", "calibrate"])
+def test_int8_and_fp8_one_wording(verb: str, tiny_model_dir: Path, tiny_unet_onnx: Path, tmp_path: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    target = str(tiny_model_dir if verb == "calibrate" else tiny_unet_onnx)
+    line = one_line_error(capsys, verb, target, "--int8", "--fp8", "-o", str(tmp_path / "out"))
+    assert line == "error: choose one of --int8 and --fp8, not both"
+
+
+@pytest.mark.parametrize("verb", ["quantize", "calibrate"])
+def test_level_7_one_wording(verb: str, tiny_model_dir: Path, tiny_unet_onnx: Path, tmp_path: Path,
+                             capsys: pytest.CaptureFixture[str]) -> None:
+    target = str(tiny_model_dir if verb == "calibrate" else tiny_unet_onnx)
+    line = one_line_error(capsys, verb, target, "--int8", "--level", "7", "-o", str(tmp_path / "out"))
+    assert line == "error: quantization level 7 is not one of 1, 2, 2.5, 3, 4"

@@ -49,7 +49,7 @@ def test_build_then_cache_hit(tmp_path: Path) -> None:
     (("--profile", "sdxl-2048"), "unknown profile 'sdxl-2048'"),
     (("--shapes", "x:4x64,y:1"), "'y' is not an input of m.onnx"),
     (("--shapes", "x:4x64x2"), "rank 3"),
-    (("--int8", "--fp8"), "choose one of --int8 and --fp8"),
+    (("--int8", "--fp8"), "choose one of --int8 and --fp8, not both"),
     (("--shapes", LINEAR_SHAPES, "--workspace", "lots"), "cannot read size 'lots'"),
     (("--shapes", LINEAR_SHAPES, "--fp8", "--target-cc", "8.6"), "FP8 needs compute capability 8.9"),
     (("--shapes", LINEAR_SHAPES, "--target-cc", "9.0"), "unknown target compute capability"),

@@ -55,3 +55,12 @@ def check_device(device: str | None) -> None:
                else "torch finds no CUDA GPU here")
         raise TrtkitError(f"--device {device}: {why}; use --device cpu, or leave --device out "
                           "(cuda where there is one, else cpu)")
+
+
+def precision_from_flags(int8: bool, fp8: bool, required: bool = False) -> str | None:
+    """--int8 / --fp8, with one wording in every command."""
+    if int8 and fp8:
+        raise TrtkitError("choose one of --int8 and --fp8, not both")
+    if required and not (int8 or fp8):
+        raise TrtkitError("choose one of --int8 and --fp8")
+    return "int8" if int8 else "fp8" if fp8 else None

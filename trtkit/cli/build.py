@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from trtkit.cli._common import console, err_console
+from trtkit.cli._common import console, err_console, precision_from_flags
 
 
 def _model_bytes(onnx: Path) -> int:
@@ -57,8 +57,7 @@ def register(app: typer.Typer) -> None:
         from trtkit.builder.progress import quiet_tensorrt_log
         from trtkit.errors import TrtkitError
 
-        if int8 and fp8:
-            raise TrtkitError("choose one of --int8 and --fp8")
+        precision_from_flags(int8, fp8)
         if fp32_rest and (fp16 or not (int8 or fp8)):
             raise TrtkitError("--fp32-rest goes with --int8 or --fp8, without --fp16")
         precision = "int8" if int8 else "fp8" if fp8 else "fp16" if fp16 else "fp32"

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import typer
 
-from trtkit.cli._common import check_device, check_image_size, console, err_console
+from trtkit.cli._common import check_device, check_image_size, console, err_console, precision_from_flags
 
 
 def register(app: typer.Typer) -> None:
@@ -37,10 +37,8 @@ def register(app: typer.Typer) -> None:
 
         from trtkit.calibration.calibrate import CalibrateConfig, Recipe
         from trtkit.calibration.calibrate import calibrate as do_calibrate
-        from trtkit.errors import TrtkitError
 
-        if int8 and fp8:
-            raise TrtkitError("--int8 and --fp8 exclude each other")
+        precision_from_flags(int8, fp8)
         check_image_size(height, width)
         check_device(device)
         base = Recipe()

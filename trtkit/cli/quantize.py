@@ -4,8 +4,7 @@ from pathlib import Path
 
 import typer
 
-from trtkit.cli._common import console, print_json, step_progress
-from trtkit.errors import TrtkitError
+from trtkit.cli._common import console, precision_from_flags, print_json, step_progress
 
 
 def register(app: typer.Typer) -> None:
@@ -37,8 +36,7 @@ def register(app: typer.Typer) -> None:
         from trtkit.graph.qdq import QuantizeConfig
         from trtkit.graph.qdq import quantize as do_quantize
 
-        if int8 == fp8:
-            raise TrtkitError("pass exactly one of --int8 or --fp8")
+        precision_from_flags(int8, fp8, required=True)
         cfg = QuantizeConfig(onnx_path=onnx_path, output=output, precision="int8" if int8 else "fp8", level=level,
                              calib=calib, include=tuple(include), exclude=tuple(exclude), profile=profile,
                              fp16=fp16, quantize_attention=attention, default_exclusions=not no_default_exclusions)
