@@ -171,3 +171,51 @@ def test_level_7_one_wording(verb: str, tiny_model_dir: Path, tiny_unet_onnx: Pa
     target = str(tiny_model_dir if verb == "calibrate" else tiny_unet_onnx)
     line = one_line_error(capsys, verb, target, "--int8", "--level", "7", "-o", str(tmp_path / "out"))
     assert line == "error: quantization level 7 is not one of 1, 2, 2.5, 3, 4"
+
+
+# -- P14: interrupts say so (typer turned Ctrl-C into a silent exit 130) ------------------------------
+
+
+def test_calibrate_interrupt_says_rerun_resumes(tiny_model_dir: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+    import signal
+
+    from trtkit.calibration.stats import StepStats
+
+    save = StepStats.save
+    saves: list[int] = []
+
+    def save_then_ctrl_c(self: StepStats, path: Path, meta: dict) -> None:  # Ctrl-C after the first batch
+        save(self, path, meta)
+        saves.append(meta["done_batches"])
+        if len(saves) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(StepStats, "save", save_then_ctrl_c)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (CI may ignore it)
+    out = tmp_path / "calib.json"
+    args = ["calibrate", str(tiny_model_dir), "--num-prompts", "3", "--batch", "1", "--steps", "1", "-o", str(out)]
+    try:
+        line = one_line_error(capsys, *args, rc=130)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert line == "error: interrupted (Ctrl-C); rerun the same command to resume from the finished prompt batches"
+    assert not out.exists() and (tmp_path / "calib.json.partial.npz").is_file()
+    rc, _, err = cli(capsys, *args)
+    assert rc == 0, err
+    assert out.is_file() and saves == [1, 2, 3] and not (tmp_path / "calib.json.partial.npz").exists()
+
+
+def test_export_interrupt_says_so(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    import trtkit.exporter
+
+    def ctrl_c(*a: object, **k: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trtkit.exporter, "run_onnxruntime", ctrl_c)  # Ctrl-C while the export is checked
+    line = one_line_error(capsys, "export", str(tiny_model_dir), "-c", "vae_decoder", "--profile", "tiny-256",
+                          "-o", str(tmp_path / "onnx"), rc=130)
+    assert line == "error: interrupted (Ctrl-C)"

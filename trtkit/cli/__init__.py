@@ -13,6 +13,7 @@ import sys
 
 import typer
 
+from trtkit.cli._common import interrupt_hint, interrupted_message
 from trtkit.errors import TrtkitError
 
 # typer >= 0.20 vendors its own click; older releases raise the click package's exceptions.
@@ -71,22 +72,25 @@ def main(argv: list[str] | None = None) -> int:
         args = ["--debug"] + [a for a in args[:end] if a != "--debug"] + args[end:]
     debug = "--debug" in args[:1] or os.environ.get("TRTKIT_DEBUG") == "1"
     try:
+        interrupt_hint.clear()  # set by the command that runs
         rv = app(args=args, prog_name="trtkit", standalone_mode=False)
+        if rv == 130:  # typer turns a KeyboardInterrupt into Exit(130) and returns that code, silently
+            return _fail(interrupted_message(), 130)
         return int(rv) if isinstance(rv, int) else 0
     except TrtkitError as e:
         if debug:
             raise
         return _fail(str(e), e.exit_code)
     except typer.Exit as e:
-        return int(getattr(e, "exit_code", 0) or 0)
+        code = int(getattr(e, "exit_code", 0) or 0)
+        return _fail(interrupted_message(), 130) if isinstance(e.__cause__, KeyboardInterrupt) else code
     except _CLICK_ERRORS as e:
         if debug:
             raise
         e.show()  # type: ignore[attr-defined]
         return int(e.exit_code)  # type: ignore[attr-defined]
     except (typer.Abort, KeyboardInterrupt):
-        print("interrupted", file=sys.stderr)
-        return 130
+        return _fail(interrupted_message(), 130)
 
 
 def entry() -> None:

@@ -64,3 +64,17 @@ def precision_from_flags(int8: bool, fp8: bool, required: bool = False) -> str |
     if required and not (int8 or fp8):
         raise TrtkitError("choose one of --int8 and --fp8")
     return "int8" if int8 else "fp8" if fp8 else None
+
+
+# What to tell the user after a Ctrl-C, set by the running command (calibrate: how to resume).
+interrupt_hint: list[Callable[[], str]] = []
+
+
+def on_interrupt(hint: Callable[[], str]) -> None:
+    interrupt_hint.clear()
+    interrupt_hint.append(hint)
+
+
+def interrupted_message() -> str:
+    hint = interrupt_hint[0]() if interrupt_hint else ""
+    return "interrupted (Ctrl-C)" + (f"; {hint}" if hint else "")

@@ -4,7 +4,14 @@ from pathlib import Path
 
 import typer
 
-from trtkit.cli._common import check_device, check_image_size, console, err_console, precision_from_flags
+from trtkit.cli._common import (
+    check_device,
+    check_image_size,
+    console,
+    err_console,
+    on_interrupt,
+    precision_from_flags,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -39,6 +46,10 @@ def register(app: typer.Typer) -> None:
         from trtkit.calibration.calibrate import calibrate as do_calibrate
 
         precision_from_flags(int8, fp8)
+        from trtkit.calibration.calibrate import partial_path
+
+        on_interrupt(lambda: "rerun the same command to resume from the finished prompt batches"
+                     if partial_path(out).is_file() else "no prompt batch was finished; nothing to resume")
         check_image_size(height, width)
         check_device(device)
         base = Recipe()
