@@ -219,3 +219,48 @@ def test_export_interrupt_says_so(tiny_model_dir: Path, tmp_path: Path, monkeypa
     line = one_line_error(capsys, "export", str(tiny_model_dir), "-c", "vae_decoder", "--profile", "tiny-256",
                           "-o", str(tmp_path / "onnx"), rc=130)
     assert line == "error: interrupted (Ctrl-C)"
+
+
+# -- P15: slow failures and a mislabelled loop ----------------------------------------------------------
+
+
+def test_export_hub_id_offline_fails_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    import time
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: as offline, but certain
+    t0 = time.perf_counter()
+    line = one_line_error(capsys, "export", "stabilityai/sdxl-turbo", "-o", str(tmp_path / "onnx"))
+    assert time.perf_counter() - t0 < 10  # was 28 s of retries
+    assert "stabilityai/sdxl-turbo is not a local folder and the Hugging Face Hub (127.0.0.1) cannot be reached" in line
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    line = one_line_error(capsys, "export", "stabilityai/sdxl-turbo", "-o", str(tmp_path / "onnx"))
+    assert "HF_HUB_OFFLINE is set and it is not in the Hugging Face cache" in line
+    assert not (tmp_path / "onnx").exists()
+
+
+def test_compile_on_cpu_is_labelled_and_warned(tiny_model_dir: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """`run --compile` on the CPU took 52 s and said "eager loop". The runtime is replaced by a recorder
+    here (the real compile takes a minute): this checks the CLI's label and warning only."""
+    import trtkit.runtime.pipeline as pipeline
+    from trtkit.cli.run import loop_label
+
+    assert loop_label(True, True) == "one CUDA graph" and loop_label(False, False) == "eager loop"
+    seen = []
+
+    def fake_run(cfg: object, output: Path) -> pipeline.RunResult:
+        seen.append(cfg)
+        return pipeline.RunResult(image=None, latents=np.zeros(1), timings_ms={"total": 1.0, "denoise": 1.0},
+                                  executor="torch", cuda_graph=False)
+
+    monkeypatch.setattr(pipeline, "run", fake_run)
+    rc, out, err = cli(capsys, "run", str(tiny_model_dir), "--prompt", "x", "--compile", "--device", "cpu",
+                       "-o", str(tmp_path / "i.png"))
+    assert rc == 0 and len(seen) == 1, err
+    assert "torch.compile'd UNet, step by step" in out and "eager loop" not in out
+    assert "note: --compile on the CPU compiles the UNet first" in err

@@ -5,6 +5,41 @@ from pathlib import Path
 import typer
 
 from trtkit.cli._common import console, step_progress
+from trtkit.errors import TrtkitError
+
+
+def check_hub_id(model: str) -> None:
+    """A model that is not a local folder comes from the Hugging Face Hub: where the Hub cannot be reached
+    and the model is not in the local cache, say so at once (huggingface_hub retries for ~30 s, then
+    reports a misleading "does not appear to have a file named config.json")."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if Path(model).exists() or model.count("/") != 1 or model.startswith((".", "/")):
+        return  # a folder, or not a hub id (the exporter gives its own one-line error)
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(model, local_files_only=True)
+        os.environ["HF_HUB_OFFLINE"] = "1"  # cached: use it without asking the network
+        return
+    except Exception:  # noqa: BLE001 - not cached (LocalEntryNotFoundError and kin)
+        pass
+    fix = (f"download it where there is a network (huggingface-cli download {model} --local-dir DIR) and pass "
+           "the folder")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise TrtkitError(f"{model} is not a local folder, HF_HUB_OFFLINE is set and it is not in the Hugging "
+                          f"Face cache; {fix}")
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return  # a proxy decides; a direct probe would not tell
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError as e:
+        raise TrtkitError(f"{model} is not a local folder and the Hugging Face Hub ({host}) cannot be reached "
+                          f"({e.strerror or e}); {fix}") from e
 
 
 def register(app: typer.Typer) -> None:
@@ -23,6 +58,8 @@ def register(app: typer.Typer) -> None:
         """Export one component of a diffusers folder to ONNX, checked against torch."""
         from trtkit.exporter import ExportConfig
         from trtkit.exporter import export as do_export
+
+        check_hub_id(str(model_dir))
 
         cfg = ExportConfig(model_dir=model_dir, component=component, profile=profile, out_dir=out_dir,
                            opset=opset, shapes=shapes, check=check, external_data=external_data)
