@@ -264,3 +264,57 @@ def test_compile_on_cpu_is_labelled_and_warned(tiny_model_dir: Path, tmp_path: P
     assert rc == 0 and len(seen) == 1, err
     assert "torch.compile'd UNet, step by step" in out and "eager loop" not in out
     assert "note: --compile on the CPU compiles the UNet first" in err
+
+
+# -- P16: help and output polish ----------------------------------------------------------------------
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    import trtkit
+
+    rc, out, _ = cli(capsys, "--version")
+    assert rc == 0 and out == f"trtkit {trtkit.__version__}\n"
+
+
+@pytest.mark.parametrize("verb", ["quantize", "build", "calibrate", "run", "bench", "profiles", "backend"])
+def test_help_is_readable_at_80_columns(verb: str, monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    rc, out, _ = cli(capsys, verb, "--help")
+    assert rc == 0
+    assert "<bool>" not in out and "<list[str]>" not in out and "…" not in out
+    assert "{model_dir}" not in out and "{onnx_path}" not in out  # upper-case metavars
+    options = [ln.split()[0] for ln in out.splitlines() if ln.startswith("  -")]
+    described = [ln for ln in out.splitlines() if ln.startswith("  -") and len(ln.split("  ")) > 2]
+    assert options and all(len(ln) <= 80 for ln in out.splitlines())
+    assert "--no-default-exclusions" in out or verb != "quantize"
+    # every option has a description (a line with only the flag is followed by its text on the next line)
+    lines = out.splitlines()
+    for i, ln in enumerate(lines):
+        if ln.startswith("  -") and len(ln.split("  ")) <= 2 and not ln.rstrip().endswith("]"):
+            nxt = lines[i + 1] if i + 1 < len(lines) else ""
+            assert nxt.startswith(" " * 10) and nxt.strip(), f"{verb}: {ln.strip()} has no description"
+    assert described
+
+
+def test_result_lines_do_not_wrap_off_a_terminal(tiny_unet_onnx: Path, tmp_path: Path) -> None:
+    """Off a terminal (CI logs) rich wrapped result lines such as `wrote ...` at 80 columns."""
+    import os
+    import subprocess
+    import sys
+
+    html = tmp_path / ("a-rather-long-folder-name-" * 4) / "report.html"
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    p = subprocess.run([sys.executable, "-m", "trtkit", "inspect", str(tiny_unet_onnx), "--html", str(html)],
+                       capture_output=True, text=True, env=env)
+    assert p.returncode == 0, p.stderr
+    assert f"wrote {html}" in p.stderr.splitlines()  # one line, longer than 80 columns
+    assert len(f"wrote {html}") > 80
+
+
+def test_sd15_profile_with_an_sdxl_model_warns(tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, err = cli(capsys, "profiles", "sd15-512", "--model", str(tiny_model_dir))
+    assert rc == 0 and "text_embeds" in out
+    assert "warning: profile sd15-512 is named for SD 1.x/2.x, but the model is an SDXL UNet" in err
+    rc, out, err = cli(capsys, "profiles", "sdxl-1024", "--model", str(tiny_model_dir))
+    assert rc == 0 and "warning" not in err

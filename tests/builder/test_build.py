@@ -273,6 +273,32 @@ def test_cancel_leaves_old_plan_alone(sigint: bool, tmp_path: Path) -> None:
     assert signal.getsignal(signal.SIGINT) is handler  # the build put back what it found
 
 
+class OtherBuildFinishes(BuildProgress):
+    """Stands for a second `trtkit build` to the same path that finishes while this one runs."""
+
+    def __init__(self, out: Path) -> None:
+        super().__init__()
+        self.out = out
+
+    def step_complete(self, phase_name: str, step: int) -> bool:
+        if self.steps == 3:
+            self.out.write_bytes(b"the other build's plan")
+            self.out.with_suffix(".json").write_text('{"format": "trtkit-engine"}')
+        return super().step_complete(phase_name, step)
+
+
+def test_concurrent_build_to_the_same_path_says_so(tmp_path: Path) -> None:
+    """Newcomer trial P16: two builds to one path both exit 0, silently. Decided: the last to finish wins,
+    its plan and metadata move in together under a lock on the folder, and it says it replaced another's."""
+    onnx = make_linear(tmp_path / "in" / "m.onnx", "int8")
+    out = tmp_path / "e.plan"
+    r = build(BuildConfig(onnx=onnx, output=out, shapes=LINEAR_SHAPES, precision="int8", target_cc=TARGET,
+                          progress=False), progress=OtherBuildFinishes(out))
+    assert any("another build wrote e.plan while this one ran" in n for n in r.notes)
+    doc = json.loads(r.metadata.read_text())
+    assert doc["plan"]["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()  # one build's pair
+
+
 def test_cancelled_tiny_unet_leaves_nothing(tiny_unet_onnx: Path, tmp_path: Path) -> None:
     out = tmp_path / "unet.plan"
     with pytest.raises(TrtkitError, match="build cancelled"):

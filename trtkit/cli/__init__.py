@@ -30,6 +30,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -37,8 +38,18 @@ app = typer.Typer(
 COMMAND_MODULES = ("demo", "profiles", "backend", "export", "calibrate", "quantize", "build", "inspect", "run")
 
 
+def _version(value: bool) -> None:
+    if value:
+        import trtkit
+
+        print(f"trtkit {trtkit.__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print trtkit's version and exit."),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log TensorRT and trtkit details."),
 ) -> None:

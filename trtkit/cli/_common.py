@@ -12,8 +12,9 @@ from rich.console import Console
 
 from trtkit.errors import TrtkitError
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+# Off a terminal (logs, CI, pipes) rich would wrap result lines at 80 columns: one line stays one line.
+console = Console(highlight=False, soft_wrap=not sys.stdout.isatty())
+err_console = Console(stderr=True, highlight=False, soft_wrap=not sys.stderr.isatty())
 
 
 @contextlib.contextmanager

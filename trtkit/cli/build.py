@@ -20,10 +20,10 @@ def _model_bytes(onnx: Path) -> int:
 def register(app: typer.Typer) -> None:
     @app.command("build")
     def build(
-        onnx: Path = typer.Argument(..., help="The ONNX model (its external data file beside it)."),
+        onnx: Path = typer.Argument(..., metavar="ONNX", help="The ONNX model (its external data file beside it)."),
         output: Path = typer.Option(None, "--output", "-o", help="The plan to write (default: ONNX name + .plan); "
                                     "metadata goes to the same name + .json."),
-        profile: list[str] = typer.Option([], "--profile", "-p", help="Shape profile (see `trtkit profiles`), once per "
+        profile: list[str] = typer.Option([], "--profile", "-p", metavar="PROFILE", help="Shape profile (see `trtkit profiles`), once per "
                                           "TensorRT optimization profile; or a shapes string for a fixed one."),
         fp16: bool = typer.Option(False, "--fp16", help="FP16 (with --int8/--fp8, which do it by default: the "
                                   "unquantized rest in FP16)."),
@@ -39,11 +39,12 @@ def register(app: typer.Typer) -> None:
         workspace: str = typer.Option(None, "--workspace", help="Workspace memory limit, e.g. 8G or 512M."),
         static: bool = typer.Option(False, "--static", help="Fixed shapes: each profile's opt shapes only."),
         shapes: str = typer.Option(None, "--shapes", help="trtexec-style fixed shapes, e.g. sample:2x4x128x128."),
-        min_shapes: str = typer.Option(None, "--min-shapes"),
-        opt_shapes: str = typer.Option(None, "--opt-shapes"),
-        max_shapes: str = typer.Option(None, "--max-shapes"),
+        min_shapes: str = typer.Option(None, "--min-shapes", help="trtexec-style minimum shapes of a dynamic "
+                                        "profile (with --opt-shapes and --max-shapes)."),
+        opt_shapes: str = typer.Option(None, "--opt-shapes", help="trtexec-style shapes TensorRT tunes for."),
+        max_shapes: str = typer.Option(None, "--max-shapes", help="trtexec-style maximum shapes."),
         backend: str = typer.Option(None, "--backend", help="trt or rtx (default: what is installed)."),
-        target_cc: list[str] = typer.Option([], "--target-cc", help="TensorRT-RTX target compute capability, "
+        target_cc: list[str] = typer.Option([], "--target-cc", metavar="CC", help="TensorRT-RTX target compute capability, "
                                             "e.g. 8.9 (repeat for more; default: its portable set)."),
         model_dir: Path = typer.Option(None, "--model-dir", help="The diffusers folder the profiles read sizes from "
                                        "(default: the one recorded at export)."),

@@ -17,7 +17,7 @@ from trtkit.cli._common import (
 def register(app: typer.Typer) -> None:
     @app.command("calibrate")
     def calibrate(
-        model_dir: Path = typer.Argument(..., help="A diffusers pipeline folder."),
+        model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help="A diffusers pipeline folder."),
         prompts: Path = typer.Option(None, "--prompts", help="Prompt file, one per line (default: the built-in one)."),
         num_prompts: int = typer.Option(32, "--num-prompts", help="How many prompts of the file to use."),
         steps: int = typer.Option(30, "--steps", help="Denoising steps per prompt batch (use your inference count)."),
@@ -33,9 +33,10 @@ def register(app: typer.Typer) -> None:
         alpha: float = typer.Option(None, "--alpha",
                                     help="Fixed SmoothQuant alpha, implies --smoothquant (default: searched per layer)."),
         height: int = typer.Option(None, "--height", help="Image height (default: the model's native size)."),
-        width: int = typer.Option(None, "--width"),
-        guidance_scale: float = typer.Option(None, "--guidance-scale"),
-        seed: int = typer.Option(0, "--seed"),
+        width: int = typer.Option(None, "--width", help="Image width (default: the model's native size)."),
+        guidance_scale: float = typer.Option(None, "--guidance-scale", help="Classifier-free guidance scale "
+                                              "(default: the pipeline's)."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the latents of each prompt batch."),
         device: str = typer.Option(None, "--device", help="cuda or cpu (default: cuda where there is one)."),
         out: Path = typer.Option(Path("calib.json"), "--output", "-o", help="Calibration file to write."),
     ) -> None:

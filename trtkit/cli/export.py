@@ -45,12 +45,12 @@ def check_hub_id(model: str) -> None:
 def register(app: typer.Typer) -> None:
     @app.command("export")
     def export(
-        model_dir: Path = typer.Argument(..., help="A diffusers pipeline folder (or a hub id where a network exists)."),
+        model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help="A diffusers pipeline folder (or a hub id where a network exists)."),
         component: str = typer.Option("unet", "--component", "-c", help="unet, vae_decoder, text_encoder or text_encoder_2."),
         profile: str = typer.Option("sdxl-1024", "--profile", "-p", help="Shape profile (see `trtkit profiles`)."),
         shapes: str = typer.Option(None, "--shapes", help="trtexec-style overrides, e.g. sample:2x4x128x128."),
         out_dir: Path = typer.Option(Path("onnx"), "--output", "-o", help="Output folder."),
-        opset: int = typer.Option(19, "--opset"),
+        opset: int = typer.Option(19, "--opset", help="ONNX opset (FP8 Q/DQ needs 19)."),
         check: bool = typer.Option(True, "--check/--no-check", help="Compare onnxruntime against torch on the opt shapes."),
         external_data: bool = typer.Option(None, "--external-data/--no-external-data",
                                            help="Weights in a .data file (default: only past 2 GB)."),

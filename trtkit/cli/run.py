@@ -54,19 +54,19 @@ def register(app: typer.Typer) -> None:
 
     @app.command("run")
     def run(
-        model_dir: Path = typer.Argument(..., help=common_help),
+        model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help=common_help),
         prompt: str = typer.Option(..., "--prompt", help="What to draw."),
-        negative_prompt: str = typer.Option("", "--negative-prompt"),
+        negative_prompt: str = typer.Option("", "--negative-prompt", help="What not to draw."),
         engines: Path = typer.Option(None, "--engines", help="Folder with unet.plan (TensorRT); else the torch UNet."),
-        steps: int = typer.Option(30, "--steps"),
+        steps: int = typer.Option(30, "--steps", help="Denoising steps."),
         guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale (<= 1: off)."),
         scheduler: str = typer.Option(None, "--scheduler", help="euler | euler_a | ddim | dpmpp_2m "
                                       "(default: the folder's scheduler)."),
-        seed: int = typer.Option(0, "--seed"),
+        seed: int = typer.Option(0, "--seed", help="Seed of the initial latents."),
         cuda_graph: bool = typer.Option(True, "--cuda-graph/--no-cuda-graph",
                                         help="Run all steps as one CUDA graph (GPU only)."),
-        height: int = typer.Option(None, "--height"),
-        width: int = typer.Option(None, "--width"),
+        height: int = typer.Option(None, "--height", help="Image height, a multiple of 8 (default: the model's)."),
+        width: int = typer.Option(None, "--width", help="Image width, a multiple of 8 (default: the model's)."),
         trust_engine: bool = typer.Option(False, "--trust-engine", help="Allow plans that carry host code "
                                           "(version-compatible plans). Only for plans you trust."),
         device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda if present)."),
@@ -93,22 +93,25 @@ def register(app: typer.Typer) -> None:
 
     @app.command("bench")
     def bench(
-        model_dir: Path = typer.Argument(..., help=common_help),
-        prompt: str = typer.Option("a photo of an astronaut riding a horse", "--prompt"),
-        engines: Path = typer.Option(None, "--engines"),
-        steps: int = typer.Option(30, "--steps"),
-        guidance: float = typer.Option(7.5, "--guidance"),
-        scheduler: str = typer.Option(None, "--scheduler"),
-        cuda_graph: bool = typer.Option(True, "--cuda-graph/--no-cuda-graph"),
-        height: int = typer.Option(None, "--height"),
-        width: int = typer.Option(None, "--width"),
+        model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help=common_help),
+        prompt: str = typer.Option("a photo of an astronaut riding a horse", "--prompt", help="What to draw."),
+        engines: Path = typer.Option(None, "--engines", help="Folder with unet.plan (TensorRT); else the torch UNet."),
+        steps: int = typer.Option(30, "--steps", help="Denoising steps per run."),
+        guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale (<= 1: off)."),
+        scheduler: str = typer.Option(None, "--scheduler", help="euler | euler_a | ddim | dpmpp_2m (default: the "
+                                      "folder's scheduler)."),
+        cuda_graph: bool = typer.Option(True, "--cuda-graph/--no-cuda-graph", help="Run all steps as one CUDA graph "
+                                        "(GPU only)."),
+        height: int = typer.Option(None, "--height", help="Image height, a multiple of 8 (default: the model's)."),
+        width: int = typer.Option(None, "--width", help="Image width, a multiple of 8 (default: the model's)."),
         warmup: int = typer.Option(2, "--warmup", help="Untimed runs first (compilation, capture)."),
-        repeats: int = typer.Option(5, "--repeats"),
-        trust_engine: bool = typer.Option(False, "--trust-engine"),
-        device: str = typer.Option(None, "--device"),
-        compile: bool = typer.Option(False, "--compile"),
+        repeats: int = typer.Option(5, "--repeats", help="Timed runs; the table shows their median and minimum."),
+        trust_engine: bool = typer.Option(False, "--trust-engine", help="Allow plans that carry host code. Only for "
+                                          "plans you trust."),
+        device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda if present)."),
+        compile: bool = typer.Option(False, "--compile", help="torch.compile the torch UNet (slow on the CPU)."),
         kernels: str = typer.Option("tuned", "--kernels", help="tuned | plain (torch UNet on a GPU)."),
-        json_out: bool = typer.Option(False, "--json"),
+        json_out: bool = typer.Option(False, "--json", help="Print the timings as JSON."),
     ) -> None:
         """Per-step and end-to-end latency (median of --repeats after --warmup runs)."""
         from trtkit.runtime.pipeline import bench as do_bench
