@@ -318,3 +318,20 @@ def test_sd15_profile_with_an_sdxl_model_warns(tiny_model_dir: Path, capsys: pyt
     assert "warning: profile sd15-512 is named for SD 1.x/2.x, but the model is an SDXL UNet" in err
     rc, out, err = cli(capsys, "profiles", "sdxl-1024", "--model", str(tiny_model_dir))
     assert rc == 0 and "warning" not in err
+
+
+def test_demo_says_its_image_is_noise(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 13: a random-weight demo image is noise; the line with its path says so. The stages are
+    replaced by a recorder (the real demo takes a minute; tests/runtime covers the run stage)."""
+    import trtkit.demo as demo
+
+    def fake_run_demo(config: demo.DemoConfig, on_stage=None):  # type: ignore[no-untyped-def]
+        r = demo.StageResult("run", "done", "256x256, 4 steps", 1.0, [Path(config.workdir) / "image.png"])
+        on_stage(r)
+        return [r]
+
+    monkeypatch.setattr(demo, "run_demo", fake_run_demo)
+    rc, out, _ = cli(capsys, "demo", "-o", str(tmp_path))
+    line = next(ln for ln in out.splitlines() if "image.png" in ln)
+    assert rc == 0 and "noise: the demo model has random weights" in line
