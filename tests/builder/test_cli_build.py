@@ -102,9 +102,10 @@ class SigintDuringParse(logging.Filter):
         return True
 
 
-@pytest.mark.rtx
-def test_ctrl_c_during_parse_cancels(tiny_unet_onnx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                     capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("backend", [pytest.param("rtx", marks=pytest.mark.rtx),
+                                     pytest.param("trt", marks=pytest.mark.tensorrt)])
+def test_ctrl_c_during_parse_cancels(backend: str, tiny_unet_onnx: Path, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """Newcomer trial P4: a Ctrl-C in the parse was swallowed by TensorRT and the plan written (rc 0)."""
     from trtkit.cli import main
 
@@ -114,8 +115,8 @@ def test_ctrl_c_during_parse_cancels(tiny_unet_onnx: Path, tmp_path: Path, monke
     trt_log.addFilter(hook)  # before the CLI's own filter, which drops INFO records
     out = tmp_path / "v.plan"
     try:
-        rc = main(["build", str(tiny_unet_onnx), "-p", "tiny-256", "--backend", "rtx", "--target-cc", "8.9",
-                   "-o", str(out)])
+        rc = main(["build", str(tiny_unet_onnx), "-p", "tiny-256", "--backend", backend, "-o", str(out)]
+                  + (["--target-cc", "8.9"] if backend == "rtx" else []))
     finally:
         trt_log.removeFilter(hook)
     err = capsys.readouterr().err
