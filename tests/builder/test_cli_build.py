@@ -111,7 +111,8 @@ def test_ctrl_c_during_parse_cancels(backend: str, tiny_unet_onnx: Path, tmp_pat
 
     trt_log = logging.getLogger("trtkit.tensorrt")
     hook = SigintDuringParse()
-    monkeypatch.setattr(trt_log, "level", logging.INFO)
+    level = trt_log.level
+    trt_log.setLevel(logging.INFO)  # setLevel, not the attribute: it clears the isEnabledFor cache
     trt_log.addFilter(hook)  # before the CLI's own filter, which drops INFO records
     out = tmp_path / "v.plan"
     try:
@@ -119,6 +120,7 @@ def test_ctrl_c_during_parse_cancels(backend: str, tiny_unet_onnx: Path, tmp_pat
                   + (["--target-cc", "8.9"] if backend == "rtx" else []))
     finally:
         trt_log.removeFilter(hook)
+        trt_log.setLevel(level)
     err = capsys.readouterr().err
     assert hook.sent == 1
     assert rc == 130, err
