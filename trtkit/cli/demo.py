@@ -6,7 +6,6 @@ import typer
 
 from trtkit.cli._common import console
 
-
 # The demo model has seeded random weights: its image shows that the pipeline runs, not a picture.
 NOISE = "  (noise: the demo model has random weights, so the image shows the pipeline ran, not a picture)"
 
