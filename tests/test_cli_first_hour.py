@@ -78,7 +78,7 @@ def test_size_not_a_multiple_of_8(verb: str, tiny_model_dir: Path, tmp_path: Pat
     extra = ("--prompt", "x") if verb == "run" else ()
     line = one_line_error(capsys, verb, str(tiny_model_dir), "--height", "100", "--width", "100", *extra,
                           "-o", str(tmp_path / ("c.json" if verb == "calibrate" else "i.png")))
-    assert "--height must be a positive multiple of 8, got 100" in line
+    assert "height and width must be positive multiples of 8 (pixels, e.g. 512 or 1024), got --height 100" in line
     assert list(tmp_path.iterdir()) == []
 
 

@@ -39,8 +39,8 @@ def check_image_size(height: int | None, width: int | None) -> None:
     """The pipelines need multiples of 8 (the VAE factor); checked before any model is loaded."""
     for flag, v in (("--height", height), ("--width", width)):
         if v is not None and (v < 8 or v % 8):
-            raise TrtkitError(f"{flag} must be a positive multiple of 8, got {v} (height and width are in "
-                              "pixels; use e.g. 512 or 1024)")
+            raise TrtkitError(f"height and width must be positive multiples of 8 (pixels, e.g. 512 or 1024), "
+                              f"got {flag} {v}")
 
 
 def check_device(device: str | None) -> None:
