@@ -79,8 +79,9 @@ def rtx_unet_builds(tiny_unet_onnx: Path, tmp_path_factory: pytest.TempPathFacto
     from trtkit.calibfile import Calibration, save
 
     d = tmp_path_factory.mktemp("rtx-unet")
-    calib = save(Calibration(precision="int8", settings={"note": "test: ranges from the pass's sample run"}),
-                 d / "calib.json")
+    # one range from the file; the Q/DQ pass measures the others on its sample run (with a warning)
+    calib = save(Calibration(precision="int8", activations={"down_blocks.0.resnets.0.conv1": 4.0},
+                             settings={"note": "test: other ranges from the pass's sample run"}), d / "calib.json")
     out = {}
     for p in ("fp16", "int8", "fp8"):
         cfg = BuildConfig(onnx=tiny_unet_onnx, output=d / p / "unet.plan", profiles=("tiny-256", RTX_SMALL),

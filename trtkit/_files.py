@@ -323,17 +323,28 @@ def staged_onnx(model: Any, dest: Path | str, *, external: bool | None = None, s
         os.replace(staged, dest)
 
 
-def load_onnx(path: Path | str, external: bool = False) -> Any:
-    """onnx.load with the one-line errors every verb gives: a missing file, or a file that is not ONNX (or
-    whose external data is missing). `external=False` reads the structure only, not the weights."""
+def load_onnx(path: Path | str, external: bool = False, needs_data: bool = False) -> Any:
+    """onnx.load with the one-line errors every verb gives: a missing file, a file that is not ONNX, an
+    empty graph (a 0-byte file parses as one), external data missing beside it (always when `external`,
+    else where `needs_data`: the caller reads weights later). `external=False` reads the structure only."""
     import onnx
 
     path = check_input(path, "ONNX file")
     try:
-        return onnx.load(str(path), load_external_data=external)
+        model = onnx.load(str(path), load_external_data=external)
     except Exception as e:  # protobuf DecodeError, missing external data
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TrtkitError(f"{path} is not a readable ONNX model: {first}") from e
+    if not model.graph.node or not model.graph.output:
+        raise TrtkitError(f"{path} is not a readable ONNX model: it has no graph nodes or outputs")
+    if needs_data:
+        from onnx.external_data_helper import _get_all_tensors
+
+        for t in _get_all_tensors(model):
+            for entry in t.external_data:
+                if entry.key == "location" and not (path.parent / entry.value).is_file():
+                    raise TrtkitError(f"{path} keeps weights in {entry.value}, which is missing next to it")
+    return model
 
 
 def write_bytes_atomic(dest: Path | str, data: bytes) -> Path:

@@ -10,6 +10,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
@@ -187,14 +188,25 @@ def _logger(trt: Any) -> Any:
         def __init__(self) -> None:
             trt.ILogger.__init__(self)
             self.messages: list[tuple[int, str]] = []
+            self.interrupted = threading.Event()
 
         def log(self, severity: Any, msg: str) -> None:
-            level = levels.get(severity, logging.INFO)
-            if not keep_message(level, log.isEnabledFor(logging.INFO)):
-                return
-            self.messages.append((level, msg))
-            del self.messages[:-2000]
-            log.log(level, msg)
+            try:
+                level = levels.get(severity, logging.INFO)
+                if not keep_message(level, log.isEnabledFor(logging.INFO)):
+                    return
+                self.messages.append((level, msg))
+                del self.messages[:-2000]
+                log.log(level, msg)
+            except KeyboardInterrupt:
+                # TensorRT catches what a callback raises and goes on ("Exception caught in log()"):
+                # keep the Ctrl-C for the caller, which calls reraise_interrupt() once TensorRT returns.
+                self.interrupted.set()
+
+        def reraise_interrupt(self) -> None:
+            if self.interrupted.is_set():
+                self.interrupted.clear()
+                raise KeyboardInterrupt
 
     _LOGGERS[trt.__name__] = _PyLogger()
     return _LOGGERS[trt.__name__]

@@ -25,10 +25,17 @@ so the scale is amax/127 for INT8 and amax/448 for FP8. A SmoothQuant `smooth` v
 input channels) means: activations are divided by `s`, the weight's input channels multiplied by `s`.
 
 Only json, numpy and safetensors are used here, so the graph passes can read it without torch.
+
+`load` refuses a file without `precision`, `model`, `settings` or activation ranges (a file that carries
+no calibration is an error, not a silent max calibration). `model.config_hash` is a hash of the UNet's
+config.json; `check_model` compares it with the model the file is used with (the folder an ONNX was
+exported from): a mismatch is an error. To use a file on another model anyway, delete `config_hash`
+from its `model` entry.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Iterable
@@ -69,6 +76,29 @@ class Calibration:
                               "was it calibrated for another model?")
 
 
+def unet_config_hash(config: dict[str, Any]) -> str:
+    """The `model.config_hash` of a calibration: the UNet config.json without its `_` keys, canonical."""
+    canon = json.dumps({k: v for k, v in config.items() if not k.startswith("_")}, sort_keys=True)
+    return hashlib.sha256(canon.encode()).hexdigest()[:16]
+
+
+def check_model(cal: Calibration, model_dir: Path | str | None, where: str) -> None:
+    """The file's `model.config_hash` against the UNet of `model_dir` (skipped where either is unknown)."""
+    want = cal.model.get("config_hash") if isinstance(cal.model, dict) else None
+    cfg_path = Path(model_dir) / "unet" / "config.json" if model_dir else None
+    if not want or cfg_path is None or not cfg_path.is_file():
+        return
+    try:
+        got = unet_config_hash(json.loads(cfg_path.read_text()))
+    except (OSError, ValueError):
+        return
+    if got != want:
+        made_for = cal.model.get("source") or "another model"
+        raise TrtkitError(f"the calibration file was made for another UNet ({made_for}, config hash {want}) than "
+                          f"{where} (from {model_dir}, config hash {got}); calibrate this model with trtkit "
+                          "calibrate, or delete \"config_hash\" from the file's \"model\" entry to use it anyway")
+
+
 def save(cal: Calibration, path: Path | str) -> Path:
     path = Path(path)
     arrays_name = path.with_suffix(".safetensors").name
@@ -105,14 +135,25 @@ def load(path: Path | str) -> Calibration:
     if doc.get("version") != VERSION:
         raise TrtkitError(f"{path} has calibration format version {doc.get('version')}; this trtkit reads "
                           f"version {VERSION}")
+    missing = [k for k in ("precision", "model", "settings", "activations") if k not in doc]
+    if missing:
+        raise TrtkitError(f"{path} is not a complete trtkit calibration file: it has no \"{missing[0]}\" entry "
+                          "(write it with trtkit calibrate)")
+    if doc["precision"] not in ("int8", "fp8"):
+        raise TrtkitError(f"{path}: precision {doc['precision']!r} is not int8 or fp8")
+    if not isinstance(doc["activations"], dict) or not doc["activations"]:
+        raise TrtkitError(f"{path} has no activation ranges: it carries no calibration (write it with trtkit "
+                          "calibrate, or leave --calib out for max calibration on a sample run)")
+    if not isinstance(doc["model"], dict) or not isinstance(doc["settings"], dict):
+        raise TrtkitError(f"{path}: \"model\" and \"settings\" must be JSON objects")
     acts: dict[str, float] = {}
-    for k, v in (doc.get("activations") or {}).items():
+    for k, v in doc["activations"].items():
         amax = v.get("amax") if isinstance(v, dict) else None
         if not isinstance(amax, (int, float)) or not math.isfinite(amax) or amax <= 0:
             raise TrtkitError(f"{path}: activation {k!r} has no positive finite amax")
         acts[k] = float(amax)
-    cal = Calibration(precision=doc.get("precision", "int8"), activations=acts, model=doc.get("model", {}),
-                      run=doc.get("run", {}), settings=doc.get("settings", {}))
+    cal = Calibration(precision=doc["precision"], activations=acts, model=doc["model"],
+                      run=doc.get("run") or {}, settings=doc["settings"])
     sq = doc.get("smoothquant") or {}
     if sq:
         from safetensors.numpy import load_file

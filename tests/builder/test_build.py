@@ -75,6 +75,7 @@ def fp16_build(rtx_unet_builds: dict) -> tuple[BuildConfig, BuildResult]:
     return rtx_unet_builds["fp16"]  # built once per session, shared with the runtime's tests
 
 
+
 def test_fp16_two_profiles(fp16_build: tuple[BuildConfig, BuildResult], tiny_unet_onnx: Path) -> None:
     cfg, r = fp16_build
     assert not r.cached and r.plan == cfg.output and r.plan.stat().st_size > 1 << 20
@@ -102,6 +103,18 @@ def test_8bit_two_profiles(precision: str, tiny_unet_onnx: Path, rtx_unet_builds
     assert any(f"{precision} Q/DQ pass applied" in n for n in doc["notes"])
     assert (doc["calib"] is not None) is (precision == "int8")
     assert doc["target"]["compute_capabilities"] == ["8.9"]
+    # Newcomer trial P7: the Q/DQ graph TensorRT parsed is kept beside the plan and recorded, and inspect
+    # cross-checks against it by default (it used to say "unet.onnx has no Q/DQ").
+    from trtkit.builder.source import read_onnx
+    from trtkit.inspector.report import engine_report
+
+    kept = r.plan.parent / "unet.qdq.onnx"
+    assert doc["qdq_onnx"] == {"path": "unet.qdq.onnx", "sha256": sha256_files([kept]), "files": ["unet.qdq.onnx"]}
+    assert read_onnx(kept).qdq_types == (precision,)
+    assert sorted(p.name for p in r.plan.parent.iterdir()) == ["unet.json", "unet.plan", "unet.qdq.onnx"]
+    report = engine_report(r.plan)
+    assert report.onnx is not None and report.onnx.path == kept and report.onnx.quantized
+    assert not any("has no Q/DQ" in n for n in report.notes)
 
 
 @pytest.mark.parametrize("qdq", ["int8", "fp8"])
@@ -114,6 +127,20 @@ def test_prequantized_onnx_built_as_given(qdq: str, tmp_path: Path) -> None:
     assert doc["onnx"]["files"] == ["m.onnx", "m.onnx.data"]
     assert doc["onnx"]["sha256"] == sha256_files([onnx, onnx.parent / "m.onnx.data"])
     assert "the ONNX already has" in doc["notes"][0] and doc["calib"] is None
+
+
+def test_prequantized_onnx_without_flag_is_labelled_8bit(tmp_path: Path) -> None:
+    """Newcomer trial P11: a Q/DQ ONNX built without --int8 was labelled fp32 everywhere."""
+    from trtkit.inspector.report import engine_report
+
+    onnx = make_linear(tmp_path / "in" / "m.onnx", "int8")
+    r = build(BuildConfig(onnx=onnx, output=tmp_path / "e.plan", shapes=LINEAR_SHAPES, target_cc=TARGET,
+                          progress=False))
+    assert r.precision == "int8"
+    doc = json.loads(r.metadata.read_text())
+    assert doc["precision"]["requested"] == "fp32" and doc["precision"]["engine"] == "int8"
+    assert "Q/DQ nodes: an int8 engine" in doc["notes"][0]
+    assert engine_report(r.plan).to_json()["precision"] == "int8 (Q/DQ int8)"
 
 
 def test_cache_key_follows_inputs_and_settings(tmp_path: Path) -> None:
@@ -235,6 +262,32 @@ def test_cancel_leaves_old_plan_alone(sigint: bool, tmp_path: Path) -> None:
     assert first.plan.read_bytes() == plan and first.metadata.read_text() == meta  # the old build is intact
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".e.plan")] == []
     assert signal.getsignal(signal.SIGINT) is handler  # the build put back what it found
+
+
+class OtherBuildFinishes(BuildProgress):
+    """Stands for a second `trtkit build` to the same path that finishes while this one runs."""
+
+    def __init__(self, out: Path) -> None:
+        super().__init__()
+        self.out = out
+
+    def step_complete(self, phase_name: str, step: int) -> bool:
+        if self.steps == 3:
+            self.out.write_bytes(b"the other build's plan")
+            self.out.with_suffix(".json").write_text('{"format": "trtkit-engine"}')
+        return super().step_complete(phase_name, step)
+
+
+def test_concurrent_build_to_the_same_path_says_so(tmp_path: Path) -> None:
+    """Newcomer trial P16: two builds to one path both exit 0, silently. Decided: the last to finish wins,
+    its plan and metadata move in together under a lock on the folder, and it says it replaced another's."""
+    onnx = make_linear(tmp_path / "in" / "m.onnx", "int8")
+    out = tmp_path / "e.plan"
+    r = build(BuildConfig(onnx=onnx, output=out, shapes=LINEAR_SHAPES, precision="int8", target_cc=TARGET,
+                          progress=False), progress=OtherBuildFinishes(out))
+    assert any("another build wrote e.plan while this one ran" in n for n in r.notes)
+    doc = json.loads(r.metadata.read_text())
+    assert doc["plan"]["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()  # one build's pair
 
 
 def test_cancelled_tiny_unet_leaves_nothing(tiny_unet_onnx: Path, tmp_path: Path) -> None:

@@ -84,18 +84,44 @@ def test_thread_safe() -> None:
     assert list(d.tasks.values())[0]["description"] == "root" and len(d.tasks) == 1
 
 
-def test_sigint_cancels_then_interrupts() -> None:
+def test_sigint_cancels_and_never_raises() -> None:
+    """A KeyboardInterrupt raised inside a TensorRT callback is dropped by TensorRT: every Ctrl-C cancels."""
     p = BuildProgress()
     before = signal.getsignal(signal.SIGINT)
     with cancel_on_sigint(p):
         os.kill(os.getpid(), signal.SIGINT)
         assert p.step_complete("x", 0) is False  # the handler ran at the next bytecode: build asked to stop
         assert p.cancel_reason.startswith("interrupted")
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
-            for _ in range(1000):  # let the handler run
-                pass
+        os.kill(os.getpid(), signal.SIGINT)  # a second one: no KeyboardInterrupt either
+        for _ in range(1000):  # let the handler run
+            pass
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_sigint_seen_from_a_worker_thread() -> None:
+    """Review finding 15: TensorRT may call the monitor from its worker threads while the main thread
+    waits in C++ and so never runs the Python handler; the wakeup pipe carries the signal anyway."""
+    p = BuildProgress()
+    seen: list[bool] = []
+    go = threading.Event()
+
+    def worker() -> None:
+        go.wait()
+        signal.raise_signal(signal.SIGINT)  # delivered to this thread (SIGINT unblocked here)
+        seen.append(p.step_complete("x", 0))
+
+    with cancel_on_sigint(p):
+        t = threading.Thread(target=worker)
+        t.start()  # before the mask below, which a new thread would inherit
+        # The main thread blocks SIGINT and waits in C (join): Python cannot run the handler before the
+        # worker's step_complete, so only the wakeup pipe can tell the worker.
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            go.set()
+            t.join()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    assert seen == [False] and p.cancelled and p.cancel_reason.startswith("interrupted")
 
 
 def test_real_rich_display() -> None:
@@ -125,6 +151,44 @@ def test_monitor_is_a_tensorrt_progress_monitor() -> None:
     assert m.step_complete("a", 0) is False
 
 
+@pytest.mark.rtx
+def test_monitor_turns_keyboard_interrupt_into_cancel() -> None:
+    """TensorRT drops what a callback raises: a KeyboardInterrupt in the monitor must cancel instead."""
+    from trtkit.backend import load_backend
+
+    class Raising(BuildProgress):
+        def step_complete(self, phase_name: str, step: int) -> bool:
+            raise KeyboardInterrupt
+
+    p = Raising()
+    assert make_monitor(load_backend("rtx").trt, p).step_complete("x", 0) is False and p.cancelled
+
+
+@pytest.mark.rtx
+def test_logger_keeps_keyboard_interrupt() -> None:
+    """A KeyboardInterrupt in the logger callback is kept for the caller, not dropped by TensorRT."""
+    import logging
+
+    from trtkit.backend import load_backend
+
+    logger = load_backend("rtx").logger
+
+    class Interrupt(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            raise KeyboardInterrupt
+
+    trt_log = logging.getLogger("trtkit.tensorrt")
+    f = Interrupt()
+    trt_log.addFilter(f)
+    try:
+        logger.log(load_backend("rtx").trt.ILogger.Severity.ERROR, "x")  # does not raise
+    finally:
+        trt_log.removeFilter(f)
+    with pytest.raises(KeyboardInterrupt):
+        logger.reraise_interrupt()
+    logger.reraise_interrupt()  # once only
+
+
 def test_quiet_tensorrt_log_counts_warnings(caplog: pytest.LogCaptureFixture) -> None:
     import logging
 
@@ -140,3 +204,22 @@ def test_quiet_tensorrt_log_counts_warnings(caplog: pytest.LogCaptureFixture) ->
         trt_log.warning("after")
     assert counter.count == 2
     assert [r.getMessage() for r in caplog.records] == ["a real error", "after"]
+
+
+def test_warnings_summary_lists_distinct_messages() -> None:
+    """Newcomer trial P11: "52 warnings (--verbose shows them)" were 2 messages x 26; say which."""
+    import logging
+
+    from trtkit.builder.progress import quiet_tensorrt_log
+
+    trt_log = logging.getLogger("trtkit.tensorrt")
+    with quiet_tensorrt_log() as counter:
+        for _ in range(26):
+            trt_log.warning("(foreignNode) Converting conv weight/activation scales to fp32")
+            trt_log.warning("Detected layernorm nodes in FP16.\nsecond line")
+        for i in range(7):
+            trt_log.warning(f"rare {i}")
+    assert counter.count == 59 and len(counter.distinct) == 9
+    assert counter.summary(top=3) == ["26x (foreignNode) Converting conv weight/activation scales to fp32",
+                                      "26x Detected layernorm nodes in FP16.", "1x rare 0",
+                                      "... and 6 more distinct messages"]

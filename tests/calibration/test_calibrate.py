@@ -139,7 +139,7 @@ def test_fp8_level4_records_attention_inputs(tiny_model_dir: Path, tmp_path: Pat
 
 
 @pytest.mark.parametrize(("args", "needle"), [
-    (["--int8", "--fp8"], "exclude each other"),
+    (["--int8", "--fp8"], "choose one of --int8 and --fp8, not both"),
     (["--fp8", "--smoothquant"], "SmoothQuant is for INT8"),
     (["--reduction", "median"], "reduction 'median'"),
     (["--level", "5"], "level 5"),

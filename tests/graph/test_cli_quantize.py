@@ -32,7 +32,7 @@ def test_quantize_cli(tmp_path: Path, tiny_unet_onnx: Path) -> None:
 
 def test_quantize_cli_errors(tmp_path: Path, tiny_unet_onnx: Path) -> None:
     out = tmp_path / "q.onnx"
-    for args, needle in ((["--int8", "--fp8"], "exactly one of --int8 or --fp8"),
+    for args, needle in ((["--int8", "--fp8"], "choose one of --int8 and --fp8, not both"),
                          (["--int8", "--level", "7"], "not one of"),
                          (["--int8", "--calib", str(tmp_path / "none.json")], "does not exist")):
         p = run_cli("quantize", str(tiny_unet_onnx), *args, "-o", str(out))

@@ -38,7 +38,7 @@ def test_coverage_of_fp8_level4(quantized_cache) -> None:
 def test_coverage_int8_reasons_and_unquantized(quantized_cache, tiny_unet_onnx: Path) -> None:
     r = coverage(quantized_cache("int8", 2.5).path)
     reasons = r.reasons()
-    assert reasons["attention: INT8 leaves attention in FP16 (quantize_attention=True forces it)"] == 24
+    assert reasons["attention: INT8 leaves attention in FP16 (--attention forces it; in Python quantize_attention=True)"] == 24
     assert reasons["linear: level 2.5 quantizes no such linear (needs level >= 3)"] == 30
     assert r.by_kind()["linear"]["types"] == {"int8": 96}
     plain = coverage(tiny_unet_onnx)

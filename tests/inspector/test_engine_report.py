@@ -242,3 +242,86 @@ def test_undeserializable_plan_falls_back_to_saved_layers(tmp_path):
     plan.with_suffix(".layers.json").unlink()  # nothing saved beside it: the error is the answer
     with pytest.raises(TrtkitError, match="could not be deserialized"):
         load_engine(plan, backend="trt")
+# -- newcomer trial P7 / P13: which ONNX the engine report cross-checks against -----------------------
+
+
+def _unquantized(path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    f32 = TensorProto.FLOAT
+    g = helper.make_graph([helper.make_node("Relu", ["latent"], ["sample_out"], name="/vae/Relu")], "vae",
+                          [helper.make_tensor_value_info("latent", f32, None)],
+                          [helper.make_tensor_value_info("sample_out", f32, None)])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)]), str(path))
+    return path
+
+
+def _strip_qdq(src, dest):
+    """The same slice without its Q/DQ nodes (each Q->DQ pair bypassed)."""
+    import onnx
+
+    m = onnx.load(str(src))
+    qdq = {"QuantizeLinear", "DequantizeLinear"}
+    feed = {n.output[0]: n.input[0] for n in m.graph.node if n.op_type in qdq}
+
+    def root(t):
+        while t in feed:
+            t = feed[t]
+        return t
+
+    keep = [n for n in m.graph.node if n.op_type not in qdq]
+    for n in keep:
+        for i, t in enumerate(n.input):
+            n.input[i] = root(t)
+    del m.graph.node[:]
+    m.graph.node.extend(keep)
+    onnx.save(m, str(dest))
+    return dest
+
+
+def _meta(onnx_path, **extra):
+    from trtkit._files import sha256_files
+    from trtkit.builder.source import read_onnx
+
+    inputs = list(read_onnx(onnx_path).inputs)
+    return {"backend": {"name": "rtx", "version": "1.7.1.116"},
+            "precision": {"requested": "int8", "qdq_types": ["int8"]},
+            "io": {"inputs": [{"name": n} for n in inputs]},
+            "onnx": {"path": str(onnx_path), "sha256": sha256_files([onnx_path])}, **extra}
+
+
+@pytest.mark.rtx
+def test_kept_qdq_onnx_is_the_default(rtx_plan_bytes, tmp_path, qdq_onnx):
+    """The build keeps <stem>.qdq.onnx beside the plan; inspect reads it rather than the recorded source."""
+    from trtkit._files import sha256_files
+    from trtkit.inspector.report import engine_report
+
+    plan_dir = tmp_path / "engines"
+    plan_dir.mkdir()
+    kept = plan_dir / "unet.qdq.onnx"
+    kept.write_bytes(qdq_onnx.read_bytes())
+    source = _strip_qdq(qdq_onnx, tmp_path / "unet.onnx")  # the unquantized export the build started from
+    plan = write_engine(plan_dir, rtx_plan_bytes, None, _meta(source, qdq_onnx={
+        "path": "unet.qdq.onnx", "sha256": sha256_files([kept]), "files": ["unet.qdq.onnx"]}))
+    r = engine_report(plan)
+    assert r.onnx is not None and r.onnx.path == kept and not any("no Q/DQ" in n for n in r.notes)
+    kept.unlink()  # an engine built before trtkit kept it: the note must not read as "not 8-bit"
+    r = engine_report(plan)
+    note = next(n for n in r.notes if "has no Q/DQ" in n)
+    assert "the int8 Q/DQ came from the build's own pass" in note and "unet.qdq.onnx" in note
+
+
+@pytest.mark.rtx
+def test_onnx_of_another_model_is_refused(rtx_plan_bytes, tmp_path, qdq_onnx, fp8_onnx):
+    """`inspect unet.plan --onnx vae_decoder.onnx` was accepted although the metadata has the ONNX's sha256."""
+    from trtkit.inspector.report import engine_report
+
+    plan = write_engine(tmp_path / "e", rtx_plan_bytes, None, _meta(qdq_onnx))
+    vae = _unquantized(tmp_path / "vae_decoder.onnx")
+    with pytest.raises(TrtkitError, match="--onnx vae_decoder.onnx is not the model unet.plan was built from: "
+                                          "its inputs are latent"):
+        engine_report(plan, onnx=vae)
+    assert not any("--onnx" in n for n in engine_report(plan, onnx=qdq_onnx).notes)  # the recorded one
+    r = engine_report(plan, onnx=fp8_onnx)  # same interface, other bytes: used, with a note
+    assert any("--onnx slice.fp8.onnx is not the file unet.plan was built from" in n for n in r.notes)

@@ -39,7 +39,15 @@ from trtkit.builder.config import (
     fp8_gpu_error,
 )
 from trtkit.builder.network import add_profiles, network_flags, network_io, parse_onnx, set_rtx_targets
-from trtkit.builder.progress import BuildProgress, cancel_on_sigint, make_monitor, progress_display
+from trtkit.builder.outputs import keep_qdq_onnx, output_lock, plan_identity, qdq_onnx_path
+from trtkit.builder.progress import (
+    BuildCancelled,
+    BuildProgress,
+    DropAfterCancel,
+    cancel_on_sigint,
+    make_monitor,
+    progress_display,
+)
 from trtkit.builder.shapes import ProfileShapes, resolve_profiles
 from trtkit.builder.source import OnnxSource, read_onnx
 from trtkit.errors import TrtkitError
@@ -129,7 +137,8 @@ def _check_precision(config: BuildConfig, source: OnnxSource, notes: list[str]) 
         check_input(config.calib, "calibration file")
     if config.precision not in EIGHT_BIT:
         if source.has_qdq:
-            notes.append(f"the ONNX already has {'/'.join(source.qdq_types)} Q/DQ nodes; they are built as given")
+            notes.append(f"the ONNX already has {'/'.join(source.qdq_types)} Q/DQ nodes: an "
+                         f"{'/'.join(source.qdq_types)} engine (its Q/DQ are built as given)")
         return
     if source.has_qdq:
         if config.precision not in source.qdq_types:
@@ -141,6 +150,14 @@ def _check_precision(config: BuildConfig, source: OnnxSource, notes: list[str]) 
         return
     if config.precision == "int8" and config.calib is None:
         raise TrtkitError(f"--int8 needs calibration for {source.path.name}, which has no Q/DQ nodes; {CALIBRATE_HINT}")
+
+
+def engine_precision(config: BuildConfig, source: OnnxSource) -> str:
+    """What the engine runs in, for labels: the requested precision, or the Q/DQ type of an ONNX that
+    already has Q/DQ and was built without --int8/--fp8 (it is 8-bit whatever the flag)."""
+    if config.precision in EIGHT_BIT or not source.has_qdq:
+        return config.precision
+    return "/".join(source.qdq_types)
 
 
 def _key_material(config: BuildConfig, backend: Any, source: OnnxSource, profiles: list[ProfileShapes],
@@ -163,13 +180,16 @@ def _prepare_onnx(config: BuildConfig, backend: Any, source: OnnxSource, profile
     if config.precision in EIGHT_BIT and not source.has_qdq:
         preset = next((p.name for p in profiles if ":" not in p.name and p.name in config.profiles), None)
         say(f"{config.precision} Q/DQ pass (trtkit.graph.qdq)")
-        path, fp16_done = _quantize(config, path, work / "model.qdq.onnx", fp16, preset)
+        # Both passes write the kept name (in two folders), so the last one's external data file is
+        # already named as it will be beside the plan.
+        (work / "qdq").mkdir()
+        path, fp16_done = _quantize(config, path, work / "qdq" / qdq_onnx_path(config).name, fp16, preset)
         notes.append(f"{config.precision} Q/DQ pass applied" + (f" with {config.calib.name}" if config.calib else "")
                      + (", the rest converted to FP16" if fp16_done else ""))
         fp16 = fp16 and not fp16_done
     if fp16 and _strongly_typed(backend):
         say("FP16 graph conversion (trtkit.graph.fp16)")
-        path = _convert_fp16(path, work / "model.fp16.onnx")
+        path = _convert_fp16(path, work / (qdq_onnx_path(config).name if path != source.path else "model.fp16.onnx"))
         notes.append("FP16 graph conversion applied (strongly typed network)")
     return source if path == source.path else read_onnx(path)
 
@@ -259,6 +279,16 @@ class _LastError(logging.Handler):
             trt_log.removeHandler(self)
 
 
+def _stop_if_cancelled(state: BuildProgress, backend: Any) -> None:
+    """Raise BuildCancelled after a TensorRT call during which the build was cancelled or Ctrl-C hit."""
+    try:
+        backend.logger.reraise_interrupt()
+    except KeyboardInterrupt:
+        state.cancel("interrupted (Ctrl-C)")
+    if state.cancelled:
+        raise BuildCancelled(f"build cancelled ({state.cancel_reason}); no plan written")
+
+
 def build(config: BuildConfig, progress: BuildProgress | None = None,
           status: Callable[[str], None] | None = None) -> BuildResult:
     """Build `config.onnx` into `config.output` (+ `.json`, `.layers.json`). One-line TrtkitError on bad input.
@@ -297,106 +327,126 @@ def build(config: BuildConfig, progress: BuildProgress | None = None,
         layers = config.layers_path if config.layers_path.is_file() else None
         log.info("cache hit: %s was built with the same inputs and settings (key %s)", config.output, key[:12])
         return BuildResult(config.output, config.metadata_path, layers, True, time.perf_counter() - t0,
-                           float(doc.get("build_seconds", 0.0)), key, names, config.precision, backend.name,
+                           float(doc.get("build_seconds", 0.0)), key, names, engine_precision(config, source), backend.name,
                            ["cache hit: same ONNX, settings and backend; --force rebuilds"])
 
     trt = backend.trt
     strongly_typed = _strongly_typed(backend)
-    with tempfile.TemporaryDirectory(prefix=f".{config.output.name}.work-", dir=out_dir) as work_dir:
-        graph = _prepare_onnx(config, backend, source, profiles, Path(work_dir), notes, say)
-        flags = _precision_flags(config, backend, source, graph)
+    before = plan_identity(config.output)
+    # Held from the plan's move until its metadata is written: two builds to one path leave one build's pair.
+    with contextlib.ExitStack() as pair_lock:
+        with tempfile.TemporaryDirectory(prefix=f".{config.output.name}.work-", dir=out_dir) as work_dir:
+            graph = _prepare_onnx(config, backend, source, profiles, Path(work_dir), notes, say)
+            flags = _precision_flags(config, backend, source, graph)
 
-        builder: trt_api.Builder = trt.Builder(backend.logger)
-        network = builder.create_network(network_flags(backend, strongly_typed))
-        say(f"parsing {graph.path.name} with {trt.__name__} {backend.version}")
-        parser = parse_onnx(backend, network, graph.path)
-        io = network_io(network)
-        cfg = builder.create_builder_config()
-        for f in flags:
-            cfg.set_flag(getattr(trt.BuilderFlag, f))
-        cfg.builder_optimization_level = config.effective_opt_level
-        cfg.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
-        workspace = config.workspace_bytes
-        if workspace is not None:
-            cfg.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
-        other_flags = rtx_build_flags(trt) if backend.is_rtx else []
-        for f in other_flags:
-            cfg.set_flag(getattr(trt.BuilderFlag, f))
-        if backend.is_rtx:
-            set_rtx_targets(backend, cfg, targets)
-            if config.timing_cache is not None:
-                notes.append("--timing-cache ignored: TensorRT-RTX has no timing cache (it keeps a runtime cache "
-                             "when engines run)")
-                log.warning(notes[-1])
-        timing_cache = _load_timing_cache(cfg, config, notes) if not backend.is_rtx else None
-        add_profiles(trt, builder, cfg, network, profiles)
+            # Ctrl-C cancels from here on: a KeyboardInterrupt inside TensorRT's parse would be dropped by
+            # TensorRT (it catches what its logger callback raises), so the handler only records it.
+            state = progress or BuildProgress()
+            backend.logger.interrupted.clear()
+            with cancel_on_sigint(state), DropAfterCancel(state).attached():
+                builder: trt_api.Builder = trt.Builder(backend.logger)
+                network = builder.create_network(network_flags(backend, strongly_typed))
+                say(f"parsing {graph.path.name} with {trt.__name__} {backend.version}")
+                parser = parse_onnx(backend, network, graph.path)
+                _stop_if_cancelled(state, backend)
+                io = network_io(network)
+                cfg = builder.create_builder_config()
+                for f in flags:
+                    cfg.set_flag(getattr(trt.BuilderFlag, f))
+                cfg.builder_optimization_level = config.effective_opt_level
+                cfg.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+                workspace = config.workspace_bytes
+                if workspace is not None:
+                    cfg.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
+                other_flags = rtx_build_flags(trt) if backend.is_rtx else []
+                for f in other_flags:
+                    cfg.set_flag(getattr(trt.BuilderFlag, f))
+                if backend.is_rtx:
+                    set_rtx_targets(backend, cfg, targets)
+                    if config.timing_cache is not None:
+                        notes.append("--timing-cache ignored: TensorRT-RTX has no timing cache (it keeps a runtime "
+                                     "cache when engines run)")
+                        log.warning(notes[-1])
+                timing_cache = _load_timing_cache(cfg, config, notes) if not backend.is_rtx else None
+                add_profiles(trt, builder, cfg, network, profiles)
 
-        state = progress or BuildProgress()
-        last_error = _LastError()
-        with atomic_path(config.output) as tmp_plan:
-            title = f"building {config.output.name} ({config.precision}, {backend.name} {backend.version})"
-            with progress_display(config.progress, title) as display:
-                if progress is None:
-                    state = BuildProgress(display)
-                monitor = make_monitor(trt, state)
-                cfg.progress_monitor = monitor
-                tb = time.perf_counter()
-                with cancel_on_sigint(state), last_error.attached():
-                    plan = builder.build_serialized_network(network, cfg)
-                build_seconds = time.perf_counter() - tb
-            if plan is None or state.cancelled:
-                if state.cancelled:
-                    raise TrtkitError(f"build cancelled ({state.cancel_reason}); no plan written")
-                raise TrtkitError(f"TensorRT could not build {config.onnx.name}: "
-                                  f"{last_error.message or 'see the log above (--verbose)'}")
-            with open(tmp_plan, "wb") as fh:
-                fh.write(memoryview(plan))
-            plan_sha = hashlib.sha256(memoryview(plan)).hexdigest()
-            plan_bytes = tmp_plan.stat().st_size
-            # The old metadata goes before the new plan lands, so no stale key ever vouches for it.
-            config.metadata_path.unlink(missing_ok=True)
-            config.layers_path.unlink(missing_ok=True)
-        if timing_cache is not None and config.timing_cache is not None:
-            write_bytes_atomic(config.timing_cache, bytes(memoryview(cfg.get_timing_cache().serialize())))
-        shapes = md.inspection_shapes([p.to_json() for p in profiles])
-        layers_text, layers_reason = md.engine_layers(backend, plan, shapes) if config.save_layers else (None, "not asked")
-        del plan, cfg, parser, network, builder, monitor  # TensorRT objects go before the monitor they point at
-    layers_path = None
-    if layers_text is not None:
-        layers_path = write_text_atomic(config.layers_path, layers_text)
+                last_error = _LastError()
+                with atomic_path(config.output) as tmp_plan:
+                    title = (f"building {config.output.name} ({engine_precision(config, source)}, {backend.name} "
+                             f"{backend.version})")
+                    with progress_display(config.progress, title) as display:
+                        if progress is None:
+                            state.show_on(display)
+                        monitor = make_monitor(trt, state)
+                        cfg.progress_monitor = monitor
+                        tb = time.perf_counter()
+                        with last_error.attached():
+                            plan = None if state.cancelled else builder.build_serialized_network(network, cfg)
+                        build_seconds = time.perf_counter() - tb
+                    _stop_if_cancelled(state, backend)
+                    if plan is None:
+                        raise TrtkitError(f"TensorRT could not build {config.onnx.name}: "
+                                          f"{last_error.message or 'see the log above (--verbose)'}")
+                    with open(tmp_plan, "wb") as fh:
+                        fh.write(memoryview(plan))
+                    plan_sha = hashlib.sha256(memoryview(plan)).hexdigest()
+                    plan_bytes = tmp_plan.stat().st_size
+                    pair_lock.enter_context(output_lock(out_dir))
+                    # The old metadata goes before the new plan lands, so no stale key ever vouches for it.
+                    config.metadata_path.unlink(missing_ok=True)
+                    config.layers_path.unlink(missing_ok=True)
+                    if plan_identity(config.output) != before:
+                        notes.append(f"another build wrote {config.output.name} while this one ran; this build's "
+                                     "plan and metadata replace it (the last build to finish wins)")
+                        log.warning(notes[-1])
+                    kept = keep_qdq_onnx(qdq_onnx_path(config), source, graph)
+                    if kept is not None:
+                        notes.append(f"kept the Q/DQ ONNX TensorRT parsed as {kept['path']} beside the plan "
+                                     "(`trtkit inspect` cross-checks the engine against it)")
+            if timing_cache is not None and config.timing_cache is not None:
+                write_bytes_atomic(config.timing_cache, bytes(memoryview(cfg.get_timing_cache().serialize())))
+            shapes = md.inspection_shapes([p.to_json() for p in profiles])
+            layers_text, layers_reason = (md.engine_layers(backend, plan, shapes) if config.save_layers
+                                          else (None, "not asked"))
+            del plan, cfg, parser, network, builder, monitor  # TensorRT objects go before the monitor they point at
+        layers_path = None
+        if layers_text is not None:
+            layers_path = write_text_atomic(config.layers_path, layers_text)
 
-    doc = {
-        "trtkit_version": trtkit.__version__,
-        "backend": {"name": backend.name, "module": trt.__name__, "version": backend.version},
-        "target": ({"compute_capabilities": list(targets or RTX_DEFAULT_TARGETS),
-                    "default_targets": not targets} if backend.is_rtx else
-                   {"gpu": backend.gpu, "compute_capability": ".".join(map(str, backend.compute_capability or ()))}),
-        "precision": {"requested": config.precision, "fp16_rest": _fp16_rest(config, source), "qdq_types": list(graph.qdq_types),
-                      "strongly_typed": strongly_typed, "builder_flags": flags},
-        "builder_flags": other_flags,  # set besides the precision flags (RTX: REQUIRE_USER_ALLOCATION)
-        "profiles": [p.to_json() for p in profiles],
-        "io": io,
-        "settings": {"opt_level": config.effective_opt_level, "workspace": config.workspace_bytes,
-                     "profiling_verbosity": "DETAILED", "static": config.static,
-                     "timing_cache": str(config.timing_cache) if timing_cache is not None else None,
-                     "quant_level": config.quant_level, "shapes": config.shapes, "min_shapes": config.min_shapes,
-                     "opt_shapes": config.opt_shapes, "max_shapes": config.max_shapes,
-                     "extra": dict(config.extra)},
-        "onnx": {"path": str(source.path.resolve()), "sha256": onnx_sha,
-                 "files": [p.name for p in (source.path, *source.data_files)], "component": source.component,
-                 "scope": source.metadata.get("trtkit.scope"), "dims_from": dims_from},
-        "calib": {"path": str(config.calib.resolve()), "sha256": calib_sha} if config.calib else None,
-        "build_seconds": round(build_seconds, 3),
-        "plan": {"path": config.output.name, "bytes": plan_bytes, "sha256": plan_sha},
-        "layers": {"saved": layers_path is not None, "path": layers_path.name if layers_path else None,
-                   "reason": layers_reason or "engine inspector JSON (DETAILED)",
-                   "shapes": {k: list(v) for k, v in shapes.items()} if layers_path else None},
-        "notes": notes,
-        "cache_key": key,
-    }
-    md.write_metadata(config.metadata_path, doc)
+        doc = {
+            "trtkit_version": trtkit.__version__,
+            "backend": {"name": backend.name, "module": trt.__name__, "version": backend.version},
+            "target": ({"compute_capabilities": list(targets or RTX_DEFAULT_TARGETS),
+                        "default_targets": not targets} if backend.is_rtx else
+                       {"gpu": backend.gpu, "compute_capability": ".".join(map(str, backend.compute_capability or ()))}),
+            "precision": {"requested": config.precision, "engine": engine_precision(config, source),
+                          "fp16_rest": _fp16_rest(config, source), "qdq_types": list(graph.qdq_types),
+                          "strongly_typed": strongly_typed, "builder_flags": flags},
+            "builder_flags": other_flags,  # set besides the precision flags (RTX: REQUIRE_USER_ALLOCATION)
+            "profiles": [p.to_json() for p in profiles],
+            "io": io,
+            "settings": {"opt_level": config.effective_opt_level, "workspace": config.workspace_bytes,
+                         "profiling_verbosity": "DETAILED", "static": config.static,
+                         "timing_cache": str(config.timing_cache) if timing_cache is not None else None,
+                         "quant_level": config.quant_level, "shapes": config.shapes, "min_shapes": config.min_shapes,
+                         "opt_shapes": config.opt_shapes, "max_shapes": config.max_shapes,
+                         "extra": dict(config.extra)},
+            "onnx": {"path": str(source.path.resolve()), "sha256": onnx_sha,
+                     "files": [p.name for p in (source.path, *source.data_files)], "component": source.component,
+                     "scope": source.metadata.get("trtkit.scope"), "dims_from": dims_from},
+            "calib": {"path": str(config.calib.resolve()), "sha256": calib_sha} if config.calib else None,
+            "qdq_onnx": kept,
+            "build_seconds": round(build_seconds, 3),
+            "plan": {"path": config.output.name, "bytes": plan_bytes, "sha256": plan_sha},
+            "layers": {"saved": layers_path is not None, "path": layers_path.name if layers_path else None,
+                       "reason": layers_reason or "engine inspector JSON (DETAILED)",
+                       "shapes": {k: list(v) for k, v in shapes.items()} if layers_path else None},
+            "notes": notes,
+            "cache_key": key,
+        }
+        md.write_metadata(config.metadata_path, doc)
     return BuildResult(config.output, config.metadata_path, layers_path, False, time.perf_counter() - t0,
-                       build_seconds, key, names, config.precision, backend.name, notes)
+                       build_seconds, key, names, engine_precision(config, source), backend.name, notes)
 
 
 def _load_timing_cache(cfg: trt_api.IBuilderConfig, config: BuildConfig,

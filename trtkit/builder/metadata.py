@@ -3,10 +3,12 @@ inspector's layer JSON (`x.layers.json`) where the backend can deserialize the p
 
 `x.json` is what `trtkit inspect` and the runtime read; its keys:
   format ("trtkit-engine"), version, trtkit_version, backend {name, module, version},
-  target {gpu | compute_capabilities}, precision {requested, fp16_rest, qdq_types, strongly_typed,
-  builder_flags}, profiles [{name, shapes: {input: {min, opt, max}}}], io {inputs, outputs:
+  target {gpu | compute_capabilities}, precision {requested, engine (what it runs in: the Q/DQ type of
+  a pre-quantized ONNX built without --int8/--fp8), fp16_rest, qdq_types, strongly_typed, builder_flags}, profiles [{name, shapes: {input: {min, opt, max}}}], io {inputs, outputs:
   [{name, shape, dtype}]}, settings {opt_level, workspace, timing_cache, static, ...},
-  onnx {path, sha256, files, component, dims_from}, calib {path, sha256} | null, build_seconds,
+  onnx {path, sha256, files, component, dims_from}, calib {path, sha256} | null,
+  qdq_onnx {path (beside the plan), sha256, files} | null (the graph the build's Q/DQ pass made and
+  TensorRT parsed, kept as `<plan stem>.qdq.onnx`), build_seconds,
   plan {path, bytes, sha256}, layers {saved, path, reason, shapes}, builder_flags (set besides the
   precision flags, e.g. RTX's REQUIRE_USER_ALLOCATION), cache_key.
 """

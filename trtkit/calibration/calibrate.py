@@ -9,7 +9,6 @@ may change between an interrupted run and its continuation.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Callable
@@ -196,9 +195,10 @@ def read_prompts(path: Path | None, n: int) -> list[str]:
 def model_info(model_dir: Path) -> dict[str, Any]:
     cfg_path = Path(model_dir) / "unet" / "config.json"
     cfg = json.loads(cfg_path.read_text())
-    canon = json.dumps({k: v for k, v in cfg.items() if not k.startswith("_")}, sort_keys=True)
+    from trtkit.calibfile import unet_config_hash
+
     return {"source": str(Path(model_dir).resolve()), "class": cfg.get("_class_name", "UNet2DConditionModel"),
-            "component": "unet", "config_hash": hashlib.sha256(canon.encode()).hexdigest()[:16]}
+            "component": "unet", "config_hash": unet_config_hash(cfg)}
 
 
 def unet_module_names(model_dir: Path) -> set[str]:
@@ -219,6 +219,7 @@ def load_for_model(calib_path: Path, model_dir: Path) -> Calibration:
     from trtkit import calibfile
 
     cal = calibfile.load(calib_path)
+    calibfile.check_model(cal, model_dir, where=f"the UNet of {model_dir}")
     cal.check_modules(unet_module_names(model_dir), where=f"the UNet of {model_dir}")
     return cal
 

@@ -47,7 +47,7 @@ def check_level(level: float) -> float:
     from trtkit.errors import TrtkitError
 
     if float(level) not in LEVELS:
-        raise TrtkitError(f"quantization level {level} is not one of {', '.join(f'{x:g}' for x in LEVELS)}")
+        raise TrtkitError(f"quantization level {level:g} is not one of {', '.join(f'{x:g}' for x in LEVELS)}")
     return float(level)
 
 

@@ -13,6 +13,7 @@ import sys
 
 import typer
 
+from trtkit.cli._common import interrupt_hint, interrupted_message
 from trtkit.errors import TrtkitError
 
 # typer >= 0.20 vendors its own click; older releases raise the click package's exceptions.
@@ -29,6 +30,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -36,8 +38,18 @@ app = typer.Typer(
 COMMAND_MODULES = ("demo", "doctor", "profiles", "backend", "export", "calibrate", "quantize", "build", "inspect", "run")
 
 
+def _version(value: bool) -> None:
+    if value:
+        import trtkit
+
+        print(f"trtkit {trtkit.__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print trtkit's version and exit."),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log TensorRT and trtkit details."),
 ) -> None:
@@ -63,25 +75,33 @@ def _fail(message: str, code: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in args or os.environ.get("TRTKIT_DEBUG") == "1"
+    args = list(sys.argv[1:] if argv is None else argv)
+    # --debug is global but users put it anywhere (`trtkit inspect x.plan --debug`): honour it wherever it
+    # stands before a `--`, as the root option.
+    end = args.index("--") if "--" in args else len(args)
+    if "--debug" in args[:end]:
+        args = ["--debug"] + [a for a in args[:end] if a != "--debug"] + args[end:]
+    debug = "--debug" in args[:1] or os.environ.get("TRTKIT_DEBUG") == "1"
     try:
+        interrupt_hint.clear()  # set by the command that runs
         rv = app(args=args, prog_name="trtkit", standalone_mode=False)
+        if rv == 130:  # typer turns a KeyboardInterrupt into Exit(130) and returns that code, silently
+            return _fail(interrupted_message(), 130)
         return int(rv) if isinstance(rv, int) else 0
     except TrtkitError as e:
         if debug:
             raise
         return _fail(str(e), e.exit_code)
     except typer.Exit as e:
-        return int(getattr(e, "exit_code", 0) or 0)
+        code = int(getattr(e, "exit_code", 0) or 0)
+        return _fail(interrupted_message(), 130) if isinstance(e.__cause__, KeyboardInterrupt) else code
     except _CLICK_ERRORS as e:
         if debug:
             raise
         e.show()  # type: ignore[attr-defined]
         return int(e.exit_code)  # type: ignore[attr-defined]
     except (typer.Abort, KeyboardInterrupt):
-        print("interrupted", file=sys.stderr)
-        return 130
+        return _fail(interrupted_message(), 130)
 
 
 def entry() -> None:

@@ -9,7 +9,7 @@ def register(app: typer.Typer) -> None:
     @app.command("backend")
     def backend(
         name: str = typer.Option(None, "--backend", "-b", help="trt or rtx (default: $TRTKIT_BACKEND, then trt, then rtx)."),
-        as_json: bool = typer.Option(False, "--json"),
+        as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
         check: bool = typer.Option(False, "--check", help="Run `trtkit doctor`: build, run and check a tiny engine."),
     ) -> None:
         """Report the TensorRT backend: version, strong typing, precision flags, whether engines can run here."""

@@ -6,16 +6,24 @@ from pathlib import Path
 
 import typer
 
-from trtkit.cli._common import console, err_console
+from trtkit.cli._common import console, err_console, precision_from_flags
+
+
+def _model_bytes(onnx: Path) -> int:
+    """The ONNX with its external data (the FP32 weights, for an unquantized export)."""
+    from trtkit.builder.source import read_onnx
+
+    src = read_onnx(onnx)
+    return sum(p.stat().st_size for p in (src.path, *src.data_files))
 
 
 def register(app: typer.Typer) -> None:
     @app.command("build")
     def build(
-        onnx: Path = typer.Argument(..., help="The ONNX model (its external data file beside it)."),
+        onnx: Path = typer.Argument(..., metavar="ONNX", help="The ONNX model (its external data file beside it)."),
         output: Path = typer.Option(None, "--output", "-o", help="The plan to write (default: ONNX name + .plan); "
                                     "metadata goes to the same name + .json."),
-        profile: list[str] = typer.Option([], "--profile", "-p", help="Shape profile (see `trtkit profiles`), once per "
+        profile: list[str] = typer.Option([], "--profile", "-p", metavar="PROFILE", help="Shape profile (see `trtkit profiles`), once per "
                                           "TensorRT optimization profile; or a shapes string for a fixed one."),
         fp16: bool = typer.Option(False, "--fp16", help="FP16 (with --int8/--fp8, which do it by default: the "
                                   "unquantized rest in FP16)."),
@@ -31,11 +39,12 @@ def register(app: typer.Typer) -> None:
         workspace: str = typer.Option(None, "--workspace", help="Workspace memory limit, e.g. 8G or 512M."),
         static: bool = typer.Option(False, "--static", help="Fixed shapes: each profile's opt shapes only."),
         shapes: str = typer.Option(None, "--shapes", help="trtexec-style fixed shapes, e.g. sample:2x4x128x128."),
-        min_shapes: str = typer.Option(None, "--min-shapes"),
-        opt_shapes: str = typer.Option(None, "--opt-shapes"),
-        max_shapes: str = typer.Option(None, "--max-shapes"),
+        min_shapes: str = typer.Option(None, "--min-shapes", help="trtexec-style minimum shapes of a dynamic "
+                                        "profile (with --opt-shapes and --max-shapes)."),
+        opt_shapes: str = typer.Option(None, "--opt-shapes", help="trtexec-style shapes TensorRT tunes for."),
+        max_shapes: str = typer.Option(None, "--max-shapes", help="trtexec-style maximum shapes."),
         backend: str = typer.Option(None, "--backend", help="trt or rtx (default: what is installed)."),
-        target_cc: list[str] = typer.Option([], "--target-cc", help="TensorRT-RTX target compute capability, "
+        target_cc: list[str] = typer.Option([], "--target-cc", metavar="CC", help="TensorRT-RTX target compute capability, "
                                             "e.g. 8.9 (repeat for more; default: its portable set)."),
         model_dir: Path = typer.Option(None, "--model-dir", help="The diffusers folder the profiles read sizes from "
                                        "(default: the one recorded at export)."),
@@ -49,8 +58,7 @@ def register(app: typer.Typer) -> None:
         from trtkit.builder.progress import quiet_tensorrt_log
         from trtkit.errors import TrtkitError
 
-        if int8 and fp8:
-            raise TrtkitError("choose one of --int8 and --fp8")
+        precision_from_flags(int8, fp8)
         if fp32_rest and (fp16 or not (int8 or fp8)):
             raise TrtkitError("--fp32-rest goes with --int8 or --fp8, without --fp16")
         precision = "int8" if int8 else "fp8" if fp8 else "fp16" if fp16 else "fp32"
@@ -77,11 +85,18 @@ def register(app: typer.Typer) -> None:
         for note in r.notes:
             console.print(f"note: {note}", markup=False)
         if warnings is not None and warnings.count:
-            console.print(f"note: TensorRT logged {warnings.count} warnings (--verbose shows them)")
+            console.print(f"note: TensorRT logged {warnings.count} warnings ({len(warnings.distinct)} distinct; "
+                          "--verbose shows the full log):", markup=False)
+            for line in warnings.summary():
+                console.print(f"  {line}", markup=False)
         if r.cached:
             console.print(f"up to date: {r.plan} (built earlier in {r.build_seconds:.1f} s); --force rebuilds")
             return
         size = r.plan.stat().st_size / 2**20
         console.print(f"built {r.plan} ({size:.1f} MiB, {r.precision}, {r.backend}, profiles "
                       f"{', '.join(r.profiles) or 'static'}) in {r.build_seconds:.1f} s")
+        if r.precision in ("int8", "fp8") and r.plan.stat().st_size > _model_bytes(onnx):
+            console.print("note: the plan is larger than the ONNX: it holds compiled kernels besides the "
+                          "weights, and an 8-bit plan has both the 8-bit kernels and the FP16 ones for the rest; "
+                          "for a small model the kernels outweigh the weights 8-bit saves (docs/building.md)")
         console.print(f"metadata {r.metadata}" + (f", layers {r.layers}" if r.layers else ""))

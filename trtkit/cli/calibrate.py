@@ -4,13 +4,20 @@ from pathlib import Path
 
 import typer
 
-from trtkit.cli._common import console, err_console
+from trtkit.cli._common import (
+    check_device,
+    check_image_size,
+    console,
+    err_console,
+    on_interrupt,
+    precision_from_flags,
+)
 
 
 def register(app: typer.Typer) -> None:
     @app.command("calibrate")
     def calibrate(
-        model_dir: Path = typer.Argument(..., help="A diffusers pipeline folder."),
+        model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help="A diffusers pipeline folder."),
         prompts: Path = typer.Option(None, "--prompts", help="Prompt file, one per line (default: the built-in one)."),
         num_prompts: int = typer.Option(32, "--num-prompts", help="How many prompts of the file to use."),
         steps: int = typer.Option(30, "--steps", help="Denoising steps per prompt batch (use your inference count)."),
@@ -26,9 +33,10 @@ def register(app: typer.Typer) -> None:
         alpha: float = typer.Option(None, "--alpha",
                                     help="Fixed SmoothQuant alpha, implies --smoothquant (default: searched per layer)."),
         height: int = typer.Option(None, "--height", help="Image height (default: the model's native size)."),
-        width: int = typer.Option(None, "--width"),
-        guidance_scale: float = typer.Option(None, "--guidance-scale"),
-        seed: int = typer.Option(0, "--seed"),
+        width: int = typer.Option(None, "--width", help="Image width (default: the model's native size)."),
+        guidance_scale: float = typer.Option(None, "--guidance-scale", help="Classifier-free guidance scale "
+                                              "(default: the pipeline's)."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the latents of each prompt batch."),
         device: str = typer.Option(None, "--device", help="cuda or cpu (default: cuda where there is one)."),
         out: Path = typer.Option(Path("calib.json"), "--output", "-o", help="Calibration file to write."),
     ) -> None:
@@ -37,10 +45,14 @@ def register(app: typer.Typer) -> None:
 
         from trtkit.calibration.calibrate import CalibrateConfig, Recipe
         from trtkit.calibration.calibrate import calibrate as do_calibrate
-        from trtkit.errors import TrtkitError
 
-        if int8 and fp8:
-            raise TrtkitError("--int8 and --fp8 exclude each other")
+        precision_from_flags(int8, fp8)
+        from trtkit.calibration.calibrate import partial_path
+
+        on_interrupt(lambda: "rerun the same command to resume from the finished prompt batches"
+                     if partial_path(out).is_file() else "no prompt batch was finished; nothing to resume")
+        check_image_size(height, width)
+        check_device(device)
         base = Recipe()
         recipe = Recipe(precision="fp8" if fp8 else "int8", level=level,
                         percentile=base.percentile if percentile is None else percentile,

@@ -6,12 +6,15 @@ import typer
 
 from trtkit.cli._common import console
 
+# The demo model has seeded random weights: its image shows that the pipeline runs, not a picture.
+NOISE = "  (noise: the demo model has random weights, so the image shows the pipeline ran, not a picture)"
+
 
 def register(app: typer.Typer) -> None:
     @app.command("demo")
     def demo(
         workdir: Path = typer.Option(Path("trtkit-demo"), "--workdir", "-o", help="Where the demo writes its files."),
-        seed: int = typer.Option(0, "--seed"),
+        seed: int = typer.Option(0, "--seed", help="Seed of the tiny model's random weights and of the image."),
     ) -> None:
         """Run every stage on an embedded tiny SDXL-architecture model: no download, no GPU needed."""
         import time
@@ -23,7 +26,7 @@ def register(app: typer.Typer) -> None:
         def show(r) -> None:  # type: ignore[no-untyped-def]
             console.print(f"[{colors[r.status]}]{r.status:>7}[/] {r.name:<10} {r.seconds:6.1f} s  {r.message}")
             for f in r.files:
-                console.print(f"{'':>26}-> {f}")
+                console.print(f"{'':>26}-> {f}" + (NOISE if Path(f).suffix == ".png" else ""))
 
         t0 = time.perf_counter()
         run_demo(DemoConfig(workdir=workdir, seed=seed), on_stage=show)

@@ -10,8 +10,8 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command("inspect")
     def inspect_cmd(
-        path: Path = typer.Argument(..., help="An .onnx model (Q/DQ coverage) or an engine plan (layer report)."),
-        path2: Path | None = typer.Argument(None, help="A second plan: compare the two engines layer by layer."),
+        path: Path = typer.Argument(..., metavar="PLAN_OR_ONNX", help="An .onnx model (Q/DQ coverage) or an engine plan (layer report)."),
+        path2: Path | None = typer.Argument(None, metavar="PLAN_B", help="A second plan: compare the two engines layer by layer."),
         onnx: Path | None = typer.Option(None, "--onnx", help="The ONNX the engine was built from (for the Q/DQ "
                                          "cross-check); default: the path recorded in the engine metadata."),
         as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of tables."),

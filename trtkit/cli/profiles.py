@@ -4,17 +4,29 @@ from pathlib import Path
 
 import typer
 
-from trtkit.cli._common import console, print_json
+from trtkit.cli._common import console, err_console, print_json
+
+
+def family_mismatch(profile: str, sdxl_model: bool) -> str | None:
+    """A profile named for SD 1.x/2.x used with an SDXL UNet, or the other way round."""
+    if profile.startswith(("sd15", "sd21")) and sdxl_model:
+        return (f"profile {profile} is named for SD 1.x/2.x, but the model is an SDXL UNet (text_embeds, "
+                "time_ids): these are its shapes at that resolution; an sdxl-* profile is the usual choice")
+    if profile.startswith("sdxl") and not sdxl_model:
+        return (f"profile {profile} is named for SDXL, but the model is an SD 1.x/2.x UNet (no text_embeds): "
+                "these are its shapes at that resolution; an sd15-*/sd21-* profile is the usual choice")
+    return None
 
 
 def register(app: typer.Typer) -> None:
     @app.command("profiles")
     def profiles(
-        name: str = typer.Argument(None, help="Show one profile's shapes in full."),
+        name: str = typer.Argument(None, metavar="PROFILE", help="Show one profile's shapes in full."),
         model: Path = typer.Option(None, "--model", "-m", help="A diffusers folder: shapes from its config."),
-        component: str = typer.Option("unet", "--component", "-c"),
+        component: str = typer.Option("unet", "--component", "-c", help="unet, vae_decoder, text_encoder or "
+                                     "text_encoder_2."),
         static: bool = typer.Option(False, "--static", help="Fix resolution and batch at the opt values."),
-        as_json: bool = typer.Option(False, "--json"),
+        as_json: bool = typer.Option(False, "--json", help="Print the profiles or shapes as JSON."),
     ) -> None:
         """List the named shape profiles, or one profile's min/opt/max shapes for a model."""
         from rich.table import Table
@@ -37,6 +49,9 @@ def register(app: typer.Typer) -> None:
              "projection_class_embeddings_input_dim": 2816, "addition_time_embed_dim": 256,
              "down_block_types": [0, 0, 0]}, {"block_out_channels": [0, 0, 0, 0]})
         shapes = prof.shapes(component, dims)
+        warning = family_mismatch(prof.name, dims.text_embeds_dim is not None) if model else None
+        if warning:
+            err_console.print(f"warning: {warning}", markup=False)
         if as_json:
             print_json({k: v.to_json() for k, v in shapes.items()})
             return

@@ -4,14 +4,13 @@ from pathlib import Path
 
 import typer
 
-from trtkit.cli._common import console, print_json, step_progress
-from trtkit.errors import TrtkitError
+from trtkit.cli._common import console, precision_from_flags, print_json, step_progress
 
 
 def register(app: typer.Typer) -> None:
     @app.command("quantize")
     def quantize(
-        onnx_path: Path = typer.Argument(..., help="An exported (unquantized) ONNX, e.g. from `trtkit export`."),
+        onnx_path: Path = typer.Argument(..., metavar="ONNX", help="An exported (unquantized) ONNX, e.g. from `trtkit export`."),
         int8: bool = typer.Option(False, "--int8", help="INT8 Q/DQ (symmetric, amax/127)."),
         fp8: bool = typer.Option(False, "--fp8", help="FP8 E4M3 Q/DQ (amax/448); attention too at level 4."),
         output: Path = typer.Option(..., "--output", "-o", help="Quantized ONNX to write."),
@@ -19,9 +18,9 @@ def register(app: typer.Typer) -> None:
                                    "(default: max over a run on the profile's sample inputs)."),
         level: float = typer.Option(None, "--level", help="Quantization level 1, 2, 2.5, 3 or 4 "
                                     "(default 3 for INT8, 4 for FP8; see docs/quantization.md)."),
-        exclude: list[str] = typer.Option([], "--exclude", help="Module-name pattern never quantized "
+        exclude: list[str] = typer.Option([], "--exclude", metavar="PATTERN", help="Module-name pattern never quantized "
                                           "(substring, or glob with * ? []); repeatable."),
-        include: list[str] = typer.Option([], "--include", help="Module-name pattern quantized whatever the "
+        include: list[str] = typer.Option([], "--include", metavar="PATTERN", help="Module-name pattern quantized whatever the "
                                           "level or default exclusions; repeatable."),
         attention: bool = typer.Option(None, "--attention/--no-attention",
                                        help="Quantize attention BMMs (default: FP8 at level 4 only)."),
@@ -37,8 +36,7 @@ def register(app: typer.Typer) -> None:
         from trtkit.graph.qdq import QuantizeConfig
         from trtkit.graph.qdq import quantize as do_quantize
 
-        if int8 == fp8:
-            raise TrtkitError("pass exactly one of --int8 or --fp8")
+        precision_from_flags(int8, fp8, required=True)
         cfg = QuantizeConfig(onnx_path=onnx_path, output=output, precision="int8" if int8 else "fp8", level=level,
                              calib=calib, include=tuple(include), exclude=tuple(exclude), profile=profile,
                              fp16=fp16, quantize_attention=attention, default_exclusions=not no_default_exclusions)

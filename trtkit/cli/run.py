@@ -4,7 +4,7 @@ from pathlib import Path
 
 import typer
 
-from trtkit.cli._common import console, print_json
+from trtkit.cli._common import check_device, check_image_size, console, err_console, print_json
 
 
 def _config(model_dir: Path, engines: Path | None, prompt: str, negative_prompt: str, steps: int, guidance: float,
@@ -26,6 +26,8 @@ def _config(model_dir: Path, engines: Path | None, prompt: str, negative_prompt:
         raise TrtkitError(f"--backend must be trt or rtx, got {backend!r}")
     if backend is not None and engines is None:
         raise TrtkitError("--backend picks the TensorRT that runs --engines; give --engines too")
+    check_image_size(height, width)
+    check_device(device)
     if kernels not in KERNEL_PRESETS:
         raise TrtkitError(f"--kernels must be one of {', '.join(KERNEL_PRESETS)}, got {kernels!r}")
     return RunConfig(model_dir=model_dir, prompt=prompt, negative_prompt=negative_prompt, steps=steps,
@@ -38,24 +40,42 @@ BACKEND_HELP = ("trt or rtx: the TensorRT that runs --engines (default: the one 
                 "from its header).")
 
 
+def loop_label(cuda_graph: bool, compiled: bool) -> str:
+    """How the denoising loop ran, for the result line and the bench title."""
+    if cuda_graph:
+        return "one CUDA graph"
+    return "torch.compile'd UNet, step by step" if compiled else "eager loop"
+
+
+def _warn_compile_on_cpu(compile: bool, device: str | None) -> None:
+    if not compile or device == "cuda":
+        return
+    from trtkit.runtime.pipeline import default_device
+
+    if (device or default_device()) == "cpu":
+        err_console.print("note: --compile on the CPU compiles the UNet first, which takes far longer than it saves "
+                          "for a few images (newcomer trial, demo UNet: 52 s for 4 steps; 5.6 s for 30 steps without)",
+                          markup=False)
+
+
 def register(app: typer.Typer) -> None:
     common_help = "The diffusers pipeline folder (text encoders, VAE, and the UNet unless --engines has one)."
 
     @app.command("run")
     def run(
-        model_dir: Path = typer.Argument(..., help=common_help),
+        model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help=common_help),
         prompt: str = typer.Option(..., "--prompt", help="What to draw."),
-        negative_prompt: str = typer.Option("", "--negative-prompt"),
+        negative_prompt: str = typer.Option("", "--negative-prompt", help="What not to draw."),
         engines: Path = typer.Option(None, "--engines", help="Folder with unet.plan (TensorRT); else the torch UNet."),
-        steps: int = typer.Option(30, "--steps"),
+        steps: int = typer.Option(30, "--steps", help="Denoising steps."),
         guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale (<= 1: off)."),
         scheduler: str = typer.Option(None, "--scheduler", help="euler | euler_a | ddim | dpmpp_2m "
                                       "(default: the folder's scheduler)."),
-        seed: int = typer.Option(0, "--seed"),
+        seed: int = typer.Option(0, "--seed", help="Seed of the initial latents."),
         cuda_graph: bool = typer.Option(True, "--cuda-graph/--no-cuda-graph",
                                         help="Run all steps as one CUDA graph (GPU only)."),
-        height: int = typer.Option(None, "--height"),
-        width: int = typer.Option(None, "--width"),
+        height: int = typer.Option(None, "--height", help="Image height, a multiple of 8 (default: the model's)."),
+        width: int = typer.Option(None, "--width", help="Image width, a multiple of 8 (default: the model's)."),
         trust_engine: bool = typer.Option(False, "--trust-engine", help="Allow plans that carry host code "
                                           "(version-compatible plans). Only for plans you trust."),
         device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda if present)."),
@@ -71,6 +91,7 @@ def register(app: typer.Typer) -> None:
 
         cfg = _config(model_dir, engines, prompt, negative_prompt, steps, guidance, scheduler, seed, cuda_graph,
                       height, width, trust_engine, device, compile, kernels, backend)
+        _warn_compile_on_cpu(compile and engines is None, device)
         res = do_run(cfg, output)
         output = res.path or output  # a folder as -o: the file written in it
         info = {"output": str(output), "executor": res.executor, "cuda_graph": res.cuda_graph,
@@ -78,34 +99,38 @@ def register(app: typer.Typer) -> None:
         if json_out:
             print_json(info)
         else:
-            console.print(f"wrote {output} ({res.executor} UNet, {'one CUDA graph' if res.cuda_graph else 'eager loop'}"
+            console.print(f"wrote {output} ({res.executor} UNet, {loop_label(res.cuda_graph, compile)}"
                           f", {res.timings_ms['total']:.0f} ms: denoise {res.timings_ms['denoise']:.0f} ms)")
 
     @app.command("bench")
     def bench(
-        model_dir: Path = typer.Argument(..., help=common_help),
-        prompt: str = typer.Option("a photo of an astronaut riding a horse", "--prompt"),
-        engines: Path = typer.Option(None, "--engines"),
-        steps: int = typer.Option(30, "--steps"),
-        guidance: float = typer.Option(7.5, "--guidance"),
-        scheduler: str = typer.Option(None, "--scheduler"),
-        cuda_graph: bool = typer.Option(True, "--cuda-graph/--no-cuda-graph"),
-        height: int = typer.Option(None, "--height"),
-        width: int = typer.Option(None, "--width"),
+        model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help=common_help),
+        prompt: str = typer.Option("a photo of an astronaut riding a horse", "--prompt", help="What to draw."),
+        engines: Path = typer.Option(None, "--engines", help="Folder with unet.plan (TensorRT); else the torch UNet."),
+        steps: int = typer.Option(30, "--steps", help="Denoising steps per run."),
+        guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale (<= 1: off)."),
+        scheduler: str = typer.Option(None, "--scheduler", help="euler | euler_a | ddim | dpmpp_2m (default: the "
+                                      "folder's scheduler)."),
+        cuda_graph: bool = typer.Option(True, "--cuda-graph/--no-cuda-graph", help="Run all steps as one CUDA graph "
+                                        "(GPU only)."),
+        height: int = typer.Option(None, "--height", help="Image height, a multiple of 8 (default: the model's)."),
+        width: int = typer.Option(None, "--width", help="Image width, a multiple of 8 (default: the model's)."),
         warmup: int = typer.Option(2, "--warmup", help="Untimed runs first (compilation, capture)."),
-        repeats: int = typer.Option(5, "--repeats"),
-        trust_engine: bool = typer.Option(False, "--trust-engine"),
-        device: str = typer.Option(None, "--device"),
-        compile: bool = typer.Option(False, "--compile"),
+        repeats: int = typer.Option(5, "--repeats", help="Timed runs; the table shows their median and minimum."),
+        trust_engine: bool = typer.Option(False, "--trust-engine", help="Allow plans that carry host code. Only for "
+                                          "plans you trust."),
+        device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda if present)."),
+        compile: bool = typer.Option(False, "--compile", help="torch.compile the torch UNet (slow on the CPU)."),
         kernels: str = typer.Option("tuned", "--kernels", help="tuned | plain (torch UNet on a GPU)."),
         backend: str = typer.Option(None, "--backend", help=BACKEND_HELP),
-        json_out: bool = typer.Option(False, "--json"),
+        json_out: bool = typer.Option(False, "--json", help="Print the timings as JSON."),
     ) -> None:
         """Per-step and end-to-end latency (median of --repeats after --warmup runs)."""
         from trtkit.runtime.pipeline import bench as do_bench
 
         cfg = _config(model_dir, engines, prompt, "", steps, guidance, scheduler, 0, cuda_graph, height, width,
                       trust_engine, device, compile, kernels, backend)
+        _warn_compile_on_cpu(compile and engines is None, device)
         s = do_bench(cfg, warmup, repeats).summary()
         if json_out:
             print_json(s)
@@ -113,7 +138,7 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         t = Table(title=f"trtkit bench: {s['executor']} UNet on {s['device']}, "
-                        f"{'one CUDA graph' if s['cuda_graph'] else 'eager loop'}, {steps} steps")
+                        f"{loop_label(s['cuda_graph'], compile)}, {steps} steps")
         for col in ("", "median ms", "min ms"):
             t.add_column(col, justify="right")
         t.add_row("per step", f"{s['per_step_ms']:.2f}", f"{s['denoise_min_ms'] / steps:.2f}")

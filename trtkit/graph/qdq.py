@@ -167,7 +167,7 @@ def decide(matches: Matches, cfg: QuantizeConfig, level: float) -> dict[str, Dec
             d = Decision(a.module, "attention", False, f"excluded by --exclude {p}")
         elif not want_attn and _first_match(a.module, cfg.include) is None:
             if cfg.precision == "int8":
-                why = "INT8 leaves attention in FP16 (quantize_attention=True forces it)"
+                why = "INT8 leaves attention in FP16 (--attention forces it; in Python quantize_attention=True)"
             else:
                 why = f"level {level:g} leaves attention unquantized (FP8 attention is level 4)"
             d = Decision(a.module, "attention", False, why)
@@ -531,10 +531,11 @@ def _quantize(cfg: QuantizeConfig) -> QuantizeResult:
         raise TrtkitError(f"io_dtype {cfg.io_dtype!r} is not float32 or float16")
     cal = None
     if cfg.calib is not None:
+        from trtkit.calibfile import check_model
         from trtkit.calibfile import load as load_calib
 
         cal = load_calib(cfg.calib)
-    model = load_onnx(src, external=False)  # weights are read one by one when quantized
+    model = load_onnx(src, external=False, needs_data=True)  # weights are read one by one when quantized
     opset = _opset(model)
     if opset < 13:
         raise TrtkitError(f"{src.name} has opset {opset}; per-channel Q/DQ needs opset >= 13 (re-export with 19)")
@@ -552,6 +553,7 @@ def _quantize(cfg: QuantizeConfig) -> QuantizeResult:
     known = matches.modules()
     if cal is not None:
         cal.check_modules(known, where=src.name)
+        check_model(cal, meta.get("trtkit.source"), src.name)
     decisions = decide(matches, cfg, level)
 
     # Activation tensors to quantize: tensor -> [(match, consumer node)], one Q/DQ per tensor and
@@ -602,6 +604,11 @@ def _quantize(cfg: QuantizeConfig) -> QuantizeResult:
             amax[k], source[k] = run[t], "sample run"
         if cal is not None:
             calibration = f"calibration file ({len(need_run)} ranges from a sample run)"
+            # Loud: these ranges come from random sample inputs, not the prompts the file was made with.
+            log.warning("the calibration file has no range for %d of the %d inputs quantized here (e.g. %s): "
+                        "they come from a max calibration on sample inputs, not from your prompts; calibrate "
+                        "at this level (trtkit calibrate --level) for real ranges", len(need_run),
+                        len(need_run) + sum(v == "calibration" for v in source.values()), sorted(need_run)[0])
     del model
 
     def _insert(g: gs.Graph) -> int:

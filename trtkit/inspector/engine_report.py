@@ -120,6 +120,10 @@ def meta_backend(meta: dict[str, Any] | None) -> tuple[str | None, str | None]:
 
 
 def meta_onnx(meta: dict[str, Any] | None, plan: Path) -> Path | None:
+    """The ONNX to cross-check against: the Q/DQ ONNX the build kept beside the plan, else its source."""
+    kept = _get(meta, "qdq_onnx.path")
+    if isinstance(kept, str) and (plan.parent / kept).is_file():
+        return plan.parent / kept
     p = _get(meta, "onnx.path", "onnx", "onnx_path")
     if isinstance(p, dict):
         p = p.get("path")
@@ -129,6 +133,27 @@ def meta_onnx(meta: dict[str, Any] | None, plan: Path) -> Path | None:
     if not path.is_absolute():
         path = (plan.parent / path)
     return path if path.is_file() else None
+
+
+def check_onnx_for(onnx: Path, meta: dict[str, Any] | None, plan: Path) -> str | None:
+    """`--onnx` against what the metadata knows: another model (other inputs) is refused; the same
+    interface with other bytes (a separate export or quantization) gets a note. None when it matches."""
+    from trtkit.builder.source import read_onnx
+
+    sums = {v for v in (_get(meta, "onnx.sha256"), _get(meta, "qdq_onnx.sha256")) if isinstance(v, str)}
+    if not sums:
+        return None  # no metadata: nothing to check against
+    src = read_onnx(onnx)
+    inputs = _get(meta, "io.inputs")
+    names = [t.get("name") for t in inputs if isinstance(t, dict)] if isinstance(inputs, list) else []
+    if names and sorted(names) != sorted(src.inputs):
+        raise TrtkitError(f"--onnx {onnx.name} is not the model {plan.name} was built from: its inputs are "
+                          f"{', '.join(src.inputs) or 'none'}, the engine's {', '.join(names)}; omit --onnx to "
+                          "use the ONNX recorded in the metadata")
+    if src.sha256() in sums:
+        return None
+    return (f"--onnx {onnx.name} is not the file {plan.name} was built from (its sha256 differs from the "
+            "metadata's): the cross-check assumes it has the same graph and Q/DQ placement")
 
 
 def _same_release(a: str, b: str, rtx: bool) -> bool:

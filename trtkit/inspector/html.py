@@ -108,11 +108,12 @@ def page(title: str, body: str) -> str:
 def _engine_sections(r: EngineReport, prefix: str = "") -> str:
     j = r.to_json()
     out = [f'<p class="meta">backend <b>{e(j["backend"])}</b> {e(j["tensorrt_version"] or "?")} &middot; '
-           f'precision <b>{e(j["precision"] or "?")}</b> &middot; layer information from <b>{e(j["source"])}</b>'
-           f' ({e(j["layer_schema"] or "-")}, {e(j["verbosity"] or "-")})'
+           f'precision <b>{e(j["precision"] or "?")}</b> &middot; '
+           + (f'layer information from <b>{e(j["source"])}</b> ({e(j["layer_schema"] or "?")}, '
+              f'{e(j["verbosity"] or "?")})' if j["source"] != "none" else "<b>no layer information</b> (see the notes)")
            + (f' &middot; ONNX <code>{e(j["onnx"])}</code>' if j["onnx"] else "") + "</p>"]
     if j["metadata_summary"]:
-        out.append("<h2>Engine metadata</h2>" + table(["", ""], [[e(k), e(v)] for k, v in j["metadata_summary"]]))
+        out.append("<h2>Engine metadata</h2>" + table(["field", "value"], [[e(k), e(v)] for k, v in j["metadata_summary"]]))
     out += [f'<div class="note">{e(n)}</div>' for n in j["notes"]]
     if not r.layers:
         return "".join(out)

@@ -72,7 +72,8 @@ def render_onnx(report: OnnxReport, console: Console) -> None:
 def render_engine(r: EngineReport, console: Console, *, all_layers: bool = True) -> None:
     j = r.to_json()
     console.print(f"[bold]Engine[/] {r.src.plan}  backend {j['backend']} {j['tensorrt_version'] or '?'}  "
-                  f"precision {j['precision'] or '?'}  layers from: {r.src.source}")
+                  f"precision {j['precision'] or '?'}  "
+                  + (f"layers from: {r.src.source}" if r.src.source != "none" else "no layer information (see the notes)"))
     if j["metadata_summary"]:
         t = Table(show_header=False, box=None, padding=(0, 2))
         for label, text in j["metadata_summary"]:
@@ -129,8 +130,26 @@ def render_engine(r: EngineReport, console: Console, *, all_layers: bool = True)
 
 
 def render_compare(c: Comparison, console: Console) -> None:
+    from trtkit.inspector.compare import same_file, side_by_side, without_layers
+
     j = c.to_json()
     console.print(f"[bold]Compare[/] A={j['plans'][0]}  B={j['plans'][1]}")
+    if same_file(c.a.src.plan, c.b.src.plan):
+        console.print("  A and B are the same plan (identical bytes)")
+    missing = without_layers(c.a, c.b)
+    rows = side_by_side(c.a, c.b)
+    differ = [r for r in rows if not r[3]]
+    t = _table(console, "", "A", "B", "", title="what the metadata says" + (
+        f" ({len(differ)} of {len(rows)} rows differ)" if differ else " (no difference)"))
+    for label, va, vb, same in rows:
+        t.add_row(f"[dim]{label}[/]", va, vb, "" if same else "[bold yellow]differs[/]")
+    console.print(t)
+    if missing:
+        side = " and ".join(missing)
+        why = next((n for r in (c.a, c.b) if not r.layers for n in r.src.notes), "")
+        console.print(f"  [yellow]note[/] nothing to compare layer by layer: {side} "
+                      f"{'has' if len(missing) == 1 else 'have'} no layer information" + (f" ({why})" if why else ""))
+        return
     t = _table(console, "precision", "A layers", "B layers", "A compute share", "B compute share", title="summary")
     sa, sb = j["a"], j["b"]
     precs = dict.fromkeys([*sa["by_precision"], *sb["by_precision"]])

@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from trtkit.errors import TrtkitError
-from trtkit.inspector.engine_report import EngineSource, _get, load_engine, meta_backend, meta_onnx
+from trtkit.inspector.engine_report import (
+    EngineSource,
+    _get,
+    check_onnx_for,
+    load_engine,
+    meta_backend,
+    meta_onnx,
+)
 from trtkit.inspector.layers import ATTENTION_HINTS, EIGHT_BIT, LOW_BIT, Layer
 from trtkit.inspector.onnx_report import (
     ATTENTION_NODE,
@@ -195,7 +202,9 @@ def metadata_summary(meta: dict[str, Any] | None) -> list[tuple[str, str]]:
             map(str, tgt.get("compute_capabilities") or [])))))
     prec = meta.get("precision")
     if isinstance(prec, dict):
-        rows.append(("precision", f"{prec.get('requested')}; Q/DQ types: {', '.join(prec.get('qdq_types') or []) or 'none'}"
+        asked = prec.get("requested")
+        eng = prec.get("engine") or asked
+        rows.append(("precision", f"{eng}{'' if eng == asked else f' (requested {asked})'}; Q/DQ types: {', '.join(prec.get('qdq_types') or []) or 'none'}"
                      f"; strongly typed: {prec.get('strongly_typed')}; builder flags: "
                      f"{', '.join(prec.get('builder_flags') or []) or 'none'}"))
     for prof in meta.get("profiles") or []:
@@ -212,6 +221,9 @@ def metadata_summary(meta: dict[str, Any] | None) -> list[tuple[str, str]]:
     onnx = meta.get("onnx")
     if isinstance(onnx, dict) and onnx.get("path"):
         rows.append(("ONNX", str(onnx["path"])))
+    kept = meta.get("qdq_onnx")
+    if isinstance(kept, dict) and kept.get("path"):
+        rows.append(("Q/DQ ONNX (parsed)", str(kept["path"])))
     if meta.get("build_seconds") is not None:
         rows.append(("build time", f"{meta['build_seconds']} s"))
     plan = meta.get("plan")
@@ -224,7 +236,7 @@ def metadata_summary(meta: dict[str, Any] | None) -> list[tuple[str, str]]:
 
 
 def _precision(meta: dict[str, Any] | None) -> str | None:
-    p = _get(meta, "precision.requested", "precision")
+    p = _get(meta, "precision.engine", "precision.requested", "precision")
     if isinstance(p, dict):
         return None
     types = _get(meta, "precision.qdq_types")
@@ -360,6 +372,9 @@ def engine_report(plan: str | Path, onnx: str | Path | None = None, backend: str
     onnx_path = Path(onnx) if onnx else meta_onnx(src.metadata, plan)
     if onnx and not Path(onnx).is_file():
         raise TrtkitError(f"--onnx file {onnx} does not exist")
+    mismatch = check_onnx_for(Path(onnx), src.metadata, plan) if onnx else None
+    if mismatch:
+        notes.append(mismatch)
     scan = scan_onnx(onnx_path) if onnx_path else None
     if scan is None:
         notes.append("no ONNX model (pass --onnx model.onnx, or build with trtkit so the metadata records it): "
@@ -368,7 +383,12 @@ def engine_report(plan: str | Path, onnx: str | Path | None = None, backend: str
     attention = attention_status(layers, scan) if layers else []
     cc = cross_check(layers, scan) if (layers and scan) else []
     if scan is not None and not scan.quantized:
-        notes.append(f"{scan.path.name} has no Q/DQ: nothing to cross-check")
+        eight = _get(src.metadata, "precision.qdq_types") or (
+            [_get(src.metadata, "precision.requested")] if _get(src.metadata, "precision.requested") in EIGHT_BIT else [])
+        notes.append(f"{scan.path.name} has no Q/DQ" + (
+            f" (it is the ONNX the build started from; the {'/'.join(eight)} Q/DQ came from the build's own pass)"
+            f": nothing to cross-check; pass --onnx with the quantized ONNX, or rebuild with this trtkit, which "
+            f"keeps it as {plan.with_suffix('.qdq.onnx').name}" if eight else ": nothing to cross-check"))
     return EngineReport(src=src, onnx=scan, attention=attention, crosscheck=cc, notes=notes)
 
 
