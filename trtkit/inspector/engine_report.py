@@ -145,7 +145,7 @@ def check_onnx_for(onnx: Path, meta: dict[str, Any] | None, plan: Path) -> str |
         return None  # no metadata: nothing to check against
     src = read_onnx(onnx)
     inputs = _get(meta, "io.inputs")
-    names = [t.get("name") for t in inputs if isinstance(t, dict)] if isinstance(inputs, list) else []
+    names = [str(t.get("name")) for t in inputs if isinstance(t, dict)] if isinstance(inputs, list) else []
     if names and sorted(names) != sorted(src.inputs):
         raise TrtkitError(f"--onnx {onnx.name} is not the model {plan.name} was built from: its inputs are "
                           f"{', '.join(src.inputs) or 'none'}, the engine's {', '.join(names)}; omit --onnx to "
