@@ -262,10 +262,12 @@ def broken_model(tmp_path: Path) -> Path:
 
 
 @pytest.mark.skipif(not NO_GPU, reason="checks the no-GPU refusal")
-def test_engines_without_gpu_refused_before_the_pipeline_loads(broken_model: Path, tmp_path: Path, cli: Cli) -> None:
+def test_engines_without_gpu_refused_before_the_pipeline_loads(broken_model: Path, tmp_path: Path, cli: Cli,
+                                                               rtx_unet_builds: dict) -> None:
     engines = tmp_path / "engines"
     engines.mkdir()
-    (engines / "unet.plan").write_bytes(b"plan")
+    # a real plan: its header is read (which TensorRT runs it) before the GPU check, both before the load
+    shutil.copy(rtx_unet_builds["fp16"][1].plan, engines / "unet.plan")
     for verb, extra in (("run", ("--prompt", "x", "-o", str(tmp_path / "x.png"))), ("bench", ())):
         one_line_error(cli(verb, str(broken_model), "--engines", str(engines), *extra),
                        "TensorRT engines need a CUDA GPU; none found")
