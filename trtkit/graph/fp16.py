@@ -27,6 +27,9 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from trtkit.errors import TrtkitError
+from trtkit.graph.onnx_io import load_onnx, set_meta, write_model
+from trtkit.graph.patterns import quiet_gs
+from trtkit.graph.scales import FP16_MIN_NORMAL
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +37,6 @@ DEFAULT_KEEP_FP32_OPS = ("InstanceNormalization", "Sin", "Cos")
 FP32_SCOPES = ("time_proj", "add_time_proj")
 FP32_ONLY_INPUTS = {("Resize", 1), ("Resize", 2)}
 SCALE_INPUTS = {("QuantizeLinear", 1), ("DequantizeLinear", 1)}
-FP16_MIN_NORMAL = 2.0**-14
 F32, F16 = np.dtype(np.float32), np.dtype(np.float16)
 
 
@@ -186,9 +188,6 @@ def to_fp16(graph: gs.Graph, keep_fp32_nodes: Iterable[str] = (), keep_fp32_ops:
 def convert_fp16(onnx_path: Path | str, output: Path | str, *, io_dtype: str = "float32",
                  keep_fp32_ops: Iterable[str] = DEFAULT_KEEP_FP32_OPS, keep_fp32_nodes: Iterable[str] = ()) -> Path:
     """FP32 ONNX (with or without Q/DQ) -> strongly typed FP16 ONNX at `output`."""
-    from trtkit._files import load_onnx
-    from trtkit.graph.qdq import write_model
-
     src, dest = Path(onnx_path), Path(output)
     if dest.resolve() == src.resolve():
         raise TrtkitError("the output must not overwrite the input ONNX")
@@ -200,8 +199,6 @@ def convert_fp16(onnx_path: Path | str, output: Path | str, *, io_dtype: str = "
     if not model.graph.value_info:  # the pass needs every tensor's type
         model = onnx.shape_inference.infer_shapes(model)
     meta = {p.key: p.value for p in model.metadata_props}
-    from trtkit.graph.patterns import quiet_gs
-
     with quiet_gs():
         graph = gs.import_onnx(model)
         del model
@@ -210,10 +207,8 @@ def convert_fp16(onnx_path: Path | str, output: Path | str, *, io_dtype: str = "
         graph.cleanup().toposort()
         out = gs.export_onnx(graph)
         del graph
-    from trtkit.graph.qdq import _set_meta
-
     meta["trtkit.fp16"] = stats.summary()
-    _set_meta(out, meta)
+    set_meta(out, meta)
     holder = [out]
     del out
     return write_model(holder, dest)
