@@ -4,6 +4,7 @@ beats the defaults and the level)."""
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -61,6 +62,26 @@ def _first_match(name: str, pats: Iterable[str]) -> str | None:
     return next((p for p in pats if matches_pattern(name, p)), None)
 
 
+def check_patterns(modules: Iterable[str], cfg: QuantizeConfig) -> None:
+    """An --exclude/--include pattern that matches no module is an error, not a no-op: a typo
+    (`--exclude atn1`) would otherwise quantize what the user meant to keep, and nothing would say so."""
+    names = sorted(set(modules))
+    for flag, pats in (("--exclude", cfg.exclude), ("--include", cfg.include)):
+        for p in pats:
+            if _first_match_any(names, p):
+                continue
+            parts = sorted({part for n in names for part in n.split(".")})
+            close = difflib.get_close_matches(p.strip("*?[]"), parts, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            example = f" (e.g. {names[0]})" if names else ""
+            raise TrtkitError(f"{flag} {p!r} matches no quantizable module; {hint}module names are dotted paths"
+                              f"{example}")
+
+
+def _first_match_any(names: Iterable[str], pattern: str) -> bool:
+    return any(matches_pattern(n, pattern) for n in names)
+
+
 def resolve_level(precision: str, level: float | None) -> float:
     if level is None:
         return 4.0 if precision == "fp8" else 3.0
@@ -86,6 +107,7 @@ def _level_admits(m: WeightedMatch, level: float) -> tuple[bool, str]:
 
 def decide(matches: Matches, cfg: QuantizeConfig, level: float) -> dict[str, Decision]:
     """Per module: quantize or not, and why. Explicit exclude beats include beats defaults and level."""
+    check_patterns(matches.modules(), cfg)
     out: dict[str, Decision] = {}
     defaults = DEFAULT_EXCLUDE if cfg.default_exclusions else ()
     for m in (*matches.conv, *matches.linear):
