@@ -61,3 +61,35 @@ def _no_debug_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRTKIT_DEBUG", raising=False)
     if "TRTKIT_BACKEND" in os.environ:
         monkeypatch.delenv("TRTKIT_BACKEND")
+
+
+@pytest.fixture(scope="session")
+def tiny_dit_dir(tmp_path_factory: pytest.TempPathFactory):
+    """family ("flux" | "sd3") -> a tiny pipeline folder (trtkit/data/tiny-<family>.json), made once."""
+    from trtkit.tiny_dit import make_tiny_dit_pipeline
+
+    made: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in made:
+            made[family] = make_tiny_dit_pipeline(family, tmp_path_factory.mktemp(f"tiny-{family}") / "model")
+        return made[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_dit_onnx(tiny_dit_dir, tmp_path_factory: pytest.TempPathFactory):
+    """family -> its transformer exported with tiny-256 (checked against torch on export), made once."""
+    from trtkit.exporter import ExportConfig, export
+
+    made: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in made:
+            out = tmp_path_factory.mktemp(f"onnx-{family}")
+            made[family] = export(ExportConfig(model_dir=tiny_dit_dir(family), component="transformer",
+                                               profile="tiny-256", out_dir=out)).path
+        return made[family]
+
+    return get
