@@ -41,6 +41,7 @@ class DitDims:
     patch_size: int = 2  # SD3 patchify (FLUX packs 2x2 outside the model)
     vae_scale_factor: int = 8
     t5_tokens: int = 256
+    head_dim: int | None = None  # attention head size (the Q/DQ pass's FP8-attention rule reads it)
 
     @property
     def latent_multiple(self) -> int:
@@ -70,10 +71,11 @@ class DitDims:
         if family == "flux":
             guid = bool(transformer.get("guidance_embeds", False))
             return cls(family, int(transformer.get("in_channels", 64)), int(transformer.get("joint_attention_dim", 4096)),
-                       int(transformer.get("pooled_projection_dim", 768)), guid, 1, vae_sf, 512 if guid else 256)
+                       int(transformer.get("pooled_projection_dim", 768)), guid, 1, vae_sf, 512 if guid else 256,
+                       int(transformer.get("attention_head_dim", 128)))
         return cls(family, int(transformer.get("in_channels", 16)), int(transformer.get("joint_attention_dim", 4096)),
                    int(transformer.get("pooled_projection_dim", 2048)), False, int(transformer.get("patch_size", 2)),
-                   vae_sf, 256)
+                   vae_sf, 256, int(transformer.get("attention_head_dim", 64)))
 
     @classmethod
     def from_folder(cls, model_dir: Path | str) -> DitDims:

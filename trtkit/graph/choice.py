@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -105,20 +105,35 @@ def _level_admits(m: WeightedMatch, level: float) -> tuple[bool, str]:
     return False, f"level {level:g} quantizes no such linear (needs level >= {need:g})"
 
 
-def decide(matches: Matches, cfg: QuantizeConfig, level: float) -> dict[str, Decision]:
+def _unet_exclusion(module: str) -> str | None:
+    p = _first_match(module, DEFAULT_EXCLUDE)
+    return None if p is None else f"default exclusion ({p})"
+
+
+@dataclass(frozen=True)
+class Rules:
+    """A model family's default exclusions (module -> reason, or None) and level rule."""
+
+    exclusion: Callable[[str], str | None]
+    admits: Callable[[WeightedMatch, float], tuple[bool, str]]
+
+
+UNET_RULES = Rules(_unet_exclusion, _level_admits)
+
+
+def decide(matches: Matches, cfg: QuantizeConfig, level: float, rules: Rules = UNET_RULES) -> dict[str, Decision]:
     """Per module: quantize or not, and why. Explicit exclude beats include beats defaults and level."""
     check_patterns(matches.modules(), cfg)
     out: dict[str, Decision] = {}
-    defaults = DEFAULT_EXCLUDE if cfg.default_exclusions else ()
     for m in (*matches.conv, *matches.linear):
         if (p := _first_match(m.module, cfg.exclude)) is not None:
             out[m.module] = Decision(m.module, m.kind, False, f"excluded by --exclude {p}")
         elif (p := _first_match(m.module, cfg.include)) is not None:
             out[m.module] = Decision(m.module, m.kind, True, f"included by --include {p}", cfg.precision)
-        elif (p := _first_match(m.module, defaults)) is not None:
-            out[m.module] = Decision(m.module, m.kind, False, f"default exclusion ({p})")
+        elif cfg.default_exclusions and (why := rules.exclusion(m.module)) is not None:
+            out[m.module] = Decision(m.module, m.kind, False, why)
         else:
-            ok, why = _level_admits(m, level)
+            ok, why = rules.admits(m, level)
             out[m.module] = Decision(m.module, m.kind, ok, why, cfg.precision if ok else None)
     want_attn = cfg.quantize_attention if cfg.quantize_attention is not None else (
         cfg.precision == "fp8" and level >= 4)

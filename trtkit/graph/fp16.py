@@ -8,6 +8,8 @@ not know about.
 FP32 islands by default:
 * `InstanceNormalization` (diffusers' GroupNorm): ONNX gives it no FP32 accumulation attribute
   (LayerNormalization has `stash_type=1`, so it stays FP16 safely);
+* the q/k RMSNorms of DiT attention (`norm_q`, `norm_k`, `norm_added_q`, `norm_added_k`), exported as
+  Pow/ReduceMean/Sqrt: the squares overflow FP16 past |x| = 256 (TensorRT warns of it);
 * the sinusoidal timestep / time-id embeddings (`time_proj`, `add_time_proj`, Sin/Cos): timesteps up to
   1000 and time ids of 1024 lose their fractional part in FP16, as diffusers keeps them FP32 too;
 * whatever the caller names (the Q/DQ pass keeps 8-bit attention cores FP32: TensorRT has FP32
@@ -34,7 +36,8 @@ from trtkit.graph.scales import FP16_MIN_NORMAL
 log = logging.getLogger(__name__)
 
 DEFAULT_KEEP_FP32_OPS = ("InstanceNormalization", "Sin", "Cos")
-FP32_SCOPES = ("time_proj", "add_time_proj")
+# the DiTs' q/k RMSNorms (FLUX, SD3.5) export as Pow/ReduceMean/Sqrt: in FP16, x^2 overflows past |x| = 256
+FP32_SCOPES = ("time_proj", "add_time_proj", "norm_q", "norm_k", "norm_added_q", "norm_added_k")
 FP32_ONLY_INPUTS = {("Resize", 1), ("Resize", 2)}
 SCALE_INPUTS = {("QuantizeLinear", 1), ("DequantizeLinear", 1)}
 F32, F16 = np.dtype(np.float32), np.dtype(np.float16)

@@ -33,14 +33,16 @@ from typing import Any
 import onnx_graphsurgeon as gs
 
 from trtkit.errors import TrtkitError
-from trtkit.graph import patterns
+from trtkit.graph import patterns, patterns_dit
 from trtkit.graph.choice import (
     DEFAULT_EXCLUDE,
     LEVELS,
     PRECISIONS,
     QKV_LEAVES,
+    UNET_RULES,
     Decision,
     QuantizeConfig,
+    Rules,
     decide,
     matches_pattern,
     resolve_level,
@@ -128,13 +130,17 @@ def _quantize(cfg: QuantizeConfig) -> QuantizeResult:
     meta = {p.key: p.value for p in model.metadata_props}
     graph = gs.import_onnx(model)
     matches = patterns.find(graph, patterns.scope_of(meta))
+    rules = UNET_RULES
+    if patterns_dit.is_dit(meta):  # FLUX / SD3 transformer: its own levels and exclusions
+        matches = patterns_dit.refine(matches, meta)
+        rules = Rules(patterns_dit.exclusion, patterns_dit.level_admits)
     if matches.empty:
         raise TrtkitError(f"nothing matched in {src.name}: no linear (MatMul/Gemm with a constant weight), "
                           "conv or attention (MatMul-Softmax-MatMul) pattern; nothing to quantize")
     known = matches.modules()
     if cal is not None:
         cal.check_modules(known, where=src.name)
-    decisions = decide(matches, cfg, level)
+    decisions = decide(matches, cfg, level, rules)
 
     nodes = {n.name: n for n in graph.nodes}
     w_q = [m for m in (*matches.conv, *matches.linear) if decisions[m.module].quantized]

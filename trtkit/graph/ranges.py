@@ -67,6 +67,9 @@ def sample_feeds(model: onnx.ModelProto, profile: str, seed: int) -> dict[str, n
     inits = {i.name for i in model.graph.initializer}
     ins = {k: v for k, v in ins.items() if k not in inits}
     component = next((p.value for p in model.metadata_props if p.key == "trtkit.component"), None)
+    dit = next((p.value for p in model.metadata_props if p.key == "trtkit.dit_dims"), None)
+    if dit is not None:  # a FLUX / SD3 transformer: its shapes and input conventions from its export
+        return _dit_feeds(model, dit, component or "transformer", profile, seed, ins)
     if component is None:
         component = "unet" if "sample" in ins else "vae_decoder" if "latent" in ins else (
             "text_encoder" if "input_ids" in ins else None)
@@ -103,6 +106,26 @@ def sample_feeds(model: onnx.ModelProto, profile: str, seed: int) -> dict[str, n
         np_t = onnx.helper.tensor_dtype_to_np_dtype(want[k]) if k in want else v.dtype
         feeds[k] = v.astype(np_t)
     return feeds
+
+
+def _dit_feeds(model: onnx.ModelProto, dims_json: str, component: str, profile: str, seed: int,
+               ins: dict[str, list[int | None]]) -> dict[str, np.ndarray]:
+    from trtkit.exporter import example_inputs
+    from trtkit.profiles import get_profile
+    from trtkit.profiles_dit import DitDims, sample_values
+    from trtkit.profiles_dit import shapes as dit_shapes
+
+    dims, prof = DitDims.from_json(dims_json), get_profile(profile)
+    if prof.family is not None and prof.family != dims.family:  # e.g. the default tiny-256 stays usable
+        raise TrtkitError(f"profile {profile} is for {prof.family.upper()} models; this graph is a "
+                          f"{dims.family.upper()} transformer")
+    shapes = dit_shapes(prof, component, dims)
+    if set(shapes) != set(ins):
+        raise TrtkitError(f"the graph's inputs ({', '.join(ins)}) are not the {dims.family.upper()} transformer's "
+                          f"({', '.join(shapes)}); pass --calib")
+    feeds = example_inputs(shapes, "opt", seed, fill=sample_values(prof, dims))
+    want = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}
+    return {k: v.astype(onnx.helper.tensor_dtype_to_np_dtype(want[k])) for k, v in feeds.items()}
 
 
 @contextmanager
