@@ -73,9 +73,13 @@ def exclusion(module: str) -> str | None:
 
 
 def level_admits(m: WeightedMatch, level: float) -> tuple[bool, str]:
-    if m.kind == "conv":
+    return admits(m.module, m.kind, level)
+
+
+def admits(mod: str, kind: str, level: float) -> tuple[bool, str]:
+    """The level rule for a conv or linear module (the graph pass and the torch calibration share it)."""
+    if kind == "conv":
         return True, "conv (level >= 1)"
-    mod = m.module
     if any(mod.endswith("." + leaf) for leaf in MLP_LEAVES):
         need, what = 2.0, "MLP linear"
     elif mod.split(".")[-1] in QKV_LEAVES:
