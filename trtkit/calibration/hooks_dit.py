@@ -72,7 +72,7 @@ class TapKernelProcessor:
             return _explicit(name, tap, query, key, value)
 
         saved = tf.dispatch_attention_fn, F.scaled_dot_product_attention
-        tf.dispatch_attention_fn, F.scaled_dot_product_attention = dispatch, sdpa
+        tf.dispatch_attention_fn, F.scaled_dot_product_attention = dispatch, sdpa  # type: ignore[assignment]
         try:
             return self.inner(attn, *args, **kwargs)
         finally:
