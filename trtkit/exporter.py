@@ -265,9 +265,9 @@ def export(config: ExportConfig, progress: Any = None) -> ExportResult:
         outputs = exporter_dit.OUTPUT_NAMES["t5" if t5 else "transformer"]
         wrapper, scope = exporter_dit.wrapper(module, t5, shapes)
         axes = exporter_dit.dynamic_axes(shapes, outputs, t5)
+        dims = DitDims.from_folder(config.model_dir)
+        meta[META_DIT_DIMS] = dims.to_json()  # the T5's too: its token count for the build's presets
         if not t5:
-            dims = DitDims.from_folder(config.model_dir)
-            meta[META_DIT_DIMS] = dims.to_json()
             fill = sample_values(get_profile(config.profile), dims) if config.profile else None
             traced = contextlib.ExitStack()
             traced.enter_context(exporter_dit.float32_rope(module))

@@ -43,7 +43,8 @@ BLOCK_KINDS = {"transformer_blocks": "joint blocks", "single_transformer_blocks"
 
 
 def is_dit(meta: dict[str, str]) -> bool:
-    return META_DIT_DIMS in meta
+    """A DiT transformer (a T5 exported from a DiT folder carries the sizes too, but not these rules)."""
+    return META_DIT_DIMS in meta and meta.get("trtkit.component", "transformer") == "transformer"
 
 
 def head_dim(meta: dict[str, str]) -> int | None:

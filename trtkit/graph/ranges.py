@@ -69,7 +69,8 @@ def sample_feeds(model: onnx.ModelProto, profile: str, seed: int) -> dict[str, n
     component = next((p.value for p in model.metadata_props if p.key == "trtkit.component"), None)
     dit = next((p.value for p in model.metadata_props if p.key == "trtkit.dit_dims"), None)
     if dit is not None:  # a FLUX / SD3 transformer: its shapes and input conventions from its export
-        return _dit_feeds(model, dit, component or "transformer", profile, seed, ins)
+        comp = "transformer" if component in (None, "transformer") else "text_encoder_3"  # or a T5
+        return _dit_feeds(model, dit, comp, profile, seed, ins)
     if component is None:
         component = "unet" if "sample" in ins else "vae_decoder" if "latent" in ins else (
             "text_encoder" if "input_ids" in ins else None)
