@@ -88,3 +88,33 @@ def rtx_unet_builds(tiny_unet_onnx: Path, tmp_path_factory: pytest.TempPathFacto
                           target_cc=RTX_TARGET, progress=False, precision=p, calib=calib if p == "int8" else None)
         out[p] = (cfg, build(cfg))
     return out
+@pytest.fixture(scope="session")
+def tiny_dit_dir(tmp_path_factory: pytest.TempPathFactory):
+    """family ("flux" | "sd3") -> a tiny pipeline folder (trtkit/data/tiny-<family>.json), made once."""
+    from trtkit.tiny_dit import make_tiny_dit_pipeline
+
+    made: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in made:
+            made[family] = make_tiny_dit_pipeline(family, tmp_path_factory.mktemp(f"tiny-{family}") / "model")
+        return made[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_dit_onnx(tiny_dit_dir, tmp_path_factory: pytest.TempPathFactory):
+    """family -> its transformer exported with tiny-256 (checked against torch on export), made once."""
+    from trtkit.exporter import ExportConfig, export
+
+    made: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in made:
+            out = tmp_path_factory.mktemp(f"onnx-{family}")
+            made[family] = export(ExportConfig(model_dir=tiny_dit_dir(family), component="transformer",
+                                               profile="tiny-256", out_dir=out)).path
+        return made[family]
+
+    return get

@@ -84,3 +84,73 @@ def test_missing_folder_and_not_a_pipeline(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(TrtkitError, match="not a diffusers model folder"):
         export(ExportConfig(model_dir=tmp_path / "empty", out_dir=tmp_path / "o"))
+
+
+# --------------------------------------------------------------------------- DiT (trtkit/exporter_dit.py)
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_dit_transformer_export_matches_torch(family: str, tiny_dit_dir, tiny_dit_onnx) -> None:
+    """Exported with tiny-256 (checked on export); run here at another shape, 2 images per prompt and a
+    non-square 192x320, against the diffusers transformer called the way its pipeline calls it."""
+    import torch
+
+    from trtkit import exporter_dit
+    from trtkit.exporter import META_DIT_DIMS, load_component
+    from trtkit.profiles_dit import DitDims, sample_values, shapes
+
+    path = tiny_dit_onnx(family)
+    model = onnx.load(str(path))
+    meta = read_meta(model)
+    assert meta[META_COMPONENT] == "transformer" and meta[META_SCOPE] == "/transformer/"
+    dims = DitDims.from_json(meta[META_DIT_DIMS])
+    assert dims == DitDims.from_folder(tiny_dit_dir(family))
+    names = [i.name for i in model.graph.input]
+    if family == "flux":
+        assert names == ["hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids",
+                         "txt_ids", "guidance"]
+        assert dims.guidance_embeds and dims.t5_tokens == 512  # FLUX.1-dev layout: guidance embedding, no CFG
+    else:
+        assert names == ["hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"]
+    assert not any(a.i == onnx.TensorProto.DOUBLE for n in model.graph.node if n.op_type == "Cast"
+                   for a in n.attribute if a.name == "to")  # TensorRT has no float64 (FLUX RoPE)
+
+    from trtkit.profiles import Profile
+
+    prof = Profile("user", resolution=(192, 320), batch=(2, 2, 2), guidance=False, t5_tokens=64)
+    sh = shapes(prof, "transformer", dims)
+    feeds = example_inputs(sh, "opt", seed=5, fill=sample_values(prof, dims))
+    module = load_component(tiny_dit_dir(family), "transformer")
+    wrap, _ = exporter_dit.wrapper(module, False, sh)
+    with torch.no_grad():
+        ref = wrap(*(torch.from_numpy(v) for v in feeds.values())).numpy()
+    got = run_onnxruntime(path, feeds)[0]
+    assert got.shape == ((2, 240, 16) if family == "flux" else (2, 4, 24, 40))
+    assert np.max(np.abs(got - ref)) <= REL_TOL * np.max(np.abs(ref))
+
+
+@pytest.mark.parametrize(("family", "component"), [("flux", "text_encoder_2"), ("sd3", "text_encoder_3")])
+def test_t5_export(family: str, component: str, tiny_dit_dir, tmp_path: Path) -> None:
+    """The T5 encoder (FLUX's text_encoder_2, SD3's text_encoder_3), tokens from the model (512 / 256), with
+    its weights in a .data file as past 2 GB."""
+    profile = "flux-1024" if family == "flux" else "sd3-1024"
+    r = export(ExportConfig(model_dir=tiny_dit_dir(family), component=component, profile=profile, out_dir=tmp_path,
+                            external_data=True))
+    assert r.inputs["input_ids"].opt == ((1, 512) if family == "flux" else (2, 256))
+    assert r.external_data == tmp_path / f"{component}.onnx.data" and r.external_data.stat().st_size > 50_000
+    assert r.max_rel_err is not None and r.max_rel_err < REL_TOL
+    model = onnx.load(str(r.path), load_external_data=False)
+    assert [o.name for o in model.graph.output] == ["last_hidden_state"]
+
+
+def test_dit_export_cli_and_errors(tiny_dit_dir, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "trtkit", "export", str(tiny_dit_dir("sd3")), "-c", "transformer",
+                        "-p", "flux-1024", "-o", str(tmp_path / "o")], capture_output=True, text=True)
+    errs = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+    assert p.returncode == 2 and len(errs) == 1 and "profile flux-1024 is for FLUX models" in errs[0], p.stderr
+    assert not (tmp_path / "o" / "transformer.onnx").exists()
+    with pytest.raises(TrtkitError, match="AutoencoderKL is not a supported DiT"):
+        export(ExportConfig(model_dir=tiny_dit_dir("sd3") / "vae", component="transformer", profile="tiny-256",
+                            out_dir=tmp_path / "x"))

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from trtkit.errors import TrtkitError
@@ -149,3 +151,65 @@ def test_check_against_model_inputs() -> None:
         check_against_inputs(shapes, {"sample": ("b", 4, "h")})
     with pytest.raises(TrtkitError, match="dimension 1 is fixed to 8"):
         check_against_inputs(shapes, {"sample": ("b", 8, "h", "w")})
+
+
+# --------------------------------------------------------------------------- DiT (trtkit/profiles_dit.py)
+
+def _flux(guidance: bool) -> object:
+    from trtkit.profiles_dit import DitDims
+
+    # FLUX.1-dev / -schnell transformer configs (in_channels 64 = 16 latent channels packed 2x2)
+    return DitDims.from_configs({"_class_name": "FluxTransformer2DModel", "in_channels": 64, "joint_attention_dim": 4096,
+                                 "pooled_projection_dim": 768, "guidance_embeds": guidance},
+                                {"block_out_channels": [128, 256, 512, 512]})
+
+
+SD35M = {"_class_name": "SD3Transformer2DModel", "in_channels": 16, "patch_size": 2, "joint_attention_dim": 4096,
+         "pooled_projection_dim": 2048}
+
+
+def test_flux_1024_shapes_from_config() -> None:
+    from trtkit.profiles_dit import shapes
+
+    s = shapes(get_profile("flux-1024"), "transformer", _flux(True))
+    assert {k: v.opt for k, v in s.items()} == {
+        "hidden_states": (1, 4096, 64), "encoder_hidden_states": (1, 512, 4096), "pooled_projections": (1, 768),
+        "timestep": (1,), "img_ids": (4096, 3), "txt_ids": (512, 3), "guidance": (1,)}
+    assert s["hidden_states"].max == (4, 4096, 64)  # images per prompt, no CFG doubling
+    schnell = shapes(get_profile("flux-1024"), "transformer", _flux(False))
+    assert "guidance" not in schnell and schnell["encoder_hidden_states"].opt == (1, 256, 4096)
+    assert shapes(get_profile("flux-1024"), "text_encoder_3", _flux(True))["input_ids"].opt == (1, 512)
+
+
+def test_flux_dyn_packed_tokens() -> None:
+    from trtkit.profiles_dit import shapes
+
+    s = shapes(get_profile("flux-dyn"), "transformer", _flux(True))
+    # (H/16)(W/16) packed latent tokens: 512 px -> 1024, 1536 px -> 9216
+    assert s["hidden_states"].min == (1, 1024, 64) and s["hidden_states"].max == (4, 9216, 64)
+    assert s["img_ids"].min == (1024, 3) and s["img_ids"].max == (9216, 3)
+
+
+def test_sd3_1024_cfg_and_joint_tokens() -> None:
+    from trtkit.profiles_dit import DitDims, shapes
+
+    d = DitDims.from_configs(SD35M, {"block_out_channels": [128, 256, 512, 512]})
+    s = shapes(get_profile("sd3-1024"), "transformer", d)
+    assert {k: v.opt for k, v in s.items()} == {
+        "hidden_states": (2, 16, 128, 128), "encoder_hidden_states": (2, 77 + 256, 4096),
+        "pooled_projections": (2, 2048), "timestep": (2,)}
+    assert s["hidden_states"].max[0] == 8
+    assert shapes(get_profile("sd3-1024"), "text_encoder_3", d)["input_ids"].opt == (2, 256)
+
+
+def test_dit_profile_errors() -> None:
+    from trtkit.profiles_dit import DitDims, shapes
+
+    with pytest.raises(TrtkitError, match="profile sd3-1024 is for SD3 models, but this is a FLUX transformer"):
+        shapes(get_profile("sd3-1024"), "transformer", _flux(True))
+    with pytest.raises(TrtkitError, match="takes its shapes from trtkit.profiles_dit"):
+        get_profile("flux-1024").shapes("transformer", ModelDims())
+    with pytest.raises(TrtkitError, match="not a multiple of 16 px"):
+        shapes(replace(get_profile("flux-1024"), resolution=(1000, 1000)), "transformer", _flux(True))
+    with pytest.raises(TrtkitError, match="UNet2DConditionModel is not a supported DiT"):
+        DitDims.from_configs({"_class_name": "UNet2DConditionModel"})

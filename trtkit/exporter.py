@@ -8,6 +8,7 @@ that the attention pattern finder can quantize.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import tempfile
@@ -19,7 +20,7 @@ from typing import Any
 from trtkit._files import ONNX_PROTO_LIMIT, check_output, check_output_dir, made_dir, staged_onnx
 from trtkit._quiet import quiet_loading
 from trtkit.errors import TrtkitError
-from trtkit.profiles import COMPONENTS, InputShapes, ModelDims, apply_overrides, get_profile
+from trtkit.profiles import COMPONENTS, DIT_COMPONENTS, InputShapes, ModelDims, apply_overrides, get_profile
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ META_COMPONENT = "trtkit.component"
 META_SCOPE = "trtkit.scope"  # node-name prefix of the exported module ("/unet/")
 META_PROFILE = "trtkit.profile"
 META_SOURCE = "trtkit.source"
+META_DIT_DIMS = "trtkit.dit_dims"  # DiT sizes (trtkit/profiles_dit.py), so later stages rebuild the shapes
 
 OUTPUT_NAMES = {
     "unet": ["noise_pred"],
@@ -74,11 +76,16 @@ def load_component(model_dir: Path | str, component: str, dtype: Any = None) -> 
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    if component not in COMPONENTS:
-        raise TrtkitError(f"unknown component {component!r}; expected one of {', '.join(COMPONENTS)}")
+    if component not in (*COMPONENTS, *DIT_COMPONENTS):
+        raise TrtkitError(f"unknown component {component!r}; expected one of "
+                          f"{', '.join((*COMPONENTS, *DIT_COMPONENTS))}")
     root = Path(model_dir)
     if not _is_local(root) and ("/" not in str(model_dir) or str(model_dir).startswith((".", "/"))):
         raise TrtkitError(f"model folder {model_dir} does not exist")
+    if _is_dit(model_dir, component):
+        from trtkit import exporter_dit
+
+        return exporter_dit.load(model_dir, component, _is_t5(model_dir, component), dtype)
     dtype = dtype or torch.float32
     sub = {"unet": "unet", "vae_decoder": "vae", "text_encoder": "text_encoder",
            "text_encoder_2": "text_encoder_2"}[component]
@@ -105,6 +112,17 @@ def load_component(model_dir: Path | str, component: str, dtype: Any = None) -> 
 
 def model_dims(model_dir: Path | str) -> ModelDims:
     return ModelDims.from_folder(model_dir) if _is_local(model_dir) else ModelDims()
+
+
+def _is_t5(model_dir: Path | str, component: str) -> bool:
+    from trtkit.profiles_dit import is_t5
+
+    return component == "text_encoder_3" or (component.startswith("text_encoder") and is_t5(model_dir, component))
+
+
+def _is_dit(model_dir: Path | str, component: str) -> bool:
+    """Components whose shapes, wrapper and loading live in trtkit/exporter_dit.py and profiles_dit.py."""
+    return component in DIT_COMPONENTS or _is_t5(model_dir, component)
 
 
 # --------------------------------------------------------------------------- export wrappers
@@ -150,15 +168,18 @@ def _wrapper(component: str, module: Any, sdxl: bool) -> Any:
 
 
 def example_inputs(shapes: InputShapes, corner: str = "opt", seed: int = 0,
-                   vocab_size: int = 1000) -> dict[str, Any]:
-    """Seeded inputs at one corner of the profile (numpy, so onnxruntime and torch share them)."""
+                   vocab_size: int = 1000, fill: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Seeded inputs at one corner of the profile (numpy, so onnxruntime and torch share them).
+    `fill`: name -> f(dims, rng) for inputs that are not noise (a DiT's timestep convention, RoPE ids)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
     out: dict[str, Any] = {}
     for name, r in shapes.items():
         dims = getattr(r, corner)
-        if name == "input_ids":
+        if fill and name in fill:
+            out[name] = fill[name](dims, rng)
+        elif name == "input_ids":
             out[name] = rng.integers(0, vocab_size, size=dims).astype(np.int32)
         elif name == "timestep":
             out[name] = np.full(dims, 999.0 * 0.5, dtype=np.float32)
@@ -195,7 +216,15 @@ def _dynamic_axes(shapes: InputShapes, outputs: list[str], component: str) -> di
 def resolve_shapes(model_dir: Path | str, component: str, profile: str | None, shapes: str | None = None,
                    min_shapes: str | None = None, opt_shapes: str | None = None,
                    max_shapes: str | None = None) -> InputShapes:
-    base = get_profile(profile).shapes(component, model_dims(model_dir)) if profile else None
+    base: InputShapes | None
+    if profile and _is_dit(model_dir, component):
+        from trtkit.profiles_dit import DitDims
+        from trtkit.profiles_dit import shapes as dit_shapes
+
+        dims = DitDims.from_folder(model_dir)
+        base = dit_shapes(get_profile(profile), "text_encoder_3" if _is_t5(model_dir, component) else component, dims)
+    else:
+        base = get_profile(profile).shapes(component, model_dims(model_dir)) if profile else None
     return apply_overrides(base, shapes=shapes, min_shapes=min_shapes, opt_shapes=opt_shapes,
                            max_shapes=max_shapes)
 
@@ -233,31 +262,59 @@ def export(config: ExportConfig, progress: Any = None) -> ExportResult:
                               f"its inputs are: {', '.join(sorted(expected))}")
         shapes = {k: shapes[k] for k in ("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids")
                   if k in shapes}
-    wrapper, scope = _wrapper(config.component, module, sdxl)
+    meta: dict[str, str] = {}
+    fill = None
+    traced: Any = contextlib.nullcontext()
+    fold = True
+    if _is_dit(config.model_dir, config.component):
+        from trtkit import exporter_dit
+        from trtkit.profiles_dit import DitDims, sample_values
+
+        t5 = _is_t5(config.model_dir, config.component)
+        outputs = exporter_dit.OUTPUT_NAMES["t5" if t5 else "transformer"]
+        wrapper, scope = exporter_dit.wrapper(module, t5, shapes)
+        axes = exporter_dit.dynamic_axes(shapes, outputs, t5)
+        dims = DitDims.from_folder(config.model_dir)
+        meta[META_DIT_DIMS] = dims.to_json()  # the T5's too: its token count for the build's presets
+        if not t5:
+            fill = sample_values(get_profile(config.profile), dims) if config.profile else None
+            traced = contextlib.ExitStack()
+            traced.enter_context(exporter_dit.float32_rope(module))
+            traced.enter_context(exporter_dit.traceable_rms_norm())
+            fold = False  # see exporter_dit.fold_weight_transposes
+    else:
+        outputs = OUTPUT_NAMES[config.component]
+        wrapper, scope = _wrapper(config.component, module, sdxl)
+        axes = _dynamic_axes(shapes, outputs, config.component)
+    # eval: torch.onnx.export restores the wrapper's own mode afterwards, and a fresh nn.Module is in
+    # training mode, which would turn on the dropout of the check's torch reference (T5: 0.1)
+    wrapper.eval()
     n_params = sum(p.numel() for p in module.parameters())
     n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     use_external = config.external_data if config.external_data is not None else n_bytes > ONNX_PROTO_LIMIT
-    outputs = OUTPUT_NAMES[config.component]
     vocab = getattr(getattr(module, "config", None), "vocab_size", 1000)
-    feeds = example_inputs(shapes, "opt", config.seed, vocab)
+    feeds = example_inputs(shapes, "opt", config.seed, vocab, fill)
     args = tuple(torch.from_numpy(v) for v in feeds.values())
 
     with made_dir(out_dir), tempfile.TemporaryDirectory(prefix=".export-", dir=out_dir) as tmpd:
         tmp = Path(tmpd) / "raw.onnx"
         step(f"exporting {config.component} ({n_params / 1e6:.1f} M parameters)")
         try:
-            with quiet_loading(), torch.no_grad():
+            with quiet_loading(), torch.no_grad(), traced:
                 torch.onnx.export(wrapper, args, str(tmp), dynamo=False, opset_version=config.opset,
-                                  input_names=list(shapes), output_names=outputs,
-                                  dynamic_axes=_dynamic_axes(shapes, outputs, config.component),
-                                  do_constant_folding=True)
+                                  input_names=list(shapes), output_names=outputs, dynamic_axes=axes,
+                                  do_constant_folding=fold)
         except Exception as e:  # the exporter's own errors are long; keep the first line
             raise TrtkitError(f"ONNX export of {config.component} failed: {str(e).splitlines()[0]}") from e
 
         step("shape inference")
         model = onnx.load(str(tmp))
+        if not fold:
+            from trtkit.exporter_dit import fold_weight_transposes
+
+            fold_weight_transposes(model)
         _set_meta(model, {META_COMPONENT: config.component, META_SCOPE: f"/{scope}/",
-                          META_PROFILE: config.profile or "", META_SOURCE: str(config.model_dir)})
+                          META_PROFILE: config.profile or "", META_SOURCE: str(config.model_dir), **meta})
         result = ExportResult(path=dest, component=config.component, inputs=shapes,
                               external_data=(dest.parent / f"{dest.name}.data") if use_external else None,
                               seconds=0.0, num_params=n_params)

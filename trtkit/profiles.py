@@ -18,6 +18,7 @@ from trtkit.errors import TrtkitError
 
 Dims = tuple[int, ...]
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae_decoder")
+DIT_COMPONENTS = ("transformer", "text_encoder_3")  # shapes in trtkit/profiles_dit.py
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,13 @@ _TABLE: tuple[dict, ...] = (
     dict(name="sdxl-turbo-512", resolution=(512, 512), guidance=False,
          description="SDXL-Turbo, 512x512, no guidance (1 to 4 steps)"),
     dict(name="tiny-256", resolution=(256, 256), description="256x256, for test-size models and smoke runs"),
+    # DiT profiles: the family checks the transformer; T5 tokens and guidance inputs come from its config.
+    dict(name="flux-1024", resolution=(1024, 1024), guidance=False, family="flux",
+         description="FLUX.1, 1024x1024, no CFG (dev: guidance embedding; 512 T5 tokens, schnell 256)"),
+    dict(name="flux-dyn", resolution=(1024, 1024), resolution_range=((512, 512), (1536, 1536)), guidance=False,
+         family="flux", description="FLUX.1, 512 to 1536 px, opt 1024, no CFG"),
+    dict(name="sd3-1024", resolution=(1024, 1024), family="sd3",
+         description="SD3/SD3.5, 1024x1024, CFG (batch 2), 77 CLIP + 256 T5 tokens"),
 )
 
 
@@ -77,6 +85,8 @@ class Profile:
     batch: tuple[int, int, int] = (1, 1, 4)  # images per prompt: min, opt, max
     tokens: int = 77
     guidance: bool = True  # classifier-free guidance: uncond + cond in one UNet batch
+    family: str | None = None  # "flux" | "sd3": a DiT profile, checked against the transformer's class
+    t5_tokens: int | None = None  # None: from the model's config (trtkit/profiles_dit.py)
 
     @property
     def static(self) -> bool:
@@ -105,6 +115,8 @@ class Profile:
 
     def shapes(self, component: str, dims: ModelDims) -> InputShapes:
         """min/opt/max shapes for every input of `component` of a model with `dims`."""
+        if component in DIT_COMPONENTS:
+            raise TrtkitError(f"component {component!r} takes its shapes from trtkit.profiles_dit.shapes")
         if component not in COMPONENTS:
             raise TrtkitError(f"unknown component {component!r}; expected one of {', '.join(COMPONENTS)}")
         hw = self._hw()
@@ -140,7 +152,8 @@ class Profile:
         (h0, w0), (h1, w1), (h2, w2) = self._hw()
         res = f"{h1}x{w1}" if self.resolution_range is None else f"{h0}x{w0}..{h2}x{w2} (opt {h1}x{w1})"
         lo, opt, hi = self.batch
-        return f"{res}, images {lo}..{hi} (opt {opt}), {self.tokens} tokens, guidance {'on' if self.guidance else 'off'}"
+        tokens = f"{self.tokens} tokens" if self.family is None else "tokens from the model"
+        return f"{res}, images {lo}..{hi} (opt {opt}), {tokens}, guidance {'on' if self.guidance else 'off'}"
 
 
 PROFILES: dict[str, Profile] = {row["name"]: Profile(**row) for row in _TABLE}

@@ -42,6 +42,20 @@ def test_quantize_cli_errors(tmp_path: Path, tiny_unet_onnx: Path) -> None:
     assert not out.exists()
 
 
+def test_quantize_cli_pattern_matching_nothing(tmp_path: Path, tiny_unet_onnx: Path) -> None:
+    """Newcomer trial (issue 13): `--exclude atn1` (a typo of attn1) matched nothing and said nothing, so
+    the attention projections meant to stay FP16 were quantized. Now one line, before any work."""
+    out = tmp_path / "q.onnx"
+    for args, needle in ((["--exclude", "atn1"], "--exclude 'atn1' matches no quantizable module; did you mean 'attn1'?"),
+                         (["--exclude", "nomatch*", "--include", "conv_in"], "--exclude 'nomatch*' matches no"),
+                         (["--include", "down_blocks.9*"], "--include 'down_blocks.9*' matches no")):
+        p = run_cli("quantize", str(tiny_unet_onnx), "--int8", *args, "-o", str(out))
+        assert p.returncode == 2, p.stdout
+        errs = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+        assert len(errs) == 1 and needle in errs[0] and "Traceback" not in p.stderr, p.stderr
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
 def test_demo_stage(tmp_path: Path, tiny_unet_onnx: Path) -> None:
     from trtkit.demo import DemoConfig, DemoState
     from trtkit.graph.demo_stage import demo_stage

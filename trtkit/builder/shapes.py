@@ -69,7 +69,14 @@ def resolve_profiles(config: BuildConfig, source: OnnxSource) -> tuple[list[Prof
             prof = get_profile(name)
             if config.static:
                 prof = prof.with_static()
-            base = prof.shapes(source.component, dims)
+            if "trtkit.dit_dims" in source.metadata:  # a FLUX / SD3 transformer: its sizes from its export
+                from trtkit.profiles_dit import DitDims
+                from trtkit.profiles_dit import shapes as dit_shapes
+
+                comp = "transformer" if source.component == "transformer" else "text_encoder_3"  # or a T5
+                base = dit_shapes(prof, comp, DitDims.from_json(source.metadata["trtkit.dit_dims"]))
+            else:
+                base = prof.shapes(source.component, dims)
             out.append(ProfileShapes(name, apply_overrides(base, **overrides)))
     elif any(overrides.values()):
         out.append(ProfileShapes("shapes", apply_overrides(None, **overrides)))

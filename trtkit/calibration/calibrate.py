@@ -246,6 +246,10 @@ def calibrate(cfg: CalibrateConfig, progress: Callable[[int, int, str], None] | 
     model_dir = Path(cfg.model_dir)
     if not (model_dir / "model_index.json").is_file():
         raise TrtkitError(f"{model_dir} is not a diffusers pipeline folder (no model_index.json)")
+    index = json.loads((model_dir / "model_index.json").read_text())
+    if "unet" not in index and "transformer" in index:  # the DiT taps exist (hooks_dit.py), the loop not yet
+        raise TrtkitError(f"{model_dir} is a {index.get('_class_name', 'DiT')} pipeline; `trtkit calibrate` runs "
+                          "UNet pipelines only for now (quantize a DiT without --calib: max over a sample run)")
     out = check_output(cfg.out, default_name="calib.json", what="calibration file",
                        inputs=[*pipeline_files(model_dir), cfg.prompts],
                        sidecars=lambda o: [o.with_suffix(".safetensors"), partial_path(o)])

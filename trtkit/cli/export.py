@@ -46,7 +46,8 @@ def register(app: typer.Typer) -> None:
     @app.command("export")
     def export(
         model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help="A diffusers pipeline folder (or a hub id where a network exists)."),
-        component: str = typer.Option("unet", "--component", "-c", help="unet, vae_decoder, text_encoder or text_encoder_2."),
+        component: str = typer.Option("unet", "--component", "-c", help="unet, vae_decoder, text_encoder, text_encoder_2 (CLIP; "
+                                       "T5 in a FLUX folder), transformer (FLUX.1 / SD3.x) or text_encoder_3 (SD3's T5)."),
         profile: str = typer.Option("sdxl-1024", "--profile", "-p", help="Shape profile (see `trtkit profiles`)."),
         shapes: str = typer.Option(None, "--shapes", help="trtexec-style overrides, e.g. sample:2x4x128x128."),
         out_dir: Path = typer.Option(Path("onnx"), "--output", "-o", help="Output folder."),

@@ -56,7 +56,8 @@ class CoverageReport:
 
     def blocks(self) -> list[str]:
         def key(b: str) -> tuple[bool, str, int, int]:
-            order = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+            order = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2,
+                     "embedders": 0, "joint blocks": 1, "single blocks": 2, "final layer": 3}  # DiT kinds
             parts = b.split(".")
             num = parts[-1] if parts[-1].isdigit() else ""
             head = parts[-2] if num else parts[-1]
@@ -107,6 +108,9 @@ def coverage(onnx_path: Path | str) -> CoverageReport:
         graph = gs.import_onnx(model)
     m = patterns.find(graph, patterns.scope_of(meta))
     report.notes.extend(m.notes)
+    from trtkit.graph import patterns_dit
+
+    block_of = patterns_dit.block_kind if patterns_dit.is_dit(meta) else patterns.block_of  # DiT: per block kind
     has_qdq = any(n.op in ("QuantizeLinear", "DequantizeLinear") for n in graph.nodes)
 
     def why(module: str, fallback: str) -> str:
@@ -125,7 +129,7 @@ def coverage(onnx_path: Path | str) -> CoverageReport:
             q, t, r = False, None, f"weight-only {w.weight_type} (activation not quantized)"
         else:
             q, t, r = False, None, why(w.module, none_reason)
-        report.items.append(CoverageItem(w.module, w.kind, patterns.block_of(w.module), q, t, r))
+        report.items.append(CoverageItem(w.module, w.kind, block_of(w.module), q, t, r))
     for a in m.attention:
         roles = a.quantized
         if len(roles) == 4 and len(set(roles.values())) == 1:
@@ -134,7 +138,7 @@ def coverage(onnx_path: Path | str) -> CoverageReport:
             q, t, r = False, None, f"only {', '.join(sorted(roles))} quantized (TensorRT fuses all four)"
         else:
             q, t, r = False, None, why(a.module, none_reason)
-        report.items.append(CoverageItem(a.module, "attention", patterns.block_of(a.module), q, t, r))
+        report.items.append(CoverageItem(a.module, "attention", block_of(a.module), q, t, r))
     if report.nothing_matched:
         report.notes.append("nothing matched: no linear, conv or attention pattern in this graph")
     return report

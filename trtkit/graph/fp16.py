@@ -8,6 +8,8 @@ not know about.
 FP32 islands by default:
 * `InstanceNormalization` (diffusers' GroupNorm): ONNX gives it no FP32 accumulation attribute
   (LayerNormalization has `stash_type=1`, so it stays FP16 safely);
+* the q/k RMSNorms of DiT attention (`norm_q`, `norm_k`, `norm_added_q`, `norm_added_k`), exported as
+  Pow/ReduceMean/Sqrt: the squares overflow FP16 past |x| = 256 (TensorRT warns of it);
 * the sinusoidal timestep / time-id embeddings (`time_proj`, `add_time_proj`, Sin/Cos): timesteps up to
   1000 and time ids of 1024 lose their fractional part in FP16, as diffusers keeps them FP32 too;
 * whatever the caller names (the Q/DQ pass keeps 8-bit attention cores FP32: TensorRT has FP32
@@ -27,14 +29,17 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from trtkit.errors import TrtkitError
+from trtkit.graph.onnx_io import load_onnx, set_meta, write_model
+from trtkit.graph.patterns import quiet_gs
+from trtkit.graph.scales import FP16_MIN_NORMAL
 
 log = logging.getLogger(__name__)
 
 DEFAULT_KEEP_FP32_OPS = ("InstanceNormalization", "Sin", "Cos")
-FP32_SCOPES = ("time_proj", "add_time_proj")
+# the DiTs' q/k RMSNorms (FLUX, SD3.5) export as Pow/ReduceMean/Sqrt: in FP16, x^2 overflows past |x| = 256
+FP32_SCOPES = ("time_proj", "add_time_proj", "norm_q", "norm_k", "norm_added_q", "norm_added_k")
 FP32_ONLY_INPUTS = {("Resize", 1), ("Resize", 2)}
 SCALE_INPUTS = {("QuantizeLinear", 1), ("DequantizeLinear", 1)}
-FP16_MIN_NORMAL = 2.0**-14
 F32, F16 = np.dtype(np.float32), np.dtype(np.float16)
 
 
@@ -186,8 +191,7 @@ def to_fp16(graph: gs.Graph, keep_fp32_nodes: Iterable[str] = (), keep_fp32_ops:
 def convert_fp16(onnx_path: Path | str, output: Path | str, *, io_dtype: str = "float32",
                  keep_fp32_ops: Iterable[str] = DEFAULT_KEEP_FP32_OPS, keep_fp32_nodes: Iterable[str] = ()) -> Path:
     """FP32 ONNX (with or without Q/DQ) -> strongly typed FP16 ONNX at `output`."""
-    from trtkit._files import check_output, load_onnx
-    from trtkit.graph.qdq import write_model
+    from trtkit._files import check_output
 
     src = Path(onnx_path)
     dest = check_output(output, default_name=f"{src.stem}.fp16.onnx", what="output ONNX",
@@ -201,8 +205,6 @@ def convert_fp16(onnx_path: Path | str, output: Path | str, *, io_dtype: str = "
     if not model.graph.value_info:  # the pass needs every tensor's type
         model = onnx.shape_inference.infer_shapes(model)
     meta = {p.key: p.value for p in model.metadata_props}
-    from trtkit.graph.patterns import quiet_gs
-
     with quiet_gs():
         graph = gs.import_onnx(model)
         del model
@@ -211,10 +213,8 @@ def convert_fp16(onnx_path: Path | str, output: Path | str, *, io_dtype: str = "
         graph.cleanup().toposort()
         out = gs.export_onnx(graph)
         del graph
-    from trtkit.graph.qdq import _set_meta
-
     meta["trtkit.fp16"] = stats.summary()
-    _set_meta(out, meta)
+    set_meta(out, meta)
     holder = [out]
     del out
     return write_model(holder, dest)
