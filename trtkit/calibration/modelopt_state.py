@@ -20,6 +20,8 @@ Mapping (module names are the diffusers names, the keys of trtkit.calibfile):
 | `<attn>.softmax_quantizer`            | `<attn>.softmax`        |
 
 Weight ranges are not carried over: the Q/DQ pass takes weight scales from the weights themselves.
+Input quantizers of modules without a weight quantizer (ModelOpt's `*input_quantizer` pattern also
+catches LayerNorm inputs) are left out: trtkit quantizes the inputs of weighted ops only.
 Where the properties are known, disabled quantizers are left out (their buffers survive a disable).
 The precision is `_num_bits` (8 -> int8, (4, 3) -> fp8). A per-channel activation range (axis set) has
 no per-tensor equivalent and is an error rather than a silent max.
@@ -88,8 +90,9 @@ def parse(doc: Any) -> ModeloptState:
         ranges = doc
     for key, value in ranges.items():
         if isinstance(value, dict):  # get_quantizer_state_dict(): {"<module>.<quantizer>": {"_amax": t}}
+            q = st.quantizers.setdefault(key, QuantizerState())
             if "_amax" in value:
-                st.quantizers.setdefault(key, QuantizerState()).amax = _np(value["_amax"])
+                q.amax = _np(value["_amax"])
         elif isinstance(key, str) and key.endswith("._amax"):
             st.quantizers.setdefault(key[: -len("._amax")], QuantizerState()).amax = _np(value)
     if not any(q.amax is not None for q in st.quantizers.values()):
@@ -131,10 +134,16 @@ def to_calibration(st: ModeloptState, precision: str | None = None, source: str 
     """The trtkit calibration equivalent to ModelOpt's activation ranges."""
     acts: dict[str, float] = {}
     kinds: set[str] = set()
-    skipped = 0
+    skipped = not_weighted = 0
+    # ModelOpt's `*input_quantizer` also matches LayerNorm (QuantLayerNorm) inputs; trtkit quantizes the
+    # inputs of weighted ops only, which are the modules that have a weight_quantizer too.
+    weighted = {n.rpartition(".")[0] for n in st.quantizers if n.endswith(".weight_quantizer")}
     for name, q in sorted(st.quantizers.items()):
         module, _, qname = name.rpartition(".")
         if qname == _INPUT:
+            if weighted and module not in weighted:
+                not_weighted += q.enabled and q.amax is not None
+                continue
             key = module
         elif qname in _ATTN:
             key = f"{module}.{_ATTN[qname]}"
@@ -164,7 +173,7 @@ def to_calibration(st: ModeloptState, precision: str | None = None, source: str 
         raise TrtkitError(f"the state's activation quantizers are {found}, not {precision}")
     prec = precision or found or "int8"
     settings = {"method": "modelopt", "modelopt_version": st.version, "disabled_quantizers_left_out": skipped,
-                "properties_known": st.has_properties}
+                "unweighted_inputs_left_out": not_weighted, "properties_known": st.has_properties}
     return calibfile.Calibration(precision=prec, activations=acts, model={"source": source},
                                  run={}, settings=settings)
 

@@ -80,3 +80,41 @@ def is_modelopt_form(graph: gs.Graph) -> bool:
         if n.op in Q_OPS and _constant(n.inputs[0]) is not None:
             return True
     return False
+
+
+def to_native(model) -> int:  # type: ignore[no-untyped-def]
+    """Make ModelOpt's FP8 Q/DQ plain ONNX in place (onnxruntime runs it; TensorRT parses both forms):
+    its FP8 exporter renames `TRT_FP8QuantizeLinear` to `QuantizeLinear` but leaves the node in the
+    `trt` domain and the uint8 type of the custom op on its output; a raw export keeps the custom op,
+    whose FP8 type then comes from a zero point added here. Returns how many nodes changed."""
+    import onnx
+    from onnx import helper
+
+    changed = 0
+    zp_name = "trtkit_fp8_zero_point"
+    need_zp = False
+    stale: set[str] = set()
+    for n in model.graph.node:
+        if n.op_type in ("TRT_FP8QuantizeLinear", "TRT_FP8DequantizeLinear"):
+            n.op_type = n.op_type.replace("TRT_FP8", "")
+            n.domain = ""
+            if n.op_type == "QuantizeLinear" and len(n.input) < 3:
+                n.input.append(zp_name)
+                need_zp = True
+        elif n.domain == "trt" and n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            n.domain = ""
+        else:
+            continue
+        changed += 1
+        if n.op_type == "QuantizeLinear":
+            stale.update(n.output)
+    if need_zp:
+        model.graph.initializer.append(helper.make_tensor(zp_name, onnx.TensorProto.FLOAT8E4M3FN, (), [0.0]))
+    keep = [v for v in model.graph.value_info if v.name not in stale]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(keep)
+    if changed:
+        for o in model.opset_import:
+            if o.domain in ("", "ai.onnx") and o.version < 19:
+                o.version = 19
+    return changed
