@@ -1,9 +1,9 @@
 """Strongly typed FP16: every float tensor FP16 except FP32 islands where precision needs it, with
 explicit Casts at the island borders (TensorRT 11 / TensorRT-RTX build only what the types say).
 
-Our own pass rather than nvidia-modelopt's AutoCast: modelopt is not installed here (and pulls torch),
-and the pass must place Q/DQ scales in the type of the region that reads them, which AutoCast does
-not know about.
+Our own pass rather than nvidia-modelopt's AutoCast (`trtkit[modelopt]`; benchmarks/bench_fp16.py
+compares the two): the pass must place Q/DQ scales in the type of the region that reads them, which
+AutoCast does not know about, and it runs without torch.
 
 FP32 islands by default:
 * `InstanceNormalization` (diffusers' GroupNorm): ONNX gives it no FP32 accumulation attribute
