@@ -27,6 +27,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from trtkit.errors import TrtkitError
+from trtkit.graph.external import Streamer, has_external
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,9 @@ def _in_fp32_scope(name: str) -> bool:
 
 
 def to_fp16(graph: gs.Graph, keep_fp32_nodes: Iterable[str] = (), keep_fp32_ops: Iterable[str] = DEFAULT_KEEP_FP32_OPS,
-            io_dtype: str = "float32") -> Fp16Stats:
-    """Convert a graph in place. Float32 tensors become float16 unless read/written by an FP32 island."""
+            io_dtype: str = "float32", streamer: Streamer | None = None) -> Fp16Stats:
+    """Convert a graph in place. Float32 tensors become float16 unless read/written by an FP32 island.
+    With a `streamer`, external FP32 weights become FP16 stand-ins converted when the output is written."""
     if io_dtype not in ("float32", "float16"):
         raise TrtkitError(f"io_dtype {io_dtype!r} is not float32 or float16")
     keep_nodes, keep_ops = set(keep_fp32_nodes), set(keep_fp32_ops)
@@ -126,6 +128,10 @@ def to_fp16(graph: gs.Graph, keep_fp32_nodes: Iterable[str] = (), keep_fp32_ops:
 
     def const_as(c: gs.Constant, dt: np.dtype, scale: bool) -> gs.Constant:
         key = (c.name, dt.name)
+        if key not in consts and streamer is not None and dt == F16 and not scale:
+            stub = streamer.fp16(c)
+            if stub is not None:
+                consts[key] = stub
         if key not in consts:
             v = np.asarray(c.values)
             if scale and dt == F16:
@@ -192,7 +198,8 @@ def convert_fp16(onnx_path: Path | str, output: Path | str, *, io_dtype: str = "
     src, dest = Path(onnx_path), Path(output)
     if dest.resolve() == src.resolve():
         raise TrtkitError("the output must not overwrite the input ONNX")
-    model = load_onnx(src, external=True)
+    model = load_onnx(src, external=False)  # the structure; weights stay in the data file when there is one
+    streamer = Streamer(src.parent) if has_external(model) else None
     if not any(_elem(i) == onnx.TensorProto.FLOAT for i in (*model.graph.input, *model.graph.output,
                                                               *model.graph.value_info)) and \
             not any(t.data_type == onnx.TensorProto.FLOAT for t in model.graph.initializer):
@@ -205,7 +212,8 @@ def convert_fp16(onnx_path: Path | str, output: Path | str, *, io_dtype: str = "
     with quiet_gs():
         graph = gs.import_onnx(model)
         del model
-        stats = to_fp16(graph, keep_fp32_nodes=keep_fp32_nodes, keep_fp32_ops=keep_fp32_ops, io_dtype=io_dtype)
+        stats = to_fp16(graph, keep_fp32_nodes=keep_fp32_nodes, keep_fp32_ops=keep_fp32_ops, io_dtype=io_dtype,
+                        streamer=streamer)
         log.info("fp16: %s", stats.summary())
         graph.cleanup().toposort()
         out = gs.export_onnx(graph)
@@ -214,6 +222,8 @@ def convert_fp16(onnx_path: Path | str, output: Path | str, *, io_dtype: str = "
 
     meta["trtkit.fp16"] = stats.summary()
     _set_meta(out, meta)
+    if streamer is not None:
+        return streamer.write(out, dest)
     holder = [out]
     del out
     return write_model(holder, dest)
