@@ -11,8 +11,8 @@ tensorrt_rtx imports, whether `trtkit build --backend rtx` builds the output (op
     python3 benchmarks/bench_fp16.py --size sd15 --out $OUT                     # the GPU machine
     python3 benchmarks/bench_fp16.py --size sdxl --out $OUT --no-build
 
-Writes `<out>/bench_fp16.<size>.json`; the work files (GBs for sdxl) go to --work (default: a
-temporary folder, removed at the end).
+Writes `<out>/bench_fp16.<size>.json` (`--tag` names it apart); the work files (GBs for sdxl) go to
+--work, where the FP32 export stays for the next call (default: a temporary folder, removed at the end).
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def export(size: str, work: Path, latent: int) -> tuple[Path, str]:
     return r.path, shapes
 
 
-def child(method: str, src: str, dest: str) -> None:
+def child(method: str, src: str, dest: str, calib: str) -> None:
     """One pass, in a process of its own so that its peak RSS is its own."""
     if method == "trtkit":
         from trtkit.graph.fp16 import convert_fp16
@@ -82,15 +82,18 @@ def child(method: str, src: str, dest: str) -> None:
     import onnx
     from modelopt.onnx.autocast import convert_to_mixed_precision
 
-    model = convert_to_mixed_precision(onnx_path=src, low_precision_type="fp16", keep_io_types=True)
+    # AutoCast runs the model in onnxruntime to find ranges; without data it draws the dynamic dims itself
+    # (and the UNet's skip Concats then disagree), so it gets inputs of the export's shapes.
+    model = convert_to_mixed_precision(onnx_path=src, low_precision_type="fp16", keep_io_types=True,
+                                       calibration_data=calib)
     big = model.ByteSize() > 2_000_000_000 if hasattr(model, "ByteSize") else True
     onnx.save(model, dest, save_as_external_data=big, all_tensors_to_one_file=True,
               location=Path(dest).name + ".data")
 
 
-def run_pass(method: str, src: Path, dest: Path) -> dict[str, Any]:
+def run_pass(method: str, src: Path, dest: Path, calib: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
-    p = subprocess.Popen([sys.executable, __file__, "--child", method, str(src), str(dest)],
+    p = subprocess.Popen([sys.executable, __file__, "--child", method, str(src), str(dest), str(calib)],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     _, status, usage = os.wait4(p.pid, 0)
     out = p.stdout.read() if p.stdout else ""
@@ -127,13 +130,15 @@ def rtx_build(path: Path, shapes: str, timeout: int) -> dict[str, Any]:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child(*sys.argv[2:5])
+        child(*sys.argv[2:6])
         return
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", choices=("tiny", "sd15", "sdxl"), default="tiny")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/bench-fp16")))
-    ap.add_argument("--work", type=Path, default=None, help="where the ONNX files go (default: a temp folder)")
+    ap.add_argument("--work", type=Path, default=None,
+                    help="where the ONNX files go and stay, an export there is reused (default: a temp folder)")
     ap.add_argument("--methods", default="trtkit,autocast")
+    ap.add_argument("--tag", default="", help="suffix of the JSON name")
     ap.add_argument("--build", action=argparse.BooleanOptionalAction, default=None,
                     help="build each output with TensorRT-RTX (default: when tensorrt_rtx imports)")
     ap.add_argument("--build-timeout", type=int, default=240)
@@ -150,7 +155,12 @@ def main() -> None:
                               "cpus": os.cpu_count()}
     try:
         t0 = time.perf_counter()
-        src, shapes = export(args.size, work, LATENT[args.size])
+        kept = work / "onnx" / "unet.onnx"
+        if args.work is not None and kept.is_file():  # an earlier call's export (--work keeps it)
+            src, shapes = kept, shapes_of(unet_config(args.size), LATENT[args.size])
+            report["export_reused"] = True
+        else:
+            src, shapes = export(args.size, work, LATENT[args.size])
         report["export_seconds"] = round(time.perf_counter() - t0, 1)
         report["onnx_bytes"] = sum(f.stat().st_size for f in src.parent.iterdir())
         report["export_peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
@@ -164,9 +174,12 @@ def main() -> None:
         from trtkit.exporter import run_onnxruntime
 
         ref = run_onnxruntime(src, feeds)[0]
+        calib = work / "calib.npz"  # AutoCast's range run: other inputs than the error check's
+        np.savez(calib, **{k: np.asarray(v, dtype=np.float32) for k, v in
+                           example_inputs(apply_overrides(None, shapes=shapes), "opt", seed=0).items()})
         for method in args.methods.split(","):
             dest = work / f"unet.{method}.onnx"
-            r = run_pass(method, src, dest)
+            r = run_pass(method, src, dest, calib)
             if r["ok"]:
                 r["ort_error"] = ort_error(dest, feeds, ref)
                 if build:
@@ -178,7 +191,7 @@ def main() -> None:
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
-    path = args.out / f"bench_fp16.{args.size}.json"
+    path = args.out / f"bench_fp16.{args.size}{args.tag}.json"
     path.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {path}")
 
