@@ -5,7 +5,8 @@ Per size it exports a UNet built from the published config with seeded random we
 at a small latent (the spatial size does not change the pass's work, only the error check's), then runs
 each pass in its own child process and reports wall time, peak RSS (the child's ru_maxrss), the
 onnxruntime error against the FP32 ONNX (max |out - ref| / max |ref|, CPU provider) and, where
-tensorrt_rtx imports, whether `trtkit build --backend rtx` builds the output (opt level 0).
+tensorrt_rtx imports, whether `trtkit build --backend rtx` builds the output (ahead of time for SM 8.9,
+opt level 0; RTX does not target Hopper, so the H200 machine builds for 8.9 like this one).
 
     python3 benchmarks/bench_fp16.py --size tiny --out /tmp/bench-fp16          # the check here
     python3 benchmarks/bench_fp16.py --size sd15 --out $OUT                     # the GPU machine
@@ -118,7 +119,7 @@ def rtx_build(path: Path, shapes: str, timeout: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     try:
         p = subprocess.run([sys.executable, "-m", "trtkit", "build", str(path), "--backend", "rtx", "--shapes",
-                            shapes, "--opt-level", "0", "-o", str(path.with_suffix(".plan"))],
+                            shapes, "--opt-level", "0", "--target-cc", "8.9", "-o", str(path.with_suffix(".plan"))],
                            capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"ok": False, "error": f"no result within {timeout} s"}
@@ -174,8 +175,11 @@ def main() -> None:
         from trtkit.exporter import run_onnxruntime
 
         ref = run_onnxruntime(src, feeds)[0]
-        calib = work / "calib.npz"  # AutoCast's range run: other inputs than the error check's
-        np.savez(calib, **{k: np.asarray(v, dtype=np.float32) for k, v in
+        # AutoCast's range run: other inputs than the error check's. A folder of .npz files is a list of
+        # whole batches to it; a single .npz would be split along the first axis.
+        calib = work / "calib"
+        calib.mkdir(exist_ok=True)
+        np.savez(calib / "batch0.npz", **{k: np.asarray(v, dtype=np.float32) for k, v in
                            example_inputs(apply_overrides(None, shapes=shapes), "opt", seed=0).items()})
         for method in args.methods.split(","):
             dest = work / f"unet.{method}.onnx"
