@@ -152,6 +152,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-fp16-", dir=os.environ.get("TMPDIR")))
     work.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"bench_fp16.{args.size}{args.tag}.json"
     report: dict[str, Any] = {"size": args.size, "latent": LATENT[args.size], "machine": os.uname().nodename,
                               "cpus": os.cpu_count()}
     try:
@@ -190,12 +191,12 @@ def main() -> None:
                     r["rtx_build"] = rtx_build(dest, shapes, args.build_timeout)
             report[method] = r
             print(method, json.dumps(r), flush=True)
+            path.write_text(json.dumps(report, indent=1) + "\n")  # each method as it ends: a timeout keeps it
             for f in work.glob(f"unet.{method}.*"):
                 f.unlink()
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
-    path = args.out / f"bench_fp16.{args.size}{args.tag}.json"
     path.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {path}")
 
