@@ -17,7 +17,8 @@ from trtkit.cli._common import (
 def register(app: typer.Typer) -> None:
     @app.command("calibrate")
     def calibrate(
-        model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help="A diffusers pipeline folder."),
+        model_dir: Path = typer.Argument(None, metavar="MODEL_DIR", help="A diffusers pipeline folder (optional with "
+                                         "--from/--to-modelopt: then only checked against)."),
         prompts: Path = typer.Option(None, "--prompts", help="Prompt file, one per line (default: the built-in one)."),
         num_prompts: int = typer.Option(32, "--num-prompts", help="How many prompts of the file to use."),
         steps: int = typer.Option(30, "--steps", help="Denoising steps per prompt batch (use your inference count)."),
@@ -39,8 +40,23 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed", help="Seed of the latents of each prompt batch."),
         device: str = typer.Option(None, "--device", help="cuda or cpu (default: cuda where there is one)."),
         out: Path = typer.Option(Path("calib.json"), "--output", "-o", help="Calibration file to write."),
+        from_modelopt: Path = typer.Option(None, "--from-modelopt", metavar="STATE",
+                                           help="Convert a ModelOpt checkpoint (mto.save, or a state dict with "
+                                                "*_quantizer._amax) into a calibration file; runs nothing."),
+        to_modelopt: Path = typer.Option(None, "--to-modelopt", metavar="CALIB",
+                                         help="Convert a calibration file into ModelOpt's quantizer state dict "
+                                              "(torch file, -o default modelopt_amax.pt); runs nothing."),
     ) -> None:
         """Calibrate a pipeline's UNet for INT8/FP8: per-step ranges, Percentile Quant, SmoothQuant."""
+        if from_modelopt is not None or to_modelopt is not None:
+            from trtkit.cli._modelopt import convert
+
+            convert(from_modelopt, to_modelopt, model_dir, out, "fp8" if fp8 else "int8" if int8 else None)
+            return
+        if model_dir is None:
+            from trtkit.errors import TrtkitError
+
+            raise TrtkitError("give the diffusers pipeline folder to calibrate (MODEL_DIR)")
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         from trtkit.calibration.calibrate import CalibrateConfig, Recipe

@@ -1,9 +1,9 @@
 """Strongly typed FP16: every float tensor FP16 except FP32 islands where precision needs it, with
 explicit Casts at the island borders (TensorRT 11 / TensorRT-RTX build only what the types say).
 
-Our own pass rather than nvidia-modelopt's AutoCast: modelopt is not installed here (and pulls torch),
-and the pass must place Q/DQ scales in the type of the region that reads them, which AutoCast does
-not know about.
+Our own pass rather than nvidia-modelopt's AutoCast (`trtkit[modelopt]`; benchmarks/bench_fp16.py
+compares the two): the pass must place Q/DQ scales in the type of the region that reads them, which
+AutoCast does not know about, and it runs without torch.
 
 FP32 islands by default:
 * `InstanceNormalization` (diffusers' GroupNorm): ONNX gives it no FP32 accumulation attribute
@@ -29,7 +29,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from trtkit.errors import TrtkitError
-from trtkit.graph.onnx_io import load_onnx, set_meta, write_model
+from trtkit.graph.external import Streamer
+from trtkit.graph.onnx_io import has_external, load_onnx, set_meta, write_model
 from trtkit.graph.patterns import quiet_gs
 from trtkit.graph.scales import FP16_MIN_NORMAL
 
@@ -65,8 +66,9 @@ def _in_fp32_scope(name: str) -> bool:
 
 
 def to_fp16(graph: gs.Graph, keep_fp32_nodes: Iterable[str] = (), keep_fp32_ops: Iterable[str] = DEFAULT_KEEP_FP32_OPS,
-            io_dtype: str = "float32") -> Fp16Stats:
-    """Convert a graph in place. Float32 tensors become float16 unless read/written by an FP32 island."""
+            io_dtype: str = "float32", streamer: Streamer | None = None) -> Fp16Stats:
+    """Convert a graph in place. Float32 tensors become float16 unless read/written by an FP32 island.
+    With a `streamer`, external FP32 weights become FP16 stand-ins converted when the output is written."""
     if io_dtype not in ("float32", "float16"):
         raise TrtkitError(f"io_dtype {io_dtype!r} is not float32 or float16")
     keep_nodes, keep_ops = set(keep_fp32_nodes), set(keep_fp32_ops)
@@ -131,6 +133,10 @@ def to_fp16(graph: gs.Graph, keep_fp32_nodes: Iterable[str] = (), keep_fp32_ops:
 
     def const_as(c: gs.Constant, dt: np.dtype, scale: bool) -> gs.Constant:
         key = (c.name, dt.name)
+        if key not in consts and streamer is not None and dt == F16 and not scale:
+            stub = streamer.fp16(c)
+            if stub is not None:
+                consts[key] = stub
         if key not in consts:
             v = np.asarray(c.values)
             if scale and dt == F16:
@@ -197,7 +203,8 @@ def convert_fp16(onnx_path: Path | str, output: Path | str, *, io_dtype: str = "
     dest = check_output(output, default_name=f"{src.stem}.fp16.onnx", what="output ONNX",
                         inputs=[src, src.parent / (src.name + ".data")],
                         sidecars=lambda o: [o.parent / (o.name + ".data")])
-    model = load_onnx(src, external=True)
+    model = load_onnx(src, external=False)  # the structure; weights stay in the data file when there is one
+    streamer = Streamer(src.parent) if has_external(model) else None
     if not any(_elem(i) == onnx.TensorProto.FLOAT for i in (*model.graph.input, *model.graph.output,
                                                               *model.graph.value_info)) and \
             not any(t.data_type == onnx.TensorProto.FLOAT for t in model.graph.initializer):
@@ -208,13 +215,16 @@ def convert_fp16(onnx_path: Path | str, output: Path | str, *, io_dtype: str = "
     with quiet_gs():
         graph = gs.import_onnx(model)
         del model
-        stats = to_fp16(graph, keep_fp32_nodes=keep_fp32_nodes, keep_fp32_ops=keep_fp32_ops, io_dtype=io_dtype)
+        stats = to_fp16(graph, keep_fp32_nodes=keep_fp32_nodes, keep_fp32_ops=keep_fp32_ops, io_dtype=io_dtype,
+                        streamer=streamer)
         log.info("fp16: %s", stats.summary())
         graph.cleanup().toposort()
         out = gs.export_onnx(graph)
         del graph
     meta["trtkit.fp16"] = stats.summary()
     set_meta(out, meta)
+    if streamer is not None:
+        return streamer.write(out, dest)
     holder = [out]
     del out
     return write_model(holder, dest)

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from trtkit.graph import modelopt_form
+
 # Top-level module names of diffusers UNets/VAEs/text encoders: where a module path starts when the
 # scope prefix is unknown.
 KNOWN_ROOTS = ("conv_in", "time_proj", "time_embedding", "add_time_proj", "add_embedding", "down_blocks",
@@ -136,15 +138,18 @@ def producer(t: gs.Tensor) -> gs.Node | None:
 
 def _qtype_of_dq(dq: gs.Node) -> str | None:
     """The 8-bit type a DequantizeLinear reads: from its zero point or its input's dtype."""
+    if dq.op.startswith("TRT_FP8"):  # ModelOpt's FP8 custom op (uint8 on the wire)
+        return "fp8"
     cands = [dq.inputs[2]] if len(dq.inputs) > 2 and dq.inputs[2] is not None else []
+    q = producer(dq.inputs[0])
+    if q is not None and q.op == "QuantizeLinear" and len(q.inputs) > 2:
+        # before the wire dtype: ModelOpt's FP8 exporter leaves a stale uint8 value_info there
+        cands.append(q.inputs[2])
     cands.append(dq.inputs[0])
     for t in cands:
         name = _dtype_name(t)
         if name:
             return name
-    q = producer(dq.inputs[0])
-    if q is not None and q.op == "QuantizeLinear" and len(q.inputs) > 2:
-        return _dtype_name(q.inputs[2])
     return None
 
 
@@ -192,13 +197,19 @@ def _const_weight(t: gs.Tensor) -> tuple[gs.Constant | None, str | None]:
         return p.inputs[0], None
     if p.op == "Constant" and "value" in p.attrs:  # not folded by the exporter
         return p.outputs[0] if isinstance(p.outputs[0], gs.Constant) else None, None
+    hit = modelopt_form.weight_dq(t)  # ModelOpt's export: float weight -> Q -> DQ [-> Transpose]
+    if hit is not None:
+        return hit.const, _qtype_of_dq(hit.dq)
     return None, None
 
 
 def _activation(t: gs.Tensor) -> tuple[str, str | None]:
     """(tensor name, 8-bit type) of an op's activation input, looking through a Q -> DQ pair."""
     p = producer(t)
-    if p is not None and p.op == "DequantizeLinear" and not isinstance(p.inputs[0], gs.Constant):
+    if p is not None and p.op == "Cast":  # ModelOpt's FP8 MHA: DQ -> Cast(FP32) -> BMM
+        before = producer(p.inputs[0])
+        p = before if before is not None and before.op in modelopt_form.DQ_OPS else p
+    if p is not None and p.op in modelopt_form.DQ_OPS and not isinstance(p.inputs[0], gs.Constant):
         return t.name, _qtype_of_dq(p)
     return t.name, None
 
@@ -333,7 +344,7 @@ def _attention(softmax: gs.Node, namer: _Namer) -> AttentionMatch | None:
             for c in x.outputs:
                 if c.op == "MatMul" and c.inputs[0] is x:
                     bmm2 = c
-                elif c.op in ("Cast", "QuantizeLinear", "DequantizeLinear"):
+                elif c.op in ("Cast", *modelopt_form.Q_OPS, *modelopt_form.DQ_OPS):
                     nxt.append(c.outputs[0])
         if bmm2 is not None or not nxt:
             break
@@ -348,10 +359,11 @@ def _attention(softmax: gs.Node, namer: _Namer) -> AttentionMatch | None:
         if qt:
             quantized[role] = qt
     # The logical q/k tensors (before any inserted Q/DQ) and the scale Muls of the SDPA export.
-    q_t, _ = _through(bmm1.inputs[0], ("DequantizeLinear", "QuantizeLinear", "Cast"))
-    k_t, _ = _through(bmm1.inputs[1], ("DequantizeLinear", "QuantizeLinear", "Cast"))
-    v_t, _ = _through(bmm2.inputs[1], ("DequantizeLinear", "QuantizeLinear", "Cast"))
-    p_t, _ = _through(bmm2.inputs[0], ("DequantizeLinear", "QuantizeLinear", "Cast"))
+    qdq = (*modelopt_form.DQ_OPS, *modelopt_form.Q_OPS, "Cast")
+    q_t, _ = _through(bmm1.inputs[0], qdq)
+    k_t, _ = _through(bmm1.inputs[1], qdq)
+    v_t, _ = _through(bmm2.inputs[1], qdq)
+    p_t, _ = _through(bmm2.inputs[0], qdq)
     q_mul = producer(q_t)
     k_mul = producer(k_t)
     head = _shape_last(q_t) or _head_from_reshape(q_t)
