@@ -125,3 +125,48 @@ def test_unmappable_keys_fail_in_one_line(tmp_path: Path, tiny_unet_onnx: Path) 
     with pytest.raises(TrtkitError, match="text encoder"):
         read_adapter(tmp_path / "z.safetensors")
     assert read_adapter(tmp_path / "z.safetensors", text_encoder="skip").skipped == ["text_encoder.x.lora_A.weight"]
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_qdq_refit_as_close_as_fresh_calibration(precision: str, lora_files: tuple[Path, Path], tiny_unet_onnx: Path,
+                                                 quantized_cache: Any, tmp_path: Path) -> None:
+    """A quantized UNet refit with the LoRA (weights re-quantized per channel with new scales, activation scales
+    as calibrated for the base model) against the fused-FP32 ONNX, next to the same fused-FP32 ONNX quantized
+    afresh (calibrated on it): the refit one must be about as close (fake quantization, onnxruntime, FP32 rest)."""
+    from trtkit.graph.lora import requantized_weights
+    from trtkit.graph.qdq import QuantizeConfig, quantize
+
+    fmodel = onnx.load(str(tiny_unet_onnx))
+    fmatches = find(gs.import_onnx(fmodel))
+    fbase = initializers_of(fmodel, base_dir=tiny_unet_onnx.parent)
+    adapter = read_adapter(lora_files[1])  # kohya style
+    feeds = _feeds(fmodel)
+    apply_weights(fmodel, fused_weights(adapter, fmatches, fbase, scale=0.8))
+    fused_path = tmp_path / "fused.onnx"
+    onnx.save(fmodel, str(fused_path))
+    want = _ort(fmodel, feeds)
+
+    qpath = quantized_cache(precision, 3, fp16=False).path
+    qmodel = onnx.load(str(qpath))
+    qgraph = gs.import_onnx(qmodel)
+    new = requantized_weights(adapter, qgraph, fmatches, fbase, scale=0.8)
+    acts_before = {t.name: numpy_helper_array(t) for t in qmodel.graph.initializer if t.name not in new}
+    apply_weights(qmodel, new)
+    assert all(np.array_equal(numpy_helper_array(t), acts_before[t.name]) for t in qmodel.graph.initializer
+               if t.name in acts_before)  # activation scales and everything untouched stay as they were
+    refit = _err(_ort(qmodel, feeds), want)
+    stale = _err(_ort(onnx.load(str(qpath)), feeds), want)  # the quantized base without the LoRA
+    fresh_path = quantize(QuantizeConfig(onnx_path=fused_path, output=tmp_path / "fresh.onnx", precision=precision,
+                                         level=3, fp16=False)).path
+    fresh = _err(_ort(onnx.load(str(fresh_path)), feeds), want)
+    print(f"{precision}: vs fused FP32: refit {refit:.3e}, freshly calibrated {fresh:.3e}, unrefit base {stale:.3e}")
+    assert refit < stale, "the refit did not bring the LoRA in"
+    assert refit < 1.5 * fresh + 1e-3, f"refit {refit:.3e} vs fresh calibration {fresh:.3e}"
+
+
+def numpy_helper_array(t: onnx.TensorProto) -> np.ndarray:
+    if t.data_type in (onnx.TensorProto.FLOAT8E4M3FN,):
+        return np.frombuffer(t.raw_data, np.uint8)
+    from onnx import numpy_helper
+
+    return numpy_helper.to_array(t)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from trtkit.errors import TrtkitError
@@ -179,6 +180,45 @@ def fused_weights(adapter: Adapter, matches: Matches, base: dict[str, np.ndarray
     return {k: v.astype(base[k].dtype) for k, v in acc.items()}
 
 
+def requantized_weights(adapter: Adapter, q_graph: gs.Graph, float_matches: Matches,
+                        float_base: dict[str, np.ndarray], scale: float = 1.0) -> dict[str, np.ndarray]:
+    """For a Q/DQ ONNX (trtkit quantize): every touched 8-bit weight re-quantized per output channel from the
+    float base weight + LoRA delta, with new weight scales; activation scales stay as calibrated. Returns
+    initializer name -> new values (the 8-bit weight raw-typed as quantize_weight gives it, its float32 scale).
+    Touched layers the quantizer left in float get the float fused weight."""
+    from trtkit.graph.patterns import find, producer
+    from trtkit.graph.qdq import quantize_weight
+
+    fused = fused_weights(adapter, float_matches, float_base, scale)  # by float initializer name
+    q_matches = find(q_graph)
+    q_by_module = {onnx_module(m): m for m in [*q_matches.linear, *q_matches.conv]}
+    nodes = {n.name: n for n in q_graph.nodes}
+    out: dict[str, np.ndarray] = {}
+    for fm in map_layers(adapter, float_matches).values():
+        module = onnx_module(fm)
+        qm = q_by_module.get(module)
+        if qm is None:
+            raise TrtkitError(f"{module}: not found in the quantized ONNX (was it exported from the same UNet?)")
+        w = fused[fm.weight]
+        if qm.weight_type is None:
+            out[qm.weight] = w.astype(np.float16) if _is_half(q_graph, qm.weight) else w
+            continue
+        dq = producer(nodes[qm.node].inputs[1])
+        if dq is None or dq.op != "DequantizeLinear":
+            raise TrtkitError(f"{module}: its 8-bit weight has no DequantizeLinear in front")
+        old_scale = np.asarray(dq.inputs[1].values, np.float32)
+        fp16 = bool(np.array_equal(old_scale.astype(np.float16).astype(np.float32), old_scale))
+        q, s = quantize_weight(w.astype(np.float32), int(dq.attrs.get("axis", qm.axis)), qm.weight_type, fp16)
+        out[qm.weight] = q
+        out[dq.inputs[1].name] = s.astype(old_scale.dtype).reshape(old_scale.shape)
+    return out
+
+
+def _is_half(graph: gs.Graph, name: str) -> bool:
+    t = graph.tensors().get(name)
+    return t is not None and getattr(t, "dtype", None) == np.float16
+
+
 def initializers_of(model: onnx.ModelProto, names: set[str] | None = None,
                     base_dir: Path | None = None) -> dict[str, np.ndarray]:
     """Initializer values by name (external data read from `base_dir`)."""
@@ -198,4 +238,9 @@ def apply_weights(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> Non
         old = model.graph.initializer[index[name]]
         if tuple(old.dims) != w.shape:
             raise TrtkitError(f"{name}: new weight {w.shape} != {tuple(old.dims)}")
-        model.graph.initializer[index[name]].CopyFrom(numpy_helper.from_array(w, name))
+        new = numpy_helper.from_array(w, name)
+        if new.data_type != old.data_type:  # FP8 weights arrive as their uint8 bytes
+            if w.dtype.itemsize != 1:
+                raise TrtkitError(f"{name}: new weight is {w.dtype}, the model stores type {old.data_type}")
+            new = onnx.helper.make_tensor(name, old.data_type, list(w.shape), vals=w.tobytes(), raw=True)
+        model.graph.initializer[index[name]].CopyFrom(new)
