@@ -1,0 +1,104 @@
+"""`trtkit build --refittable` and `trtkit refit --lora`: the flag is set and recorded (a real TensorRT-RTX build
+on the CPU), the weights a LoRA changes are computed before any TensorRT call (their values are checked through
+onnxruntime in tests/graph/test_lora.py), and the Refitter call itself runs where TensorRT and a GPU are."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from trtkit.builder.refit import refit_weights
+from trtkit.errors import TrtkitError
+
+pytest.importorskip("peft")
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "trtkit", *args], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "200"})
+
+
+def one_line_error(p: subprocess.CompletedProcess) -> str:
+    assert p.returncode == 2, p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def lora_file(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from diffusers import UNet2DConditionModel
+
+    from trtkit.tiny_lora import random_lora_state, save_kohya
+
+    unet = UNet2DConditionModel.from_pretrained(str(tiny_model_dir / "unet"))
+    return save_kohya(random_lora_state(unet, seed=3), tmp_path_factory.mktemp("lora") / "k.safetensors", alpha=2)
+
+
+def _meta(onnx: Path, refittable: bool = True, **precision: Any) -> dict[str, Any]:
+    return {"settings": {"refittable": refittable}, "onnx": {"path": str(onnx)}, "backend": {"name": "rtx"},
+            "precision": {"requested": "fp32", "qdq_types": [], **precision}}
+
+
+def test_refit_weights_decide_before_tensorrt(tiny_unet_onnx: Path, lora_file: Path, tmp_path: Path) -> None:
+    from trtkit.graph.qdq import QuantizeConfig, quantize
+
+    r = refit_weights(_meta(tiny_unet_onnx), lora_file, scale=0.8)
+    assert r.layers == len(r.weights) > 0 and all(w.dtype == np.float32 for w in r.weights.values())
+    with pytest.raises(TrtkitError, match="not built with --refittable"):
+        refit_weights(_meta(tiny_unet_onnx, refittable=False), lora_file)
+    q = quantize(QuantizeConfig(onnx_path=tiny_unet_onnx, output=tmp_path / "q.onnx", precision="int8",
+                                fp16=False)).path
+    with pytest.raises(TrtkitError, match="needs the float ONNX"):
+        refit_weights(_meta(q, requested="int8", qdq_types=["int8"]), lora_file)
+    rq = refit_weights(_meta(q, requested="int8", qdq_types=["int8"]), lora_file, base=tiny_unet_onnx)
+    assert any(w.dtype == np.int8 for w in rq.weights.values())  # re-quantized weights and their new scales
+
+
+@pytest.mark.rtx
+@pytest.mark.gpu
+def test_build_refittable_with_rtx_then_refit_cli(tiny_unet_onnx: Path, lora_file: Path, tmp_path: Path) -> None:
+    """A real TensorRT-RTX build with REFIT. Not on a CPU-only machine: there TensorRT-RTX 1.7 fails the REFIT build
+    in Myelin (`graph_jit.cpp:278: CHECK(status == CUDA_SUCCESS)`, measured; the same build without REFIT works), so
+    this needs a GPU. RTX engines do not run on an H100/H200 (compute capability 9.0): there `trtkit refit` computes
+    the weights and stops at deserialization with a one-line error, nothing written."""
+    plan = tmp_path / "unet.plan"
+    p = run_cli("build", str(tiny_unet_onnx), "-p", "tiny-256", "--target-cc", "8.9", "--opt-level", "0",
+                "--refittable", "-o", str(plan))
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(plan.with_suffix(".json").read_text())
+    assert doc["settings"]["refittable"] is True and "REFIT" in doc["builder_flags"]
+    err = one_line_error(run_cli("refit", str(plan), "--lora", str(lora_file), "--scale", "0.8"))
+    assert "needs the GPU the engine runs on" in err or "refit" in err, err
+    assert not (tmp_path / "unet-lora.plan").exists()
+    err = one_line_error(run_cli("refit", str(plan), "--lora", str(tmp_path / "none.safetensors")))
+    assert "no such LoRA file" in err or "not found" in err or "does not exist" in err, err
+
+
+@pytest.mark.tensorrt
+def test_refit_with_tensorrt(tiny_unet_onnx: Path, lora_file: Path, tmp_path: Path) -> None:
+    """Full TensorRT on a GPU: build --refittable, refit with the LoRA, and the refit engine holds the new weights."""
+    from trtkit.backend import load_backend
+
+    plan = tmp_path / "unet.plan"
+    p = run_cli("build", str(tiny_unet_onnx), "-p", "tiny-256", "--backend", "trt", "--refittable", "-o", str(plan))
+    assert p.returncode == 0, p.stderr
+    p = run_cli("refit", str(plan), "--lora", str(lora_file), "--scale", "0.8")
+    assert p.returncode == 0, p.stderr
+    out = tmp_path / "unet-lora.plan"
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["lora"]["scale"] == 0.8 and meta["lora"]["weights"] > 0
+    b = load_backend("trt")
+    engine = b.trt.Runtime(b.logger).deserialize_cuda_engine(out.read_bytes())
+    want = refit_weights(json.loads(plan.with_suffix(".json").read_text()), lora_file, scale=0.8).weights
+    refitter = b.trt.Refitter(engine, b.logger)
+    name = next(iter(want))
+    got = np.asarray(refitter.get_named_weights(name).numpy())
+    assert np.allclose(got.reshape(want[name].shape), want[name], rtol=1e-3, atol=1e-3)
