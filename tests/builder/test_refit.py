@@ -47,19 +47,20 @@ def _meta(onnx: Path, refittable: bool = True, **precision: Any) -> dict[str, An
             "precision": {"requested": "fp32", "qdq_types": [], **precision}}
 
 
-def test_refit_weights_decide_before_tensorrt(tiny_unet_onnx: Path, lora_file: Path, tmp_path: Path) -> None:
-    from trtkit.graph.qdq import QuantizeConfig, quantize
-
+def test_refit_weights_decide_before_tensorrt(tiny_unet_onnx: Path, lora_file: Path) -> None:
+    """Which weights, and the one-line refusals; the values themselves are checked in tests/graph/test_lora.py
+    (float and re-quantized INT8/FP8, through onnxruntime)."""
     r = refit_weights(_meta(tiny_unet_onnx), lora_file, scale=0.8)
     assert r.layers == len(r.weights) > 0 and all(w.dtype == np.float32 for w in r.weights.values())
+    assert r.base == r.onnx == tiny_unet_onnx
     with pytest.raises(TrtkitError, match="not built with --refittable"):
         refit_weights(_meta(tiny_unet_onnx, refittable=False), lora_file)
-    q = quantize(QuantizeConfig(onnx_path=tiny_unet_onnx, output=tmp_path / "q.onnx", precision="int8",
-                                fp16=False)).path
+    with pytest.raises(TrtkitError, match="made inside `trtkit build` and not kept"):
+        refit_weights(_meta(tiny_unet_onnx, requested="int8", qdq_types=["int8"]), lora_file)
     with pytest.raises(TrtkitError, match="needs the float ONNX"):
-        refit_weights(_meta(q, requested="int8", qdq_types=["int8"]), lora_file)
-    rq = refit_weights(_meta(q, requested="int8", qdq_types=["int8"]), lora_file, base=tiny_unet_onnx)
-    assert any(w.dtype == np.int8 for w in rq.weights.values())  # re-quantized weights and their new scales
+        refit_weights(_meta(tiny_unet_onnx, qdq_types=["int8"]), lora_file)  # an ONNX that came with its Q/DQ
+    with pytest.raises(TrtkitError, match="is gone"):
+        refit_weights(_meta(tiny_unet_onnx.parent / "moved.onnx"), lora_file)
 
 
 @pytest.mark.rtx
