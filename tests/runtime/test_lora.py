@@ -166,6 +166,9 @@ def test_fuse_qkv_with_lora_loaded_before_or_after(arch: str, tok_dir: Path, lor
     assert any(getattr(m, "fused_projections", False) for m in after.unet.modules())
     _load(after, loras[arch])
     after.set_adapters(["a", "b"], adapter_weights=[1.0, 0.5])
+    # first a call that falls back to diffusers' own loop (a callback): it must not run the stale fused q/k/v either
+    fallback = _latents(functools.partial(after, callback_on_step_end=lambda p, i, t, kw: kw))
+    assert _err(fallback, want) < 1e-4
     assert _err(_latents(after), want) < 1e-4
     assert not wrapped_fused_attentions(after.unet)
 
