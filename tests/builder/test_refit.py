@@ -1,6 +1,6 @@
 """`trtkit build --refittable` and `trtkit refit --lora`: the flag is set and recorded (a real TensorRT-RTX build
 on the CPU), the weights a LoRA changes are computed before any TensorRT call (their values are checked through
-onnxruntime in tests/graph/test_lora.py), and the Refitter call itself runs where TensorRT and a GPU are."""
+onnxruntime in tests/graph/test_lora_weights.py), and the Refitter call itself runs where TensorRT and a GPU are."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def _meta(onnx: Path, refittable: bool = True, **precision: Any) -> dict[str, An
 
 
 def test_refit_weights_decide_before_tensorrt(tiny_unet_onnx: Path, lora_file: Path) -> None:
-    """Which weights, and the one-line refusals; the values themselves are checked in tests/graph/test_lora.py
+    """Which weights, and the one-line refusals; the values themselves are checked in tests/graph/test_lora_weights.py
     (float and re-quantized INT8/FP8, through onnxruntime)."""
     r = refit_weights(_meta(tiny_unet_onnx), lora_file, scale=0.8)
     assert r.layers == len(r.weights) > 0 and all(w.dtype == np.float32 for w in r.weights.values())
