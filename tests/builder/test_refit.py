@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from trtkit.builder.refit import refit_weights
+from trtkit.builder.refit import engine_weights, refit_weights
 from trtkit.errors import TrtkitError
 
 pytest.importorskip("peft")
@@ -61,6 +61,14 @@ def test_refit_weights_decide_before_tensorrt(tiny_unet_onnx: Path, lora_file: P
         refit_weights(_meta(tiny_unet_onnx, qdq_types=["int8"]), lora_file)  # an ONNX that came with its Q/DQ
     with pytest.raises(TrtkitError, match="is gone"):
         refit_weights(_meta(tiny_unet_onnx.parent / "moved.onnx"), lora_file)
+
+
+def test_engine_weight_names() -> None:
+    w = {"a": np.ones((2, 2), np.float32), "b": np.ones(2, np.float32), "q": np.ones(2, np.int8)}
+    got = engine_weights(w, {"a", "b_fp16", "q"})
+    assert set(got) == {"a", "b_fp16", "q"} and got["b_fp16"].dtype == np.float16 and got["q"].dtype == np.int8
+    with pytest.raises(TrtkitError, match="1 weight.* not refittable weights of the engine, e.g. b"):
+        engine_weights(w, {"a", "q"})
 
 
 @pytest.mark.rtx

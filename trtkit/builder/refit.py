@@ -66,6 +66,25 @@ def _has_qdq(path: Path) -> bool:
     return any(n.op_type == "DequantizeLinear" for n in m.graph.node)
 
 
+def engine_weights(weights: dict[str, np.ndarray], known: set[str]) -> dict[str, np.ndarray]:
+    """The ONNX initializer names of `weights` as the engine names them: the same name, or the `<name>_fp16` copy
+    that trtkit's FP16 conversion (graph/fp16.py) made inside `trtkit build --fp16` (values cast to float16).
+    A name found neither way is a one-line error."""
+    out: dict[str, np.ndarray] = {}
+    missing = []
+    for name, w in weights.items():
+        if name in known:
+            out[name] = w
+        elif f"{name}_fp16" in known and w.dtype.kind == "f":
+            out[f"{name}_fp16"] = w.astype(np.float16)
+        else:
+            missing.append(name)
+    if missing:
+        raise TrtkitError(f"{len(missing)} weight(s) are not refittable weights of the engine, e.g. {missing[0]}",
+                          hint="refit from the ONNX the engine was built from (--base)")
+    return out
+
+
 def refit_plan(backend: Any, plan: Path, weights: dict[str, np.ndarray], output: Path) -> int:
     """Deserialize `plan`, set every named weight, refit, write the engine to `output` (atomically); returns how
     many weights were set. Needs a GPU the engine runs on."""
@@ -78,12 +97,9 @@ def refit_plan(backend: Any, plan: Path, weights: dict[str, np.ndarray], output:
     if not engine.refittable:
         raise TrtkitError(f"{plan} is not refittable; rebuild it with `trtkit build --refittable`")
     refitter = trt.Refitter(engine, backend.logger)
-    known = set(refitter.get_all_weights())
-    missing = [n for n in weights if n not in known]
-    if missing:
-        raise TrtkitError(f"{len(missing)} weight(s) are not refittable weights of the engine, e.g. {missing[0]}")
+    named = engine_weights(weights, set(refitter.get_all_weights()))
     kept = []  # TensorRT reads the arrays at refit_cuda_engine(): they must live until then
-    for name, w in weights.items():
+    for name, w in named.items():
         arr = np.ascontiguousarray(w)
         kept.append(arr)
         if not refitter.set_named_weights(name, trt.Weights(arr)):
