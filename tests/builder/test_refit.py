@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from trtkit.builder import metadata as md
 from trtkit.builder.refit import engine_weights, refit_weights
 from trtkit.errors import TrtkitError
 
@@ -111,3 +112,19 @@ def test_refit_with_tensorrt(tiny_unet_onnx: Path, lora_file: Path, tmp_path: Pa
     name = next(iter(want))
     got = np.asarray(refitter.get_named_weights(name).numpy())
     assert np.allclose(got.reshape(want[name].shape), want[name], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.rtx
+def test_refit_cli_refusals(tiny_unet_onnx: Path, lora_file: Path, tmp_path: Path) -> None:
+    """The CLI as a user meets it, up to the TensorRT call: a plan whose metadata says it is not refittable is
+    refused before any work; a refittable one gets its weights computed, then TensorRT-RTX cannot load these
+    bytes here (no GPU, and not a real plan): one line, nothing written."""
+    plan = tmp_path / "unet.plan"
+    plan.write_bytes(b"not a plan")
+    meta = _meta(tiny_unet_onnx, refittable=False)
+    plan.with_suffix(".json").write_text(json.dumps(dict(meta, format=md.FORMAT)))
+    assert "not built with --refittable" in one_line_error(run_cli("refit", str(plan), "--lora", str(lora_file)))
+    plan.with_suffix(".json").write_text(json.dumps(dict(_meta(tiny_unet_onnx), format=md.FORMAT)))
+    err = one_line_error(run_cli("refit", str(plan), "--lora", str(lora_file), "--scale", "0.8"))
+    assert "could not load" in err and "needs the GPU the engine runs on" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["unet.json", "unet.plan"]

@@ -29,7 +29,8 @@ def register(app: typer.Typer) -> None:
         check_input(plan, "plan")
         meta = md.read_metadata(plan.with_suffix(".json"))
         if meta is None:
-            raise TrtkitError(f"{plan.with_suffix('.json')} (the plan's metadata) is missing; refit needs it")
+            raise TrtkitError(f"{plan.with_suffix('.json')} (the plan's metadata) is missing or not "
+                              "trtkit's; refit needs it")
         out = check_output(output or plan.with_name(plan.stem + "-lora.plan"), inputs=[plan, lora, base],
                            sidecars=lambda p: [p.with_suffix(".json")], what="plan")
         r = refit_weights(meta, lora, scale, base, skip_text_encoder)
