@@ -102,6 +102,13 @@ def rtx_build_flags(trt: Any) -> list[str]:
     return [f for f in ("REQUIRE_USER_ALLOCATION",) if hasattr(trt.BuilderFlag, f)]
 
 
+def refit_flag(trt: Any) -> str:
+    """The BuilderFlag of `--refittable` (REFIT: every weight refittable), where this TensorRT has it."""
+    if not hasattr(trt.BuilderFlag, "REFIT"):
+        raise TrtkitError(f"{trt.__name__} has no BuilderFlag.REFIT: cannot build a refittable engine")
+    return "REFIT"
+
+
 def _check_backend(config: BuildConfig, backend: Any) -> None:
     if backend.is_rtx:
         return
@@ -169,6 +176,7 @@ def _key_material(config: BuildConfig, backend: Any, source: OnnxSource, profile
         "precision": config.precision, "fp16_rest": _fp16_rest(config, source), "quant_level": config.quant_level,
         "profiles": [p.to_json() for p in profiles], "opt_level": config.effective_opt_level,
         "workspace": config.workspace_bytes, "build_flags": rtx_build_flags(backend.trt) if backend.is_rtx else [],
+        **({"refittable": True} if config.refittable else {}),  # absent when off: old cache keys stay valid
     }
 
 
@@ -359,6 +367,8 @@ def build(config: BuildConfig, progress: BuildProgress | None = None,
                 if workspace is not None:
                     cfg.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
                 other_flags = rtx_build_flags(trt) if backend.is_rtx else []
+                if config.refittable:
+                    other_flags.append(refit_flag(trt))
                 for f in other_flags:
                     cfg.set_flag(getattr(trt.BuilderFlag, f))
                 if backend.is_rtx:
@@ -427,6 +437,7 @@ def build(config: BuildConfig, progress: BuildProgress | None = None,
             "io": io,
             "settings": {"opt_level": config.effective_opt_level, "workspace": config.workspace_bytes,
                          "profiling_verbosity": "DETAILED", "static": config.static,
+                         "refittable": config.refittable,
                          "timing_cache": str(config.timing_cache) if timing_cache is not None else None,
                          "quant_level": config.quant_level, "shapes": config.shapes, "min_shapes": config.min_shapes,
                          "opt_shapes": config.opt_shapes, "max_shapes": config.max_shapes,

@@ -95,6 +95,7 @@ class BuildConfig:
     backend: str | None = None  # "trt" | "rtx" | None (auto)
     target_cc: tuple[str, ...] = ()  # TensorRT-RTX targets, e.g. ("8.9",); () = its portable default
     model_dir: Path | None = None  # where ModelDims come from; None: ONNX metadata trtkit.source
+    refittable: bool = False  # BuilderFlag.REFIT: weights can be replaced later (trtkit refit --lora)
     force: bool = False
     verbose: bool = False
     progress: bool = True  # a progress bar on a terminal (log lines otherwise)

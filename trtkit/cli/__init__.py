@@ -35,7 +35,8 @@ app = typer.Typer(
 )
 
 # One module per verb family; each has `register(app)`.
-COMMAND_MODULES = ("demo", "doctor", "profiles", "backend", "export", "calibrate", "quantize", "build", "inspect", "run")
+COMMAND_MODULES = ("demo", "doctor", "profiles", "backend", "export", "calibrate", "quantize", "build", "refit", "inspect",
+                   "run")
 
 
 def _version(value: bool) -> None:

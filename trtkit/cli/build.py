@@ -48,6 +48,8 @@ def register(app: typer.Typer) -> None:
                                             "e.g. 8.9 (repeat for more; default: its portable set)."),
         model_dir: Path = typer.Option(None, "--model-dir", help="The diffusers folder the profiles read sizes from "
                                        "(default: the one recorded at export)."),
+        refittable: bool = typer.Option(False, "--refittable", help="Weights can be replaced later without a "
+                                        "rebuild (BuilderFlag.REFIT), e.g. by `trtkit refit --lora`."),
         force: bool = typer.Option(False, "--force", help="Rebuild even if an identical build exists."),
         verbose: bool = typer.Option(False, "--verbose", help="TensorRT's log and every parser error."),
     ) -> None:
@@ -70,7 +72,8 @@ def register(app: typer.Typer) -> None:
             min_shapes=min_shapes, opt_shapes=opt_shapes, max_shapes=max_shapes, precision=precision,
             fp16_base=False if fp32_rest else (True if fp16 and (int8 or fp8) else None), calib=calib, quant_level=quant_level,
             opt_level=opt_level, timing_cache=timing_cache, workspace=workspace, static=static, backend=backend,
-            target_cc=tuple(target_cc), model_dir=model_dir, force=force, verbose=verbose)
+            target_cc=tuple(target_cc), model_dir=model_dir, refittable=refittable, force=force,
+            verbose=verbose)
         # TensorRT warns per layer (hundreds of lines for a UNet): counted, shown with --verbose.
         quiet = contextlib.nullcontext(None) if verbose else quiet_tensorrt_log()
         try:

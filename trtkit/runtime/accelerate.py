@@ -79,6 +79,7 @@ def _call(self: Any, *args: Any, **kwargs: Any) -> Any:
     from trtkit.runtime.schedulers import unsupported_reason
 
     rt: _Runtime = self._trtkit
+    rt.executor.refresh()  # before either loop: e.g. fused q/k/v undone where a LoRA loaded since wraps q/k/v
     if args:  # positional prompt, as diffusers allows
         kwargs = {**dict(zip(["prompt", "prompt_2"] if "prompt_2" in rt.defaults else ["prompt"], args, strict=False)), **kwargs}
     extra = {k: v for k, v in kwargs.items() if k not in HANDLED and v is not None

@@ -86,6 +86,9 @@ class StepExecutor(ABC):
     def capturable(self, stream: int) -> bool:
         """Whether a call on `stream` may be stream-captured (TensorRT-RTX can say no)."""
         return True
+    def refresh(self) -> None:
+        """Called before every loop: adapt to what the user changed on the model since (e.g. LoRA loaded)."""
+        return None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -178,6 +181,9 @@ def fuse_qkv_shared(unet: Any) -> None:
     if not hasattr(unet, "fuse_qkv_projections"):
         raise TrtkitError("fuse_qkv needs a diffusers UNet with fuse_qkv_projections()")
     unet.fuse_qkv_projections()
+    from trtkit.runtime.lora import unfuse_wrapped
+
+    unfuse_wrapped(unet)  # attentions whose q/k/v carry PEFT LoRA layers stay unfused
     for m in unet.modules():
         if not getattr(m, "fused_projections", False):
             continue
@@ -346,10 +352,18 @@ class TorchExecutor(StepExecutor):
                           return_dict=False, **kw)[0]
             t[UNET_OUTPUT].copy_(out)
 
+    def refresh(self) -> None:
+        if self.options["fuse_qkv"]:  # a LoRA loaded after accelerate() wraps q/k/v that were fused before
+            from trtkit.runtime.lora import unfuse_wrapped
+
+            unfuse_wrapped(self.unet)
+
     def fingerprint(self) -> tuple:
-        # A graph bakes in the weights' addresses: replacing a parameter (not updating it in place) needs a
-        # new capture.
-        return tuple(p.data_ptr() for p in self.unet.parameters())
+        # A graph bakes in the weights' addresses (replacing a parameter, not updating it in place, needs a new
+        # capture) and PEFT's LoRA state: active adapters and their scales, merged or not (runtime/lora.py).
+        from trtkit.runtime.lora import graph_state
+
+        return graph_state(self.unet)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -200,6 +200,7 @@ class LoopRunner:
     # -- setup -----------------------------------------------------------------------------------
     def prepare(self, shape: LoopShape, tables: StepTables) -> None:
         """(Re)allocate the buffers when the shape or the number of steps / family changes."""
+        self.executor.refresh()
         self.executor.check_shape(shape)
         cur = self.loop
         if cur is not None and cur.shape == shape and cur.tables.steps == tables.steps \
