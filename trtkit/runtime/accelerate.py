@@ -34,6 +34,11 @@ class _Runtime:
     executor: Any
     original_call: Any
     defaults: dict[str, Any]
+    signature: inspect.Signature
+
+
+class _Fallback(Exception):
+    """Raised by _accelerated before it draws from the generator: diffusers' own loop then gives the image."""
 
 
 def accelerate(pipe: Any, engines: Path | str | None = None, cuda_graph: bool = True, trust_engine: bool = False,
@@ -54,6 +59,10 @@ def accelerate(pipe: Any, engines: Path | str | None = None, cuda_graph: bool = 
     reason = unsupported_reason(pipe.scheduler)
     if reason is not None:  # a one-line error now rather than a slow fallback at every call
         raise TrtkitError(reason, hint="use euler, euler_a, ddim or dpmpp_2m with a supported config (docs/runtime.md)")
+    if getattr(pipe.unet.config, "time_cond_proj_dim", None) is not None:
+        # an LCM-distilled UNet: diffusers feeds it a guidance-scale embedding and no CFG batch; the loop does not
+        raise TrtkitError(f"{type(pipe).__name__}'s UNet takes a guidance embedding (time_cond_proj_dim="
+                          f"{pipe.unet.config.time_cond_proj_dim}, LCM); the runtime has no such input")
     device = pipe.unet.device.type
     executor = make_executor(pipe, Path(engines) if engines else None, trust_engine, compile, device, kernels)
     runner = LoopRunner(executor, device=device, use_graph=cuda_graph)
@@ -62,7 +71,7 @@ def accelerate(pipe: Any, engines: Path | str | None = None, cuda_graph: bool = 
         base = base.__mro__[1]
     sig = inspect.signature(base.__call__)
     defaults = {k: p.default for k, p in sig.parameters.items() if p.default is not inspect.Parameter.empty}
-    rt = _Runtime(runner, executor, base.__call__, defaults)
+    rt = _Runtime(runner, executor, base.__call__, defaults, sig)
     if getattr(pipe, "_trtkit", None) is None:
         pipe.__class__ = type(f"Accelerated{base.__name__}", (base,), {"__call__": _call})
     object.__setattr__(pipe, "_trtkit", rt)
@@ -73,8 +82,12 @@ def _call(self: Any, *args: Any, **kwargs: Any) -> Any:
     from trtkit.runtime.schedulers import unsupported_reason
 
     rt: _Runtime = self._trtkit
-    if args:  # positional prompt, as diffusers allows
-        kwargs = {**dict(zip(["prompt", "prompt_2"] if "prompt_2" in rt.defaults else ["prompt"], args, strict=False)), **kwargs}
+    if args:  # positional arguments, as diffusers' signature names them (pipe(prompt, height, width, steps))
+        try:
+            bound = rt.signature.bind_partial(self, *args, **kwargs).arguments
+        except TypeError:  # diffusers' own call gives its own error
+            return rt.original_call(self, *args, **kwargs)
+        kwargs = {k: v for k, v in bound.items() if k != "self" and k != "kwargs"} | bound.get("kwargs", {})
     extra = {k: v for k, v in kwargs.items() if k not in HANDLED and v is not None
              and not (k in rt.defaults and _same(v, rt.defaults[k]))}
     if extra:
@@ -85,7 +98,11 @@ def _call(self: Any, *args: Any, **kwargs: Any) -> Any:
     if reason is not None:
         log.warning("trtkit.accelerate: %s; running diffusers' own loop", reason)
         return rt.original_call(self, **kwargs)
-    return _accelerated(self, rt, **kwargs)
+    try:
+        return _accelerated(self, rt, **kwargs)
+    except _Fallback as e:
+        log.warning("trtkit.accelerate: %s; running diffusers' own loop", e)
+        return rt.original_call(self, **kwargs)
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -116,6 +133,9 @@ def _accelerated(pipe: Any, rt: _Runtime, prompt: Any = None, negative_prompt: A
     cfg = g > 1.0
     device = pipe._execution_device
     sdxl = is_sdxl(pipe)
+    _check_inputs(pipe, prompt=prompt, height=height, width=width, negative_prompt=negative_prompt,
+                  prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                  pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
     with torch.no_grad():
         if sdxl:
             pe, npe, pooled, npooled = pipe.encode_prompt(
@@ -132,6 +152,14 @@ def _accelerated(pipe: Any, rt: _Runtime, prompt: Any = None, negative_prompt: A
             tid = torch.tensor([[height, width, 0, 0, height, width]] * b, dtype=pe.dtype, device=device)
             cond["text_embeds"] = torch.cat([npooled, pooled]) if cfg else pooled
             cond["time_ids"] = torch.cat([tid, tid]) if cfg else tid
+        shape = LoopShape(batch=b, latent_channels=pipe.unet.config.in_channels, latent_height=height // f,
+                          latent_width=width // f, cfg=cfg, text_len=pe.shape[1], text_dim=pe.shape[2],
+                          pooled_dim=cond["text_embeds"].shape[-1] if sdxl else None,
+                          time_ids_dim=6 if sdxl else None)
+        try:  # a shape the executor refuses (e.g. 520x512 on the torch UNet) is diffusers' to run, not an error
+            rt.executor.check_shape(shape)
+        except TrtkitError as e:
+            raise _Fallback(str(e)) from None
         tables = make_tables(pipe.scheduler, steps)  # the instance diffusers would step, not its config
         pipe.scheduler.set_timesteps(steps, device=device)  # as diffusers does before prepare_latents
         lat = pipe.prepare_latents(b, pipe.unet.config.in_channels, height, width, pe.dtype, device, generator,
@@ -140,21 +168,32 @@ def _accelerated(pipe: Any, rt: _Runtime, prompt: Any = None, negative_prompt: A
         if tables.uses_noise:  # the draws scheduler.step() would make, in the same order, from the same generator
             noise = torch.stack([randn_tensor(lat.shape, generator=generator, device=lat.device, dtype=lat.dtype)
                                  for _ in range(steps)]).float().cpu().numpy()
-    shape = LoopShape(batch=b, latent_channels=lat.shape[1], latent_height=lat.shape[2], latent_width=lat.shape[3],
-                      cfg=cfg, text_len=pe.shape[1], text_dim=pe.shape[2],
-                      pooled_dim=cond["text_embeds"].shape[-1] if sdxl else None, time_ids_dim=6 if sdxl else None)
     out = rt.runner(shape, tables, x_init=lat.float().cpu().numpy(), guidance=g, noise=noise, **cond)
+    nsfw = None
     if output_type == "latent":
         images: Any = torch.from_numpy(out).to(device, pe.dtype)
-    else:
+    elif sdxl or getattr(pipe, "safety_checker", None) is None:
         images = decode(pipe, out, output_type=output_type)
+    else:  # SD's safety checker between the VAE and postprocess, as diffusers runs it (flagged images black)
+        raw = decode(pipe, out, output_type="latent")  # postprocess leaves "latent" output as it is
+        with torch.no_grad():
+            raw, nsfw = pipe.run_safety_checker(raw, device, pe.dtype)
+        images = pipe.image_processor.postprocess(raw, output_type=output_type,
+                                                  do_denormalize=None if nsfw is None else [not n for n in nsfw])
     pipe.maybe_free_model_hooks()
     if not return_dict:
-        return (images,) if sdxl else (images, None)
+        return (images,) if sdxl else (images, nsfw)
     if sdxl:
         from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffusionXLPipelineOutput
 
         return StableDiffusionXLPipelineOutput(images=images)
     from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 
-    return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None)
+    return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=nsfw)
+
+
+def _check_inputs(pipe: Any, **given: Any) -> None:
+    """diffusers' own argument checks (sizes not multiples of 8, prompt and prompt_embeds both given, ...), with
+    its own ValueError, before any work. Its signature differs between SD and SDXL: pass what it names."""
+    names = inspect.signature(pipe.check_inputs).parameters
+    pipe.check_inputs(**{k: given.get(k) for k in names if k in given or k in ("prompt_2", "callback_steps")})
