@@ -253,10 +253,10 @@ class Pipeline:
         t0 = time.perf_counter()
         unet_cfg = self.pipe.unet.config
         f = self.pipe.vae_scale_factor
-        height = cfg.height or unet_cfg.sample_size * f
-        width = cfg.width or unet_cfg.sample_size * f
-        if height % 8 or width % 8:
-            raise TrtkitError(f"height and width must be multiples of 8, got {height}x{width}")
+        height = unet_cfg.sample_size * f if cfg.height is None else cfg.height  # 0 is an error, not the default
+        width = unet_cfg.sample_size * f if cfg.width is None else cfg.width
+        if height <= 0 or width <= 0 or height % 8 or width % 8:
+            raise TrtkitError(f"height and width must be positive multiples of 8, got {height}x{width}")
         use_cfg = cfg.guidance > 1.0
         tables = self.tables(cfg.scheduler, cfg.steps)
         if self.encoders is not None and self.encoders.has_text():
