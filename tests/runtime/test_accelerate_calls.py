@@ -157,3 +157,37 @@ def test_lcm_unet_refused(tmp_path: Path) -> None:
 
     with pytest.raises(TrtkitError, match="time_cond_proj_dim=8"):
         trtkit.accelerate(Pipe())
+
+
+def test_sdxl_vae_latents_mean_std(mods) -> None:  # type: ignore[no-untyped-def]
+    """An SDXL-architecture VAE with per-channel latents_mean / latents_std (Playground v2.5's): diffusers' SDXL
+    pipeline denormalizes with them before the VAE; the runtime's decode divided by scaling_factor only (images
+    0.45 apart)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(5)
+    vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=8,
+                        layers_per_block=1, latents_mean=[0.5, -0.3, 0.2, 0.1], latents_std=[2.0, 1.5, 0.5, 1.0]).eval()
+    plain, acc = _pair("sdxl", mods, vae=vae)
+    kw: dict[str, Any] = dict(prompt="a red cube", num_inference_steps=2, height=64, width=64, output_type="np")
+    want, got = plain(**kw, generator=_gen()).images, acc(**kw, generator=_gen()).images
+    assert np.abs(got - want).max() < 1e-4
+
+
+def test_sdxl_watermark_applied(mods) -> None:  # type: ignore[no-untyped-def]
+    """With the invisible-watermark package installed, diffusers' SDXL pipeline watermarks every decoded image
+    (pipe.watermark); the accelerated call skipped it. A stand-in watermarker (the package is not installed here)
+    shows the call and where it happens (on the VAE output, before postprocess)."""
+    class Mark:
+        calls = 0
+
+        def apply_watermark(self, images: torch.Tensor) -> torch.Tensor:
+            Mark.calls += 1
+            return images.flip(-1) * 0.5
+
+    plain, acc = _pair("sdxl", mods)
+    plain.watermark = acc.watermark = Mark()
+    kw: dict[str, Any] = dict(prompt="a red cube", num_inference_steps=2, height=64, width=64, output_type="np")
+    want, got = plain(**kw, generator=_gen()).images, acc(**kw, generator=_gen()).images
+    assert Mark.calls == 2 and np.abs(got - want).max() < 1e-4

@@ -129,8 +129,13 @@ def decode(pipe: Any, latents: np.ndarray, output_type: str = "pil") -> Any:
         vae.to(torch.float32)  # the fp16 SDXL VAE overflows; diffusers upcasts it the same way
         dtype = torch.float32
     z = torch.from_numpy(latents).to(vae.device, dtype)
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    z = z / vae.config.scaling_factor + shift
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if is_sdxl(pipe) and mean is not None and std is not None:  # per-channel statistics (Playground v2.5), as
+        # diffusers' SDXL pipeline denormalizes them; its SD pipeline ignores them
+        z = z * torch.tensor(std).view(1, -1, 1, 1).to(z) / vae.config.scaling_factor \
+            + torch.tensor(mean).view(1, -1, 1, 1).to(z)
+    else:
+        z = z / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
     with torch.no_grad():
         img = vae.decode(z, return_dict=False)[0]
     return pipe.image_processor.postprocess(img, output_type=output_type)
