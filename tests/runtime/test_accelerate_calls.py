@@ -6,7 +6,6 @@ accelerated one built from the same modules: same latents / images, same error, 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -137,7 +136,7 @@ def test_sd_safety_checker_runs(mods, flag: bool) -> None:  # type: ignore[no-un
     assert nsfw == [flag]
 
 
-def test_lcm_unet_refused(tmp_path: Path) -> None:
+def test_lcm_unet_refused(mods) -> None:  # type: ignore[no-untyped-def]
     """A UNet with a guidance embedding (time_cond_proj_dim, LCM distillation): diffusers feeds it w and no CFG
     batch; the runtime would run it without, a different image. One line instead."""
     from diffusers import UNet2DConditionModel
@@ -146,17 +145,24 @@ def test_lcm_unet_refused(tmp_path: Path) -> None:
                                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), cross_attention_dim=16,
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=2,
                                 time_cond_proj_dim=8)
-
-    class Pipe:  # what accelerate looks at before anything runs
-        def __init__(self) -> None:
-            from diffusers import EulerDiscreteScheduler
-
-            self.unet, self.scheduler = unet, EulerDiscreteScheduler(**SD_BETAS)
-
-        def encode_prompt(self) -> None: ...
-
     with pytest.raises(TrtkitError, match="time_cond_proj_dim=8"):
-        trtkit.accelerate(Pipe())
+        _pair("sd15", mods, unet=unet)
+
+
+@pytest.mark.parametrize("cls,arch", [("StableDiffusionXLPAGPipeline", "sdxl"), ("StableDiffusionPAGPipeline", "sd15"),
+                                      ("StableDiffusionXLImg2ImgPipeline", "sdxl")])
+def test_other_pipeline_classes_refused(mods, cls: str, arch: str) -> None:  # type: ignore[no-untyped-def]
+    """Pipelines with a unet and encode_prompt but another __call__: PAG applies pag_scale=3 by default (its
+    image was 0.10 / 0.12 away from the accelerated one, with no warning); img2img fell back at every call with a
+    warning (no speed-up at all). One line at accelerate() instead."""
+    import diffusers
+    from diffusers import EulerDiscreteScheduler
+
+    kw = {} if arch == "sdxl" else dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    p = getattr(diffusers, cls)(scheduler=EulerDiscreteScheduler(**SD_BETAS), **mods[arch], **kw)
+    with pytest.raises(TrtkitError, match=f"{cls} runs its own __call__"):
+        trtkit.accelerate(p)
+    assert type(p).__name__ == cls
 
 
 def test_sdxl_vae_latents_mean_std(mods) -> None:  # type: ignore[no-untyped-def]
@@ -191,3 +197,18 @@ def test_sdxl_watermark_applied(mods) -> None:  # type: ignore[no-untyped-def]
     kw: dict[str, Any] = dict(prompt="a red cube", num_inference_steps=2, height=64, width=64, output_type="np")
     want, got = plain(**kw, generator=_gen()).images, acc(**kw, generator=_gen()).images
     assert Mark.calls == 2 and np.abs(got - want).max() < 1e-4
+
+
+def test_unet_replaced_after_accelerate(mods) -> None:  # type: ignore[no-untyped-def]
+    """`pipe.unet = another_unet` after accelerate() (a fine-tune swapped in): diffusers runs the new UNet; the
+    runtime's executor kept the old one (latents 0.46 apart, no warning). It now rebuilds the executor."""
+    from diffusers import UNet2DConditionModel
+
+    plain, acc = _pair("sd15", mods)
+    torch.manual_seed(11)
+    other = UNet2DConditionModel(**dict(mods["sd15"]["unet"].config)).eval()
+    plain.unet = acc.unet = other
+    kw: dict[str, Any] = dict(prompt="a red cube", num_inference_steps=3, height=64, width=64, output_type="latent")
+    want, got = _latents(plain(**kw, generator=_gen())), _latents(acc(**kw, generator=_gen()))
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
+    assert acc._trtkit.executor.unet is other

@@ -35,6 +35,7 @@ class _Runtime:
     original_call: Any
     defaults: dict[str, Any]
     signature: inspect.Signature
+    options: dict[str, Any]  # accelerate()'s arguments, to rebuild the executor for a replaced pipe.unet
 
 
 class _Fallback(Exception):
@@ -56,6 +57,11 @@ def accelerate(pipe: Any, engines: Path | str | None = None, cuda_graph: bool = 
 
     if not hasattr(pipe, "unet") or not hasattr(pipe, "encode_prompt"):
         raise TrtkitError(f"{type(pipe).__name__} is not a Stable Diffusion / SDXL text-to-image pipeline")
+    base = type(pipe).__mro__[1] if getattr(pipe, "_trtkit", None) is not None else type(pipe)
+    if not _reproduced(base):
+        # img2img, inpaint, ControlNet, PAG (pag_scale=3 by default), SAG ...: another __call__, another image
+        raise TrtkitError(f"{base.__name__} runs its own __call__; accelerate reproduces only diffusers' "
+                          "StableDiffusionPipeline and StableDiffusionXLPipeline text-to-image calls")
     reason = unsupported_reason(pipe.scheduler)
     if reason is not None:  # a one-line error now rather than a slow fallback at every call
         raise TrtkitError(reason, hint="use euler, euler_a, ddim or dpmpp_2m with a supported config (docs/runtime.md)")
@@ -66,22 +72,33 @@ def accelerate(pipe: Any, engines: Path | str | None = None, cuda_graph: bool = 
     device = pipe.unet.device.type
     executor = make_executor(pipe, Path(engines) if engines else None, trust_engine, compile, device, kernels)
     runner = LoopRunner(executor, device=device, use_graph=cuda_graph)
-    base = type(pipe)
-    if getattr(pipe, "_trtkit", None) is not None:
-        base = base.__mro__[1]
     sig = inspect.signature(base.__call__)
     defaults = {k: p.default for k, p in sig.parameters.items() if p.default is not inspect.Parameter.empty}
-    rt = _Runtime(runner, executor, base.__call__, defaults, sig)
+    rt = _Runtime(runner, executor, base.__call__, defaults, sig, dict(
+        engines=engines, cuda_graph=cuda_graph, trust_engine=trust_engine, compile=compile, kernels=kernels))
     if getattr(pipe, "_trtkit", None) is None:
         pipe.__class__ = type(f"Accelerated{base.__name__}", (base,), {"__call__": _call})
     object.__setattr__(pipe, "_trtkit", rt)
     return pipe
 
 
+def _reproduced(cls: type) -> bool:
+    """Whether `cls.__call__` is the text-to-image call _accelerated reproduces (the class or a subclass that
+    keeps it; AutoPipelineForText2Image gives these classes)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return cls.__call__ in (StableDiffusionPipeline.__call__, StableDiffusionXLPipeline.__call__)
+
+
 def _call(self: Any, *args: Any, **kwargs: Any) -> Any:
     from trtkit.runtime.schedulers import unsupported_reason
 
     rt: _Runtime = self._trtkit
+    if getattr(rt.executor, "unet", self.unet) is not self.unet:  # `pipe.unet = other` after accelerate(): the
+        # torch executor still held the old UNet (an image 0.46 away from diffusers'); rebuild it for the new one
+        log.info("trtkit.accelerate: pipe.unet was replaced; rebuilding the runtime's UNet executor")
+        accelerate(self, **rt.options)
+        rt = self._trtkit
     if args:  # positional arguments, as diffusers' signature names them (pipe(prompt, height, width, steps))
         try:
             bound = rt.signature.bind_partial(self, *args, **kwargs).arguments
