@@ -212,3 +212,17 @@ def test_unet_replaced_after_accelerate(mods) -> None:  # type: ignore[no-untype
     want, got = _latents(plain(**kw, generator=_gen())), _latents(acc(**kw, generator=_gen()))
     assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
     assert acc._trtkit.executor.unet is other
+
+
+def test_pipe_to_fp16_after_accelerate(mods) -> None:  # type: ignore[no-untyped-def]
+    """`pipe.to(torch.float16)` after accelerate(): diffusers runs in fp16; the runtime kept the fp32 I/O of the
+    executor built at accelerate() and failed with 'mat1 and mat2 must have the same dtype' (a traceback)."""
+    import copy
+
+    m = copy.deepcopy(mods["sd15"])  # the module-scoped modules stay fp32 for the other tests
+    plain, acc = _pair("sd15", {"sd15": m})
+    plain.to(torch.float16)
+    acc.to(torch.float16)
+    kw: dict[str, Any] = dict(prompt="a red cube", num_inference_steps=3, height=64, width=64, output_type="latent")
+    want, got = _latents(plain(**kw, generator=_gen())), _latents(acc(**kw, generator=_gen()))
+    assert np.abs(got - want).max() / np.abs(want).max() < 2e-3  # fp16 scheduler math in diffusers, fp32 here

@@ -36,6 +36,13 @@ class _Runtime:
     defaults: dict[str, Any]
     signature: inspect.Signature
     options: dict[str, Any]  # accelerate()'s arguments, to rebuild the executor for a replaced pipe.unet
+    unet_key: tuple  # _unet_key(pipe) when the executor was built
+
+
+def _unet_key(pipe: Any) -> tuple:
+    """What the executor baked in: the UNet object (the torch executor holds it), its dtype (the loop's I/O dtype)
+    and device (CPU loop or CUDA graph)."""
+    return id(pipe.unet), pipe.unet.dtype, pipe.unet.device.type
 
 
 class _Fallback(Exception):
@@ -75,7 +82,8 @@ def accelerate(pipe: Any, engines: Path | str | None = None, cuda_graph: bool = 
     sig = inspect.signature(base.__call__)
     defaults = {k: p.default for k, p in sig.parameters.items() if p.default is not inspect.Parameter.empty}
     rt = _Runtime(runner, executor, base.__call__, defaults, sig, dict(
-        engines=engines, cuda_graph=cuda_graph, trust_engine=trust_engine, compile=compile, kernels=kernels))
+        engines=engines, cuda_graph=cuda_graph, trust_engine=trust_engine, compile=compile, kernels=kernels),
+        _unet_key(pipe))
     if getattr(pipe, "_trtkit", None) is None:
         pipe.__class__ = type(f"Accelerated{base.__name__}", (base,), {"__call__": _call})
     object.__setattr__(pipe, "_trtkit", rt)
@@ -94,9 +102,9 @@ def _call(self: Any, *args: Any, **kwargs: Any) -> Any:
     from trtkit.runtime.schedulers import unsupported_reason
 
     rt: _Runtime = self._trtkit
-    if getattr(rt.executor, "unet", self.unet) is not self.unet:  # `pipe.unet = other` after accelerate(): the
-        # torch executor still held the old UNet (an image 0.46 away from diffusers'); rebuild it for the new one
-        log.info("trtkit.accelerate: pipe.unet was replaced; rebuilding the runtime's UNet executor")
+    if _unet_key(self) != rt.unet_key:  # `pipe.unet = other` or `pipe.to(torch.float16)` after accelerate(): the
+        # executor held the old UNet (an image 0.46 away from diffusers') or dtype (a dtype-mismatch traceback)
+        log.info("trtkit.accelerate: pipe.unet was replaced or moved; rebuilding the runtime's UNet executor")
         accelerate(self, **rt.options)
         rt = self._trtkit
     if args:  # positional arguments, as diffusers' signature names them (pipe(prompt, height, width, steps))
