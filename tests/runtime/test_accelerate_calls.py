@@ -226,3 +226,20 @@ def test_pipe_to_fp16_after_accelerate(mods) -> None:  # type: ignore[no-untyped
     kw: dict[str, Any] = dict(prompt="a red cube", num_inference_steps=3, height=64, width=64, output_type="latent")
     want, got = _latents(plain(**kw, generator=_gen())), _latents(acc(**kw, generator=_gen()))
     assert np.abs(got - want).max() / np.abs(want).max() < 2e-3  # fp16 scheduler math in diffusers, fp32 here
+
+
+def test_run_cli_sd_folder_with_safety_checker(mods, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`trtkit run` on a saved SD 1.5 folder that has a safety checker (as runwayml's does) and flags the image:
+    diffusers gives a black image; `trtkit run` skipped the checker and wrote the image."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+    from PIL import Image
+
+    from trtkit.cli import main
+
+    sc, fe = _safety_checker(True)
+    StableDiffusionPipeline(scheduler=EulerDiscreteScheduler(**SD_BETAS), safety_checker=sc, feature_extractor=fe,
+                            requires_safety_checker=True, **mods["sd15"]).save_pretrained(str(tmp_path / "sd15"))
+    out = tmp_path / "a.png"
+    rc = main(["run", str(tmp_path / "sd15"), "--prompt", "x", "--steps", "2", "--height", "64", "--width", "64",
+               "--device", "cpu", "-o", str(out)])
+    assert rc == 0 and np.asarray(Image.open(out)).max() == 0

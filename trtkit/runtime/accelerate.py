@@ -197,16 +197,8 @@ def _accelerated(pipe: Any, rt: _Runtime, prompt: Any = None, negative_prompt: A
     nsfw = None
     if output_type == "latent":
         images: Any = torch.from_numpy(out).to(device, pe.dtype)
-    else:  # between the VAE and postprocess, as diffusers: SD's safety checker (flagged images black), SDXL's
-        # invisible watermark (when the invisible-watermark package is installed)
-        raw = decode(pipe, out, output_type="latent")  # postprocess leaves "latent" output as it is
-        if sdxl and getattr(pipe, "watermark", None) is not None:
-            raw = pipe.watermark.apply_watermark(raw)
-        elif not sdxl and getattr(pipe, "safety_checker", None) is not None:
-            with torch.no_grad():
-                raw, nsfw = pipe.run_safety_checker(raw, device, pe.dtype)
-        images = pipe.image_processor.postprocess(raw, output_type=output_type,
-                                                  do_denormalize=None if nsfw is None else [not n for n in nsfw])
+    else:  # the safety checker / watermark between the VAE and postprocess, as diffusers
+        images, nsfw = decode(pipe, out, output_type=output_type, dtype=pe.dtype)
     pipe.maybe_free_model_hooks()
     if not return_dict:
         return (images,) if sdxl else (images, nsfw)

@@ -120,7 +120,27 @@ def initial_latents(shape: LoopShape, tables: StepTables, seed: int) -> np.ndarr
     return x * np.float32(tables.init_noise_sigma)
 
 
-def decode(pipe: Any, latents: np.ndarray, output_type: str = "pil") -> Any:
+def decode(pipe: Any, latents: np.ndarray, output_type: str = "pil", dtype: Any = None) -> tuple[Any, list | None]:
+    """(images, nsfw_content_detected) as diffusers' pipelines give them: the VAE, then, for a non-latent output,
+    SD's safety checker (flagged images black; `dtype` is the prompt embeddings') or SDXL's invisible watermark
+    when the pipeline has them, then postprocess."""
+    img = decode_raw(pipe, latents)
+    nsfw = None
+    if output_type == "latent":
+        return img, None
+    if is_sdxl(pipe) and getattr(pipe, "watermark", None) is not None:
+        img = pipe.watermark.apply_watermark(img)
+    elif not is_sdxl(pipe) and getattr(pipe, "safety_checker", None) is not None:
+        import torch
+
+        with torch.no_grad():
+            img, nsfw = pipe.run_safety_checker(img, img.device, dtype or pipe.text_encoder.dtype)
+    return pipe.image_processor.postprocess(img, output_type=output_type, do_denormalize=None if nsfw is None
+                                            else [not n for n in nsfw]), nsfw
+
+
+def decode_raw(pipe: Any, latents: np.ndarray) -> Any:
+    """The VAE's output in [-1, 1] (a torch tensor), before any postprocessing."""
     import torch
 
     vae = pipe.vae
@@ -137,8 +157,7 @@ def decode(pipe: Any, latents: np.ndarray, output_type: str = "pil") -> Any:
     else:
         z = z / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
     with torch.no_grad():
-        img = vae.decode(z, return_dict=False)[0]
-    return pipe.image_processor.postprocess(img, output_type=output_type)
+        return vae.decode(z, return_dict=False)[0]
 
 
 class EngineEncoders:
@@ -276,7 +295,7 @@ class Pipeline:
         if self.encoders is not None and "vae_decoder" in self.encoders.engines:
             image = self.encoders.decode(lat)
         else:
-            image = decode(self.pipe, lat)[0]
+            image = decode(self.pipe, lat)[0][0]
         t3 = time.perf_counter()
         return RunResult(image=image, latents=lat, executor=self.executor.name, cuda_graph=self.runner.use_graph,
                          timings_ms={"encode": (t1 - t0) * 1e3, "denoise": (t2 - t1) * 1e3,
