@@ -17,7 +17,6 @@ from trtkit.runtime.executors import LoopShape, StepExecutor, TorchExecutor, des
 from trtkit.runtime.graph_runner import LoopRunner
 from trtkit.runtime.schedulers import (
     StepTables,
-    draw_noise,
     make_tables,
     switch_scheduler,
     unsupported_reason,
@@ -118,6 +117,20 @@ def initial_latents(shape: LoopShape, tables: StepTables, seed: int) -> np.ndarr
     g = torch.Generator("cpu").manual_seed(seed)
     x = torch.randn(shape.latent, generator=g, dtype=torch.float32).numpy()
     return x * np.float32(tables.init_noise_sigma)
+
+
+def seeded_draws(shape: LoopShape, tables: StepTables, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Initial latents, then each step's ancestral noise, from one CPU generator: the order in which diffusers draws
+    from `generator=torch.Generator().manual_seed(seed)` (prepare_latents, then each step()), so `--seed S` gives
+    diffusers' image for seed S with euler_a too (the noise used to come from a second generator seeded S + 1)."""
+    import torch
+
+    g = torch.Generator("cpu").manual_seed(seed)
+    x = torch.randn(shape.latent, generator=g, dtype=torch.float32).numpy() * np.float32(tables.init_noise_sigma)
+    if not tables.uses_noise:
+        return x, None
+    return x, np.stack([torch.randn(shape.latent, generator=g, dtype=torch.float32).numpy()
+                        for _ in range(tables.steps)])
 
 
 def decode(pipe: Any, latents: np.ndarray, output_type: str = "pil", dtype: Any = None) -> tuple[Any, list | None]:
@@ -288,8 +301,7 @@ class Pipeline:
         else:
             cond, shape = encode(self.pipe, cfg.prompt, cfg.negative_prompt, use_cfg, height, width, self.device)
         t1 = time.perf_counter()
-        x = initial_latents(shape, tables, cfg.seed)
-        noise = draw_noise(tables, shape.latent, cfg.seed + 1)
+        x, noise = seeded_draws(shape, tables, cfg.seed)
         lat = self.runner(shape, tables, x_init=x, guidance=cfg.guidance, noise=noise, **cond)
         t2 = time.perf_counter()
         if self.encoders is not None and "vae_decoder" in self.encoders.engines:
