@@ -21,6 +21,7 @@ def test_run_writes_image(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.C
 
 @pytest.mark.parametrize("args,match", [
     (["--scheduler", "lms"], "unknown scheduler"), (["--steps", "0"], "--steps"), (["--height", "100"], "multiples"),
+    (["--height", "-64"], "positive multiples"), (["--width", "0"], "positive multiples"),  # a traceback / the default
     (["--engines", "/nonexistent"], "no unet.plan"), (["--kernels", "fast"], "--kernels must be one of plain, tuned"),
 ])
 def test_run_errors_are_one_line(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture,

@@ -287,7 +287,8 @@ def sd15_folder(modules, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_cli_pipeline_matches_diffusers(sd15_folder: Path, scheduler: str | None) -> None:
     """`trtkit run MODEL --scheduler S` (runtime.pipeline.Pipeline) against diffusers loading the same folder and
     switching with its documented idiom `pipe.scheduler = Cls.from_config(pipe.scheduler.config)` (no switch
-    without --scheduler, or when S is the folder's own kind). Same initial latents and ancestral noise."""
+    without --scheduler, or when S is the folder's own kind). diffusers gets generator=manual_seed(5), as a user
+    compares with --seed 5 (euler_a was 0.51 away while trtkit run drew its noise from a second generator)."""
     import diffusers
 
     from trtkit.runtime.pipeline import Pipeline, RunConfig
@@ -300,9 +301,8 @@ def test_cli_pipeline_matches_diffusers(sd15_folder: Path, scheduler: str | None
     ref.set_progress_bar_config(disable=True)
     if scheduler not in (None, "ddim"):
         ref.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(ref.scheduler.config)
-    x = torch.randn((1, 4, 8, 16), generator=torch.Generator("cpu").manual_seed(5))  # runtime.pipeline.initial_latents
     want = ref("a red cube", negative_prompt="blurry", num_inference_steps=6, guidance_scale=7.0, height=64,
-               width=128, latents=x, generator=torch.Generator("cpu").manual_seed(6),  # draw_noise(seed + 1)
+               width=128, generator=torch.Generator("cpu").manual_seed(5),  # --seed 5, as a user compares
                output_type="latent").images.numpy()
     err = rel(got, want)
     print(f"parity cli {scheduler} {err:.2e}")

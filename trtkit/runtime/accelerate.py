@@ -34,6 +34,19 @@ class _Runtime:
     executor: Any
     original_call: Any
     defaults: dict[str, Any]
+    signature: inspect.Signature
+    options: dict[str, Any]  # accelerate()'s arguments, to rebuild the executor for a replaced pipe.unet
+    unet_key: tuple  # _unet_key(pipe) when the executor was built
+
+
+def _unet_key(pipe: Any) -> tuple:
+    """What the executor baked in: the UNet object (the torch executor holds it), its dtype (the loop's I/O dtype)
+    and device (CPU loop or CUDA graph)."""
+    return id(pipe.unet), pipe.unet.dtype, pipe.unet.device.type
+
+
+class _Fallback(Exception):
+    """Raised by _accelerated before it draws from the generator: diffusers' own loop then gives the image."""
 
 
 def accelerate(pipe: Any, engines: Path | str | None = None, cuda_graph: bool = True, trust_engine: bool = False,
@@ -54,34 +67,60 @@ def accelerate(pipe: Any, engines: Path | str | None = None, cuda_graph: bool = 
 
     if not hasattr(pipe, "unet") or not hasattr(pipe, "encode_prompt"):
         raise TrtkitError(f"{type(pipe).__name__} is not a Stable Diffusion / SDXL text-to-image pipeline")
+    base = type(pipe).__mro__[1] if getattr(pipe, "_trtkit", None) is not None else type(pipe)
+    if not _reproduced(base):
+        # img2img, inpaint, ControlNet, PAG (pag_scale=3 by default), SAG ...: another __call__, another image
+        raise TrtkitError(f"{base.__name__} runs its own __call__; accelerate reproduces only diffusers' "
+                          "StableDiffusionPipeline and StableDiffusionXLPipeline text-to-image calls")
     reason = unsupported_reason(pipe.scheduler)
     if reason is not None:  # a one-line error now rather than a slow fallback at every call
         raise TrtkitError(reason, hint="use euler, euler_a, ddim or dpmpp_2m with a supported config (docs/runtime.md)")
+    if getattr(pipe.unet.config, "time_cond_proj_dim", None) is not None:
+        # an LCM-distilled UNet: diffusers feeds it a guidance-scale embedding and no CFG batch; the loop does not
+        raise TrtkitError(f"{type(pipe).__name__}'s UNet takes a guidance embedding (time_cond_proj_dim="
+                          f"{pipe.unet.config.time_cond_proj_dim}, LCM); the runtime has no such input")
     device = pipe.unet.device.type
     if backend not in (None, "trt", "rtx"):
         raise TrtkitError(f"backend must be 'trt' or 'rtx', got {backend!r}")
     executor = make_executor(pipe, Path(engines) if engines else None, trust_engine, compile, device, kernels,
                              backend)
     runner = LoopRunner(executor, device=device, use_graph=cuda_graph)
-    base = type(pipe)
-    if getattr(pipe, "_trtkit", None) is not None:
-        base = base.__mro__[1]
     sig = inspect.signature(base.__call__)
     defaults = {k: p.default for k, p in sig.parameters.items() if p.default is not inspect.Parameter.empty}
-    rt = _Runtime(runner, executor, base.__call__, defaults)
+    rt = _Runtime(runner, executor, base.__call__, defaults, sig, dict(
+        engines=engines, cuda_graph=cuda_graph, trust_engine=trust_engine, compile=compile, kernels=kernels,
+        backend=backend),
+        _unet_key(pipe))
     if getattr(pipe, "_trtkit", None) is None:
         pipe.__class__ = type(f"Accelerated{base.__name__}", (base,), {"__call__": _call})
     object.__setattr__(pipe, "_trtkit", rt)
     return pipe
 
 
+def _reproduced(cls: type) -> bool:
+    """Whether `cls.__call__` is the text-to-image call _accelerated reproduces (the class or a subclass that
+    keeps it; AutoPipelineForText2Image gives these classes)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return cls.__call__ in (StableDiffusionPipeline.__call__, StableDiffusionXLPipeline.__call__)
+
+
 def _call(self: Any, *args: Any, **kwargs: Any) -> Any:
     from trtkit.runtime.schedulers import unsupported_reason
 
     rt: _Runtime = self._trtkit
+    if _unet_key(self) != rt.unet_key:  # `pipe.unet = other` or `pipe.to(torch.float16)` after accelerate(): the
+        # executor held the old UNet (an image 0.46 away from diffusers') or dtype (a dtype-mismatch traceback)
+        log.info("trtkit.accelerate: pipe.unet was replaced or moved; rebuilding the runtime's UNet executor")
+        accelerate(self, **rt.options)
+        rt = self._trtkit
     rt.executor.refresh()  # before either loop: e.g. fused q/k/v undone where a LoRA loaded since wraps q/k/v
-    if args:  # positional prompt, as diffusers allows
-        kwargs = {**dict(zip(["prompt", "prompt_2"] if "prompt_2" in rt.defaults else ["prompt"], args, strict=False)), **kwargs}
+    if args:  # positional arguments, as diffusers' signature names them (pipe(prompt, height, width, steps))
+        try:
+            bound = rt.signature.bind_partial(self, *args, **kwargs).arguments
+        except TypeError:  # diffusers' own call gives its own error
+            return rt.original_call(self, *args, **kwargs)
+        kwargs = {k: v for k, v in bound.items() if k != "self" and k != "kwargs"} | bound.get("kwargs", {})
     extra = {k: v for k, v in kwargs.items() if k not in HANDLED and v is not None
              and not (k in rt.defaults and _same(v, rt.defaults[k]))}
     if extra:
@@ -92,7 +131,11 @@ def _call(self: Any, *args: Any, **kwargs: Any) -> Any:
     if reason is not None:
         log.warning("trtkit.accelerate: %s; running diffusers' own loop", reason)
         return rt.original_call(self, **kwargs)
-    return _accelerated(self, rt, **kwargs)
+    try:
+        return _accelerated(self, rt, **kwargs)
+    except _Fallback as e:
+        log.warning("trtkit.accelerate: %s; running diffusers' own loop", e)
+        return rt.original_call(self, **kwargs)
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -123,6 +166,9 @@ def _accelerated(pipe: Any, rt: _Runtime, prompt: Any = None, negative_prompt: A
     cfg = g > 1.0
     device = pipe._execution_device
     sdxl = is_sdxl(pipe)
+    _check_inputs(pipe, prompt=prompt, height=height, width=width, negative_prompt=negative_prompt,
+                  prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                  pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
     with torch.no_grad():
         if sdxl:
             pe, npe, pooled, npooled = pipe.encode_prompt(
@@ -139,6 +185,14 @@ def _accelerated(pipe: Any, rt: _Runtime, prompt: Any = None, negative_prompt: A
             tid = torch.tensor([[height, width, 0, 0, height, width]] * b, dtype=pe.dtype, device=device)
             cond["text_embeds"] = torch.cat([npooled, pooled]) if cfg else pooled
             cond["time_ids"] = torch.cat([tid, tid]) if cfg else tid
+        shape = LoopShape(batch=b, latent_channels=pipe.unet.config.in_channels, latent_height=height // f,
+                          latent_width=width // f, cfg=cfg, text_len=pe.shape[1], text_dim=pe.shape[2],
+                          pooled_dim=cond["text_embeds"].shape[-1] if sdxl else None,
+                          time_ids_dim=6 if sdxl else None)
+        try:  # a shape the executor refuses (e.g. 520x512 on the torch UNet) is diffusers' to run, not an error
+            rt.executor.check_shape(shape)
+        except TrtkitError as e:
+            raise _Fallback(str(e)) from None
         tables = make_tables(pipe.scheduler, steps)  # the instance diffusers would step, not its config
         pipe.scheduler.set_timesteps(steps, device=device)  # as diffusers does before prepare_latents
         lat = pipe.prepare_latents(b, pipe.unet.config.in_channels, height, width, pe.dtype, device, generator,
@@ -147,23 +201,28 @@ def _accelerated(pipe: Any, rt: _Runtime, prompt: Any = None, negative_prompt: A
         if tables.uses_noise:  # the draws scheduler.step() would make, in the same order, from the same generator
             noise = torch.stack([randn_tensor(lat.shape, generator=generator, device=lat.device, dtype=lat.dtype)
                                  for _ in range(steps)]).float().cpu().numpy()
-    shape = LoopShape(batch=b, latent_channels=lat.shape[1], latent_height=lat.shape[2], latent_width=lat.shape[3],
-                      cfg=cfg, text_len=pe.shape[1], text_dim=pe.shape[2],
-                      pooled_dim=cond["text_embeds"].shape[-1] if sdxl else None, time_ids_dim=6 if sdxl else None)
     out = rt.runner(shape, tables, x_init=lat.float().cpu().numpy(), guidance=g, noise=noise, **cond)
     if hasattr(rt.executor, "engine"):  # TensorRT-RTX: keep the kernels this first run compiled (x.runtime_cache)
         rt.executor.engine.save_runtime_cache()
+    nsfw = None
     if output_type == "latent":
         images: Any = torch.from_numpy(out).to(device, pe.dtype)
-    else:
-        images = decode(pipe, out, output_type=output_type)
+    else:  # the safety checker / watermark between the VAE and postprocess, as diffusers
+        images, nsfw = decode(pipe, out, output_type=output_type, dtype=pe.dtype)
     pipe.maybe_free_model_hooks()
     if not return_dict:
-        return (images,) if sdxl else (images, None)
+        return (images,) if sdxl else (images, nsfw)
     if sdxl:
         from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffusionXLPipelineOutput
 
         return StableDiffusionXLPipelineOutput(images=images)
     from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 
-    return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None)
+    return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=nsfw)
+
+
+def _check_inputs(pipe: Any, **given: Any) -> None:
+    """diffusers' own argument checks (sizes not multiples of 8, prompt and prompt_embeds both given, ...), with
+    its own ValueError, before any work. Its signature differs between SD and SDXL: pass what it names."""
+    names = inspect.signature(pipe.check_inputs).parameters
+    pipe.check_inputs(**{k: given.get(k) for k in names if k in given or k in ("prompt_2", "callback_steps")})

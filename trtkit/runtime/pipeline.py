@@ -26,7 +26,6 @@ from trtkit.runtime.executors import (
 from trtkit.runtime.graph_runner import LoopRunner
 from trtkit.runtime.schedulers import (
     StepTables,
-    draw_noise,
     make_tables,
     switch_scheduler,
     unsupported_reason,
@@ -162,7 +161,41 @@ def initial_latents(shape: LoopShape, tables: StepTables, seed: int) -> np.ndarr
     return x * np.float32(tables.init_noise_sigma)
 
 
-def decode(pipe: Any, latents: np.ndarray, output_type: str = "pil") -> Any:
+def seeded_draws(shape: LoopShape, tables: StepTables, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Initial latents, then each step's ancestral noise, from one CPU generator: the order in which diffusers draws
+    from `generator=torch.Generator().manual_seed(seed)` (prepare_latents, then each step()), so `--seed S` gives
+    diffusers' image for seed S with euler_a too (the noise used to come from a second generator seeded S + 1)."""
+    import torch
+
+    g = torch.Generator("cpu").manual_seed(seed)
+    x = torch.randn(shape.latent, generator=g, dtype=torch.float32).numpy() * np.float32(tables.init_noise_sigma)
+    if not tables.uses_noise:
+        return x, None
+    return x, np.stack([torch.randn(shape.latent, generator=g, dtype=torch.float32).numpy()
+                        for _ in range(tables.steps)])
+
+
+def decode(pipe: Any, latents: np.ndarray, output_type: str = "pil", dtype: Any = None) -> tuple[Any, list | None]:
+    """(images, nsfw_content_detected) as diffusers' pipelines give them: the VAE, then, for a non-latent output,
+    SD's safety checker (flagged images black; `dtype` is the prompt embeddings') or SDXL's invisible watermark
+    when the pipeline has them, then postprocess."""
+    img = decode_raw(pipe, latents)
+    nsfw = None
+    if output_type == "latent":
+        return img, None
+    if is_sdxl(pipe) and getattr(pipe, "watermark", None) is not None:
+        img = pipe.watermark.apply_watermark(img)
+    elif not is_sdxl(pipe) and getattr(pipe, "safety_checker", None) is not None:
+        import torch
+
+        with torch.no_grad():
+            img, nsfw = pipe.run_safety_checker(img, img.device, dtype or pipe.text_encoder.dtype)
+    return pipe.image_processor.postprocess(img, output_type=output_type, do_denormalize=None if nsfw is None
+                                            else [not n for n in nsfw]), nsfw
+
+
+def decode_raw(pipe: Any, latents: np.ndarray) -> Any:
+    """The VAE's output in [-1, 1] (a torch tensor), before any postprocessing."""
     import torch
 
     vae = pipe.vae
@@ -171,11 +204,15 @@ def decode(pipe: Any, latents: np.ndarray, output_type: str = "pil") -> Any:
         vae.to(torch.float32)  # the fp16 SDXL VAE overflows; diffusers upcasts it the same way
         dtype = torch.float32
     z = torch.from_numpy(latents).to(vae.device, dtype)
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    z = z / vae.config.scaling_factor + shift
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if is_sdxl(pipe) and mean is not None and std is not None:  # per-channel statistics (Playground v2.5), as
+        # diffusers' SDXL pipeline denormalizes them; its SD pipeline ignores them
+        z = z * torch.tensor(std).view(1, -1, 1, 1).to(z) / vae.config.scaling_factor \
+            + torch.tensor(mean).view(1, -1, 1, 1).to(z)
+    else:
+        z = z / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
     with torch.no_grad():
-        img = vae.decode(z, return_dict=False)[0]
-    return pipe.image_processor.postprocess(img, output_type=output_type)
+        return vae.decode(z, return_dict=False)[0]
 
 
 class EngineEncoders:
@@ -321,10 +358,10 @@ class Pipeline:
         t0 = time.perf_counter()
         unet_cfg = self.unet_config
         f = self.pipe.vae_scale_factor
-        height = cfg.height or unet_cfg.sample_size * f
-        width = cfg.width or unet_cfg.sample_size * f
-        if height % 8 or width % 8:
-            raise TrtkitError(f"height and width must be multiples of 8, got {height}x{width}")
+        height = unet_cfg.sample_size * f if cfg.height is None else cfg.height  # 0 is an error, not the default
+        width = unet_cfg.sample_size * f if cfg.width is None else cfg.width
+        if height <= 0 or width <= 0 or height % 8 or width % 8:
+            raise TrtkitError(f"height and width must be positive multiples of 8, got {height}x{width}")
         use_cfg = cfg.guidance > 1.0
         tables = self.tables(cfg.scheduler, cfg.steps)
         if self.encoders is not None and self.encoders.has_text():
@@ -333,14 +370,13 @@ class Pipeline:
             cond, shape = encode(self.pipe, cfg.prompt, cfg.negative_prompt, use_cfg, height, width, self.device,
                                  unet_cfg)
         t1 = time.perf_counter()
-        x = initial_latents(shape, tables, cfg.seed)
-        noise = draw_noise(tables, shape.latent, cfg.seed + 1)
+        x, noise = seeded_draws(shape, tables, cfg.seed)
         lat = self.runner(shape, tables, x_init=x, guidance=cfg.guidance, noise=noise, **cond)
         t2 = time.perf_counter()
         if self.encoders is not None and "vae_decoder" in self.encoders.engines:
             image = self.encoders.decode(lat)
         else:
-            image = decode(self.pipe, lat)[0]
+            image = decode(self.pipe, lat)[0][0]
         t3 = time.perf_counter()
         for e in self.engines.values():  # TensorRT-RTX: keep the kernels compiled by this first run
             e.save_runtime_cache()
