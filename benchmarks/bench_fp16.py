@@ -101,6 +101,9 @@ def run_pass(method: str, src: Path, dest: Path, calib: Path) -> dict[str, Any]:
     p.returncode = os.waitstatus_to_exitcode(status)
     res: dict[str, Any] = {"seconds": round(time.perf_counter() - t0, 1),
                            "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2), "ok": p.returncode == 0}
+    hwm = [ln.split()[1] for ln in out.splitlines() if ln.startswith("PEAK_RSS_KIB ")]
+    if hwm:  # the pass's own peak (VmHWM); ru_maxrss above is an upper bound that includes the parent's RSS
+        res["peak_rss_gib"], res["ru_maxrss_gib"] = round(int(hwm[-1]) / 2**20, 2), res["peak_rss_gib"]
     if p.returncode:
         res["error"] = out.strip().splitlines()[-1][:300] if out.strip() else f"exit {p.returncode}"
     return res
@@ -132,6 +135,11 @@ def rtx_build(path: Path, shapes: str, timeout: int) -> dict[str, Any]:
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         child(*sys.argv[2:6])
+        # The child's own high-water mark: ru_maxrss from wait4 keeps the parent's RSS at fork (Linux carries
+        # it across exec), which after an in-process export is the export's peak, not the pass's.
+        hwm = next(ln.split()[1] for ln in Path("/proc/self/status").read_text().splitlines()
+                   if ln.startswith("VmHWM:"))
+        print(f"PEAK_RSS_KIB {hwm}", flush=True)
         return
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", choices=("tiny", "sd15", "sdxl"), default="tiny")
