@@ -15,6 +15,7 @@ import numpy as np
 
 from trtkit._quiet import quiet_loading
 from trtkit.errors import TrtkitError
+from trtkit.runtime.decoding import vae_input
 from trtkit.runtime.executors import (
     LoopShape,
     StepExecutor,
@@ -203,14 +204,8 @@ def decode_raw(pipe: Any, latents: np.ndarray) -> Any:
     if dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
         vae.to(torch.float32)  # the fp16 SDXL VAE overflows; diffusers upcasts it the same way
         dtype = torch.float32
-    z = torch.from_numpy(latents).to(vae.device, dtype)
-    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-    if is_sdxl(pipe) and mean is not None and std is not None:  # per-channel statistics (Playground v2.5), as
-        # diffusers' SDXL pipeline denormalizes them; its SD pipeline ignores them
-        z = z * torch.tensor(std).view(1, -1, 1, 1).to(z) / vae.config.scaling_factor \
-            + torch.tensor(mean).view(1, -1, 1, 1).to(z)
-    else:
-        z = z / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
+    # the arithmetic in float32 on the host, then the VAE dtype (diffusers does it in the latents' dtype)
+    z = torch.from_numpy(vae_input(latents, vae.config, is_sdxl(pipe))).to(vae.device, dtype)
     with torch.no_grad():
         return vae.decode(z, return_dict=False)[0]
 
@@ -272,8 +267,7 @@ class EngineEncoders:
     def decode(self, latents: np.ndarray) -> Any:
         from PIL import Image
 
-        vae = self.pipe.vae.config
-        z = latents / vae.scaling_factor + (getattr(vae, "shift_factor", None) or 0.0)
+        z = vae_input(latents, self.pipe.vae.config, is_sdxl(self.pipe, self.unet_cfg))
         from trtkit.runtime.components import check_vae
 
         check_vae(self.engines["vae_decoder"].desc, tuple(z.shape))
