@@ -117,3 +117,15 @@ def test_run_without_output_never_replaces_out_png(tiny_model_dir: Path, tmp_pat
     out = tmp_path / "named.png"
     out.write_bytes(b"old")
     assert main([*args, "-o", str(out)]) == 0 and out.read_bytes() != b"old"  # a named file: replaced, as asked
+
+
+def test_run_height_72(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`trtkit run --height 72` (a multiple of 8, not of 64, which diffusers accepts) failed after the pipeline
+    loaded ("latent 9x8 must be a multiple of 8 (image size a multiple of 64)"); the torch UNet takes it."""
+    from PIL import Image
+
+    out = tmp_path / "h72.png"
+    rc = main(["run", str(tiny_model_dir), "--prompt", "a cat", "--steps", "1", "--height", "72", "--width", "64",
+               "--device", "cpu", "--no-cuda-graph", "-o", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    assert Image.open(out).size == (64, 72)
