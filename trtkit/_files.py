@@ -136,6 +136,17 @@ def check_output(path: Path | str, *, default_name: str | None = None, inputs: I
     return out
 
 
+def unused_name(folder: Path | str, name: str) -> Path:
+    """`folder/name`, or the first of `stem-1.ext`, `stem-2.ext`, ... that does not exist yet: for outputs whose
+    name the user did not give (`trtkit run` without -o), so a second run never replaces the first's file."""
+    first = Path(folder) / name
+    out, n = first, 0
+    while os.path.lexists(out):
+        n += 1
+        out = first.with_name(f"{first.stem}-{n}{first.suffix}")
+    return out
+
+
 def _check_one(p: Path, label: str, inputs: list[Path]) -> None:
     """`label` names `p` in the messages ("plan x.plan", "x.json (written beside x.plan)")."""
     try:

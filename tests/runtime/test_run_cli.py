@@ -92,3 +92,40 @@ def test_run_and_bench_compiled_on_a_gpu(tiny_model_dir: Path, tmp_path: Path, c
     s = json.loads(capsys.readouterr().out)
     assert rc == 0 and set(s["kernels"].split(",")) == {"channels_last", "nhwc_transformer", "fuse_qkv"}
     assert s["per_step_ms"] > 0
+
+
+def test_run_without_output_never_replaces_out_png(tiny_model_dir: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    """`trtkit run MODEL --prompt ...` twice in one folder (no -o): the second run replaced the first's out.png
+    silently; it now writes out-1.png and says so. A folder as -o gets the same."""
+    monkeypatch.chdir(tmp_path)
+    args = ["run", str(tiny_model_dir), "--prompt", "a cat", "--steps", "1", "--height", "64", "--width", "64",
+            "--device", "cpu", "--no-cuda-graph"]
+    assert main(args) == 0
+    first = (tmp_path / "out.png").read_bytes()
+    assert "wrote out.png" in capsys.readouterr().out
+    assert main([*args, "--prompt", "a dog"]) == 0
+    cap = capsys.readouterr()
+    assert (tmp_path / "out.png").read_bytes() == first and (tmp_path / "out-1.png").is_file()
+    assert "wrote out-1.png" in cap.out and "out.png exists; writing out-1.png" in cap.err
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "out.png").write_bytes(b"keep")
+    assert main([*args, "-o", "imgs", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["output"] == str(Path("imgs") / "out-1.png")
+    assert (tmp_path / "imgs" / "out.png").read_bytes() == b"keep"
+    out = tmp_path / "named.png"
+    out.write_bytes(b"old")
+    assert main([*args, "-o", str(out)]) == 0 and out.read_bytes() != b"old"  # a named file: replaced, as asked
+
+
+def test_run_height_72(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`trtkit run --height 72` (a multiple of 8, not of 64, which diffusers accepts) failed after the pipeline
+    loaded ("latent 9x8 must be a multiple of 8 (image size a multiple of 64)"); the torch UNet takes it."""
+    from PIL import Image
+
+    out = tmp_path / "h72.png"
+    rc = main(["run", str(tiny_model_dir), "--prompt", "a cat", "--steps", "1", "--height", "72", "--width", "64",
+               "--device", "cpu", "--no-cuda-graph", "-o", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    assert Image.open(out).size == (64, 72)

@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
-import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -23,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 import trtkit
 from trtkit._files import (
     atomic_path,
-    check_input,
     check_output,
     ensure_writable_dir,
     sha256_files,
@@ -31,10 +29,9 @@ from trtkit._files import (
     write_text_atomic,
 )
 from trtkit.builder import metadata as md
+from trtkit.builder import precision as pr
 from trtkit.builder.config import (
-    EIGHT_BIT,
     FP8_DEFAULT_TARGETS,
-    RTX_DEFAULT_TARGETS,
     BuildConfig,
     fp8_gpu_error,
 )
@@ -57,8 +54,6 @@ if TYPE_CHECKING:  # the TensorRT 10 API as typed by stubs/ (never imported at r
 
 log = logging.getLogger(__name__)
 
-CALIBRATE_HINT = ("calibrate first: trtkit calibrate MODEL_DIR -o calib.json, then pass --calib calib.json "
-                  "(or give an ONNX that already has Q/DQ nodes)")
 
 
 @dataclass
@@ -74,11 +69,6 @@ class BuildResult:
     precision: str = "fp32"
     backend: str = ""
     notes: list[str] = field(default_factory=list)
-
-
-def _strongly_typed(backend: Any) -> bool:
-    # TensorRT 11 and TensorRT-RTX removed the precision flags: types come from the graph.
-    return bool(backend.strongly_typed_only or backend.major >= 11)
 
 
 def _rtx_targets(config: BuildConfig, source: OnnxSource) -> tuple[str, ...]:
@@ -139,132 +129,17 @@ def checked_output(config: BuildConfig) -> BuildConfig:
     return config if out == config.output else dataclasses.replace(config, output=out)
 
 
-def _check_precision(config: BuildConfig, source: OnnxSource, notes: list[str]) -> None:
-    if config.calib is not None:
-        check_input(config.calib, "calibration file")
-    if config.precision not in EIGHT_BIT:
-        if source.has_qdq:
-            notes.append(f"the ONNX already has {'/'.join(source.qdq_types)} Q/DQ nodes: an "
-                         f"{'/'.join(source.qdq_types)} engine (its Q/DQ are built as given)")
-        return
-    if source.has_qdq:
-        if config.precision not in source.qdq_types:
-            raise TrtkitError(f"{source.path.name} already has {'/'.join(source.qdq_types)} Q/DQ nodes, not "
-                              f"{config.precision}; build it with --{source.qdq_types[0]} or start from the "
-                              "unquantized ONNX")
-        notes.append(f"the ONNX already has {config.precision} Q/DQ nodes: Q/DQ pass skipped"
-                     + ("; --calib ignored" if config.calib else ""))
-        return
-    if config.precision == "int8" and config.calib is None:
-        raise TrtkitError(f"--int8 needs calibration for {source.path.name}, which has no Q/DQ nodes; {CALIBRATE_HINT}")
-
-
-def engine_precision(config: BuildConfig, source: OnnxSource) -> str:
-    """What the engine runs in, for labels: the requested precision, or the Q/DQ type of an ONNX that
-    already has Q/DQ and was built without --int8/--fp8 (it is 8-bit whatever the flag)."""
-    if config.precision in EIGHT_BIT or not source.has_qdq:
-        return config.precision
-    return "/".join(source.qdq_types)
-
-
 def _key_material(config: BuildConfig, backend: Any, source: OnnxSource, profiles: list[ProfileShapes],
                   onnx_sha: str, calib_sha: str | None) -> dict[str, Any]:
     return {
         "trtkit": trtkit.__version__, "backend": backend.name, "backend_version": backend.version,
         "target": list(_rtx_targets(config, source)) if backend.is_rtx else [backend.gpu, backend.compute_capability],
         "onnx_sha256": onnx_sha, "calib_sha256": calib_sha if not source.has_qdq else None,
-        "precision": config.precision, "fp16_rest": _fp16_rest(config, source), "quant_level": config.quant_level,
+        "precision": config.precision, "fp16_rest": pr.fp16_rest(config, source), "quant_level": config.quant_level,
         "profiles": [p.to_json() for p in profiles], "opt_level": config.effective_opt_level,
         "workspace": config.workspace_bytes, "build_flags": rtx_build_flags(backend.trt) if backend.is_rtx else [],
         **({"refittable": True} if config.refittable else {}),  # absent when off: old cache keys stay valid
     }
-
-
-def _prepare_onnx(config: BuildConfig, backend: Any, source: OnnxSource, profiles: list[ProfileShapes],
-                  work: Path, notes: list[str], say: Callable[[str], None]) -> OnnxSource:
-    """The graph TensorRT will parse: the Q/DQ pass and/or FP16 conversion where the precision needs them."""
-    path = source.path
-    fp16 = config.precision == "fp16" or (config.precision in EIGHT_BIT and _fp16_rest(config, source))
-    if config.precision in EIGHT_BIT and not source.has_qdq:
-        preset = next((p.name for p in profiles if ":" not in p.name and p.name in config.profiles), None)
-        say(f"{config.precision} Q/DQ pass (trtkit.graph.qdq)")
-        # Both passes write the kept name (in two folders), so the last one's external data file is
-        # already named as it will be beside the plan.
-        (work / "qdq").mkdir()
-        path, fp16_done = _quantize(config, path, work / "qdq" / qdq_onnx_path(config).name, fp16, preset)
-        notes.append(f"{config.precision} Q/DQ pass applied" + (f" with {config.calib.name}" if config.calib else "")
-                     + (", the rest converted to FP16" if fp16_done else ""))
-        fp16 = fp16 and not fp16_done
-    if fp16 and _strongly_typed(backend):
-        say("FP16 graph conversion (trtkit.graph.fp16)")
-        path = _convert_fp16(path, work / (qdq_onnx_path(config).name if path != source.path else "model.fp16.onnx"))
-        notes.append("FP16 graph conversion applied (strongly typed network)")
-    return source if path == source.path else read_onnx(path)
-
-
-def _fp16_rest(config: BuildConfig, source: OnnxSource) -> bool:
-    if config.fp16_base is not None:
-        return config.fp16_base
-    return config.precision in EIGHT_BIT and not source.has_qdq
-
-
-def _quantize(config: BuildConfig, onnx_path: Path, output: Path, fp16: bool,
-              preset: str | None) -> tuple[Path, bool]:
-    """Run the Q/DQ pass; (its output, whether it also converted the rest to FP16)."""
-    import dataclasses
-
-    try:
-        from trtkit.graph.qdq import QuantizeConfig, quantize
-    except ImportError as e:
-        raise TrtkitError(f"--{config.precision} needs the Q/DQ pass (trtkit.graph.qdq), which this install "
-                          f"lacks ({e})") from e
-    kw: dict[str, Any] = dict(onnx_path=onnx_path, output=output, precision=config.precision, calib=config.calib)
-    if config.quant_level is not None:
-        kw["level"] = config.quant_level
-    # Optional knobs of the pass, passed where it has them: FP16 for the rest in the same pass, and
-    # the profile whose sample inputs it runs when it calibrates by itself.
-    fields = {f.name for f in dataclasses.fields(QuantizeConfig)}
-    if "fp16" in fields:
-        kw["fp16"] = fp16
-    if "profile" in fields and preset is not None:
-        kw["profile"] = preset
-    result = quantize(QuantizeConfig(**kw))
-    return _result_path(result, output), bool(kw.get("fp16"))
-
-
-def _convert_fp16(onnx_path: Path, output: Path) -> Path:
-    try:
-        from trtkit.graph.fp16 import convert_fp16
-    except ImportError as e:
-        raise TrtkitError(f"FP16 on a strongly typed backend needs the FP16 conversion (trtkit.graph.fp16), "
-                          f"which this install lacks ({e})") from e
-    return _result_path(convert_fp16(onnx_path, output), output)
-
-
-def _result_path(result: Any, default: Path) -> Path:
-    if isinstance(result, (str, os.PathLike)):
-        return Path(result)
-    for attr in ("path", "output"):
-        value = getattr(result, attr, None)
-        if isinstance(value, (str, os.PathLike)):
-            return Path(value)
-    return default
-
-
-def _precision_flags(config: BuildConfig, backend: Any, source: OnnxSource, graph: OnnxSource) -> list[str]:
-    """TensorRT 10 builder flags: what the user asked for plus the types of the Q/DQ in the graph."""
-    if _strongly_typed(backend):
-        return []
-    want: list[str] = []
-    if config.precision == "fp16" or _fp16_rest(config, source):
-        want.append("FP16")
-    for t in ({config.precision} & set(EIGHT_BIT)) | set(graph.qdq_types):
-        want.append(t.upper())
-    flags = [f for f in dict.fromkeys(want) if f in backend.precision_flags]
-    missing = [f for f in dict.fromkeys(want) if f not in backend.precision_flags]
-    if missing:
-        raise TrtkitError(f"TensorRT {backend.version} has no {'/'.join(missing)} builder flag")
-    return flags
 
 
 class _LastError(logging.Handler):
@@ -320,7 +195,7 @@ def build(config: BuildConfig, progress: BuildProgress | None = None,
     check_output(config.output, inputs=source.data_files, what="plan",
                  sidecars=lambda o: [o.with_suffix(".json"), o.with_suffix(".layers.json")])
     profiles, dims_from = resolve_profiles(config, source)
-    _check_precision(config, source, notes)
+    pr.check_precision(config, source, notes)
     targets = _rtx_targets(config, source) if backend.is_rtx else ()
     out_dir = ensure_writable_dir(config.output.parent)
 
@@ -335,17 +210,17 @@ def build(config: BuildConfig, progress: BuildProgress | None = None,
         layers = config.layers_path if config.layers_path.is_file() else None
         log.info("cache hit: %s was built with the same inputs and settings (key %s)", config.output, key[:12])
         return BuildResult(config.output, config.metadata_path, layers, True, time.perf_counter() - t0,
-                           float(doc.get("build_seconds", 0.0)), key, names, engine_precision(config, source), backend.name,
+                           float(doc.get("build_seconds", 0.0)), key, names, pr.engine_precision(config, source), backend.name,
                            ["cache hit: same ONNX, settings and backend; --force rebuilds"])
 
     trt = backend.trt
-    strongly_typed = _strongly_typed(backend)
+    strongly_typed = pr.strongly_typed(backend)
     before = plan_identity(config.output)
     # Held from the plan's move until its metadata is written: two builds to one path leave one build's pair.
     with contextlib.ExitStack() as pair_lock:
         with tempfile.TemporaryDirectory(prefix=f".{config.output.name}.work-", dir=out_dir) as work_dir:
-            graph = _prepare_onnx(config, backend, source, profiles, Path(work_dir), notes, say)
-            flags = _precision_flags(config, backend, source, graph)
+            graph = pr.prepare_onnx(config, backend, source, profiles, Path(work_dir), notes, say)
+            flags = pr.precision_flags(config, backend, source, graph)
 
             # Ctrl-C cancels from here on: a KeyboardInterrupt inside TensorRT's parse would be dropped by
             # TensorRT (it catches what its logger callback raises), so the handler only records it.
@@ -382,7 +257,7 @@ def build(config: BuildConfig, progress: BuildProgress | None = None,
 
                 last_error = _LastError()
                 with atomic_path(config.output) as tmp_plan:
-                    title = (f"building {config.output.name} ({engine_precision(config, source)}, {backend.name} "
+                    title = (f"building {config.output.name} ({pr.engine_precision(config, source)}, {backend.name} "
                              f"{backend.version})")
                     with progress_display(config.progress, title) as display:
                         if progress is None:
@@ -423,41 +298,15 @@ def build(config: BuildConfig, progress: BuildProgress | None = None,
         if layers_text is not None:
             layers_path = write_text_atomic(config.layers_path, layers_text)
 
-        doc = {
-            "trtkit_version": trtkit.__version__,
-            "backend": {"name": backend.name, "module": trt.__name__, "version": backend.version},
-            "target": ({"compute_capabilities": list(targets or RTX_DEFAULT_TARGETS),
-                        "default_targets": not targets} if backend.is_rtx else
-                       {"gpu": backend.gpu, "compute_capability": ".".join(map(str, backend.compute_capability or ()))}),
-            "precision": {"requested": config.precision, "engine": engine_precision(config, source),
-                          "fp16_rest": _fp16_rest(config, source), "qdq_types": list(graph.qdq_types),
-                          "strongly_typed": strongly_typed, "builder_flags": flags},
-            "builder_flags": other_flags,  # set besides the precision flags (RTX: REQUIRE_USER_ALLOCATION)
-            "profiles": [p.to_json() for p in profiles],
-            "io": io,
-            "settings": {"opt_level": config.effective_opt_level, "workspace": config.workspace_bytes,
-                         "profiling_verbosity": "DETAILED", "static": config.static,
-                         "refittable": config.refittable,
-                         "timing_cache": str(config.timing_cache) if timing_cache is not None else None,
-                         "quant_level": config.quant_level, "shapes": config.shapes, "min_shapes": config.min_shapes,
-                         "opt_shapes": config.opt_shapes, "max_shapes": config.max_shapes,
-                         "extra": dict(config.extra)},
-            "onnx": {"path": str(source.path.resolve()), "sha256": onnx_sha,
-                     "files": [p.name for p in (source.path, *source.data_files)], "component": source.component,
-                     "scope": source.metadata.get("trtkit.scope"), "dims_from": dims_from},
-            "calib": {"path": str(config.calib.resolve()), "sha256": calib_sha} if config.calib else None,
-            "qdq_onnx": kept,
-            "build_seconds": round(build_seconds, 3),
-            "plan": {"path": config.output.name, "bytes": plan_bytes, "sha256": plan_sha},
-            "layers": {"saved": layers_path is not None, "path": layers_path.name if layers_path else None,
-                       "reason": layers_reason or "engine inspector JSON (DETAILED)",
-                       "shapes": {k: list(v) for k, v in shapes.items()} if layers_path else None},
-            "notes": notes,
-            "cache_key": key,
-        }
+        doc = md.engine_document(
+            config, backend, source, graph, targets=targets, strongly_typed=strongly_typed, precision_flags=flags,
+            builder_flags=other_flags, profiles=profiles, io=io, timing_cache_used=timing_cache is not None,
+            onnx_sha=onnx_sha, calib_sha=calib_sha, dims_from=dims_from, qdq_onnx=kept, build_seconds=build_seconds,
+            plan={"path": config.output.name, "bytes": plan_bytes, "sha256": plan_sha},
+            layers_path=layers_path, layers_reason=layers_reason, shapes=shapes, notes=notes, key=key)
         md.write_metadata(config.metadata_path, doc)
     return BuildResult(config.output, config.metadata_path, layers_path, False, time.perf_counter() - t0,
-                       build_seconds, key, names, engine_precision(config, source), backend.name, notes)
+                       build_seconds, key, names, pr.engine_precision(config, source), backend.name, notes)
 
 
 def _load_timing_cache(cfg: trt_api.IBuilderConfig, config: BuildConfig,

@@ -23,7 +23,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import trtkit
 from trtkit._files import write_text_atomic
+from trtkit.builder.config import RTX_DEFAULT_TARGETS, BuildConfig
+from trtkit.builder.precision import engine_precision, fp16_rest
+from trtkit.builder.shapes import ProfileShapes
+from trtkit.builder.source import OnnxSource
 
 if TYPE_CHECKING:  # the TensorRT 10 API as typed by stubs/ (never imported at run time)
     import tensorrt as trt_api
@@ -63,6 +68,49 @@ def write_metadata(path: Path, doc: dict[str, Any]) -> Path:
 
 
 _NUMBER_LIST = re.compile(r"\[\s+(-?\d+(?:,\s+-?\d+)*)\s+\]")
+
+
+def engine_document(config: BuildConfig, backend: Any, source: OnnxSource, graph: OnnxSource, *,
+                    targets: Sequence[str], strongly_typed: bool, precision_flags: list[str],
+                    builder_flags: list[str], profiles: Sequence[ProfileShapes], io: dict[str, Any],
+                    timing_cache_used: bool, onnx_sha: str, calib_sha: str | None, dims_from: Any,
+                    qdq_onnx: dict[str, Any] | None, build_seconds: float, plan: dict[str, Any],
+                    layers_path: Path | None, layers_reason: str, shapes: Mapping[str, Sequence[int]],
+                    notes: list[str], key: str) -> dict[str, Any]:
+    """The `x.json` document of one finished build (keys in the module docstring); `source` is the ONNX
+    given, `graph` the one TensorRT parsed (after the Q/DQ pass / FP16 conversion)."""
+    return {
+        "trtkit_version": trtkit.__version__,
+        "backend": {"name": backend.name, "module": backend.trt.__name__, "version": backend.version},
+        "target": ({"compute_capabilities": list(targets or RTX_DEFAULT_TARGETS),
+                    "default_targets": not targets} if backend.is_rtx else
+                   {"gpu": backend.gpu, "compute_capability": ".".join(map(str, backend.compute_capability or ()))}),
+        "precision": {"requested": config.precision, "engine": engine_precision(config, source),
+                      "fp16_rest": fp16_rest(config, source), "qdq_types": list(graph.qdq_types),
+                      "strongly_typed": strongly_typed, "builder_flags": precision_flags},
+        "builder_flags": builder_flags,  # set besides the precision flags (RTX: REQUIRE_USER_ALLOCATION)
+        "profiles": [p.to_json() for p in profiles],
+        "io": io,
+        "settings": {"opt_level": config.effective_opt_level, "workspace": config.workspace_bytes,
+                     "profiling_verbosity": "DETAILED", "static": config.static,
+                     "refittable": config.refittable,
+                     "timing_cache": str(config.timing_cache) if timing_cache_used else None,
+                     "quant_level": config.quant_level, "shapes": config.shapes, "min_shapes": config.min_shapes,
+                     "opt_shapes": config.opt_shapes, "max_shapes": config.max_shapes,
+                     "extra": dict(config.extra)},
+        "onnx": {"path": str(source.path.resolve()), "sha256": onnx_sha,
+                 "files": [p.name for p in (source.path, *source.data_files)], "component": source.component,
+                 "scope": source.metadata.get("trtkit.scope"), "dims_from": dims_from},
+        "calib": {"path": str(config.calib.resolve()), "sha256": calib_sha} if config.calib else None,
+        "qdq_onnx": qdq_onnx,
+        "build_seconds": round(build_seconds, 3),
+        "plan": plan,
+        "layers": {"saved": layers_path is not None, "path": layers_path.name if layers_path else None,
+                   "reason": layers_reason or "engine inspector JSON (DETAILED)",
+                   "shapes": {k: list(v) for k, v in shapes.items()} if layers_path else None},
+        "notes": notes,
+        "cache_key": key,
+    }
 
 
 def inspection_shapes(profiles: Sequence[Mapping[str, Any]]) -> dict[str, tuple[int, ...]]:

@@ -58,6 +58,20 @@ def _warn_compile_on_cpu(compile: bool, device: str | None) -> None:
                           markup=False)
 
 
+def _default_output(output: Path | None) -> Path:
+    """The image to write where -o names no file (none, or a folder): out.png, or out-N.png beside an existing
+    one (said on stderr), rather than silently replacing the previous run's image."""
+    if output is not None and not output.is_dir():
+        return output
+    from trtkit._files import unused_name
+
+    path = unused_name(output if output is not None else Path("."), "out.png")
+    if path.name != "out.png":
+        err_console.print(f"note: {path.with_name('out.png')} exists; writing {path} (-o names the file)",
+                          markup=False)
+    return path
+
+
 def register(app: typer.Typer) -> None:
     common_help = "The diffusers pipeline folder (text encoders, VAE, and the UNet unless --engines has one)."
 
@@ -83,7 +97,8 @@ def register(app: typer.Typer) -> None:
         kernels: str = typer.Option("tuned", "--kernels", help="Torch UNet on a GPU: tuned (channels-last "
                                     "activations, cuDNN autotune, fused GEGLU and q/k/v; docs/runtime.md) or plain."),
         backend: str = typer.Option(None, "--backend", help=BACKEND_HELP),
-        output: Path = typer.Option(Path("out.png"), "--output", "-o", help="Image to write (.png/.jpg/.webp)."),
+        output: Path = typer.Option(None, "--output", "-o", help="Image to write (.png/.jpg/.webp); a folder or "
+                                    "none: out.png there (out-1.png, ... where it exists: never replaced)."),
         json_out: bool = typer.Option(False, "--json", help="Print the timings as JSON."),
     ) -> None:
         """Text -> image through the trtkit runtime (the denoising loop as one CUDA graph on a GPU)."""
@@ -92,6 +107,7 @@ def register(app: typer.Typer) -> None:
         cfg = _config(model_dir, engines, prompt, negative_prompt, steps, guidance, scheduler, seed, cuda_graph,
                       height, width, trust_engine, device, compile, kernels, backend)
         _warn_compile_on_cpu(compile and engines is None, device)
+        output = _default_output(output)
         res = do_run(cfg, output)
         output = res.path or output  # a folder as -o: the file written in it
         info = {"output": str(output), "executor": res.executor, "cuda_graph": res.cuda_graph,

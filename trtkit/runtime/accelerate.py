@@ -189,7 +189,7 @@ def _accelerated(pipe: Any, rt: _Runtime, prompt: Any = None, negative_prompt: A
                           latent_width=width // f, cfg=cfg, text_len=pe.shape[1], text_dim=pe.shape[2],
                           pooled_dim=cond["text_embeds"].shape[-1] if sdxl else None,
                           time_ids_dim=6 if sdxl else None)
-        try:  # a shape the executor refuses (e.g. 520x512 on the torch UNet) is diffusers' to run, not an error
+        try:  # a shape the executor refuses (e.g. outside a TensorRT plan's profile) is diffusers' to run, not an error
             rt.executor.check_shape(shape)
         except TrtkitError as e:
             raise _Fallback(str(e)) from None

@@ -1,20 +1,23 @@
 """Text -> image through the runtime: text encoders and VAE from the diffusers folder (torch), the UNet
 from `engines/unet.plan` (TensorRT) when given, else the torch UNet; the denoising loop on the
-LoopRunner (one CUDA graph on a GPU, the eager numpy-reference loop on a CPU)."""
+LoopRunner (one CUDA graph on a GPU, the eager numpy-reference loop on a CPU).
+
+The torch stages around the loop (loading, text encoding, seeded draws) are in torch_stages.py, the VAE side in
+decoding.py; their names are re-exported here, where callers have always imported them."""
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from trtkit._quiet import quiet_loading
 from trtkit.errors import TrtkitError
+from trtkit.runtime.decoding import decode as decode
+from trtkit.runtime.decoding import decode_raw as decode_raw
+from trtkit.runtime.decoding import vae_input
 from trtkit.runtime.executors import (
     LoopShape,
     StepExecutor,
@@ -30,6 +33,13 @@ from trtkit.runtime.schedulers import (
     switch_scheduler,
     unsupported_reason,
 )
+from trtkit.runtime.torch_stages import default_device as default_device
+from trtkit.runtime.torch_stages import encode as encode
+from trtkit.runtime.torch_stages import initial_latents as initial_latents
+from trtkit.runtime.torch_stages import is_sdxl as is_sdxl
+from trtkit.runtime.torch_stages import load_pipeline as load_pipeline
+from trtkit.runtime.torch_stages import seeded_draws as seeded_draws
+from trtkit.runtime.torch_stages import unet_config as unet_config
 
 
 @dataclass(frozen=True)
@@ -60,159 +70,6 @@ class RunResult:
     executor: str = ""
     cuda_graph: bool = False
     path: Path | None = None  # where run() saved the image (a folder given as output: out.png in it)
-
-
-def default_device() -> str:
-    try:
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    except ImportError:  # pragma: no cover
-        return "cpu"
-
-
-def load_pipeline(model_dir: Path, device: str, engines: Iterable[str] = ()) -> Any:
-    """The diffusers pipeline with only the torch modules the runtime uses on `device`: modules that `engines`
-    (names of plans, components.ENGINE_NAMES) replace are not loaded (UNet, text encoders) or stay on the CPU
-    (a replaced VAE; its config is read), so the GPU holds no second copy of them (finding 6)."""
-    import torch
-    from diffusers import DiffusionPipeline
-
-    from trtkit.runtime.components import (
-        engine_modules,
-        modules_not_loaded,
-        modules_on_device,
-        pipeline_modules,
-    )
-
-    model_dir = Path(model_dir)
-    if not (model_dir / "model_index.json").is_file():
-        raise TrtkitError(f"{model_dir} is not a diffusers pipeline folder (no model_index.json)")
-    dtype = torch.float16 if device == "cuda" else torch.float32
-    try:
-        taken = engine_modules(engines, pipeline_modules(json.loads((model_dir / "model_index.json").read_text())))
-    except ValueError as e:
-        raise TrtkitError(f"{model_dir / 'model_index.json'} is not valid JSON: {e}") from e
-    skip = {m: None for m in modules_not_loaded(taken)}
-    try:
-        with quiet_loading():
-            pipe = DiffusionPipeline.from_pretrained(str(model_dir), dtype=dtype, **skip)
-    except Exception as e:
-        raise TrtkitError(f"cannot load the pipeline in {model_dir}: {str(e).splitlines()[0]}") from e
-    pipe.set_progress_bar_config(disable=True)
-    if not taken:
-        return pipe.to(device)
-    present = [m for m in ("unet", "text_encoder", "text_encoder_2", "vae") if getattr(pipe, m, None) is not None]
-    for m in modules_on_device(present, taken):
-        getattr(pipe, m).to(device)
-    return pipe
-
-
-def unet_config(pipe: Any, model_dir: Path | None = None) -> Any:
-    """The UNet's config: from the module, or from its folder when an engine replaced it (not loaded)."""
-    if getattr(pipe, "unet", None) is not None:
-        return pipe.unet.config
-    from diffusers import UNet2DConditionModel
-    from diffusers.configuration_utils import FrozenDict
-
-    folder = Path(model_dir or pipe.config._name_or_path)
-    return FrozenDict(UNet2DConditionModel.load_config(str(folder), subfolder="unet"))
-
-
-def is_sdxl(pipe: Any, config: Any = None) -> bool:
-    return getattr(config if config is not None else pipe.unet.config, "addition_embed_type", None) == "text_time"
-
-
-def encode(pipe: Any, prompt: str | list[str], negative_prompt: str | list[str] | None, cfg: bool,
-           height: int, width: int, device: str, unet_cfg: Any = None) -> tuple[dict[str, Any], LoopShape]:
-    """The UNet conditioning, [uncond; cond] on the batch axis when `cfg`, as the diffusers pipelines make it."""
-    import torch
-
-    unet_cfg = unet_cfg if unet_cfg is not None else pipe.unet.config
-    with torch.no_grad():
-        if is_sdxl(pipe, unet_cfg):
-            pe, npe, pooled, npooled = pipe.encode_prompt(prompt, device=device, do_classifier_free_guidance=cfg,
-                                                         negative_prompt=negative_prompt or None)
-            b = pe.shape[0]
-            tid = torch.tensor([[height, width, 0, 0, height, width]] * b, dtype=pe.dtype, device=pe.device)
-            cond = {"encoder_hidden_states": torch.cat([npe, pe]) if cfg else pe,
-                    "text_embeds": torch.cat([npooled, pooled]) if cfg else pooled,
-                    "time_ids": torch.cat([tid, tid]) if cfg else tid}
-            pooled_dim, tdim = pooled.shape[-1], 6
-        else:
-            pe, npe = pipe.encode_prompt(prompt, device, 1, cfg, negative_prompt=negative_prompt or None)
-            b = pe.shape[0]
-            cond = {"encoder_hidden_states": torch.cat([npe, pe]) if cfg else pe}
-            pooled_dim, tdim = None, None
-    f = pipe.vae_scale_factor
-    shape = LoopShape(batch=b, latent_channels=unet_cfg.in_channels, latent_height=height // f,
-                      latent_width=width // f, cfg=cfg, text_len=pe.shape[1], text_dim=pe.shape[2],
-                      pooled_dim=pooled_dim, time_ids_dim=tdim)
-    return cond, shape
-
-
-def initial_latents(shape: LoopShape, tables: StepTables, seed: int) -> np.ndarray:
-    """Gaussian latents from a CPU torch generator (as diffusers' randn_tensor draws them), times
-    the scheduler's init_noise_sigma."""
-    import torch
-
-    g = torch.Generator("cpu").manual_seed(seed)
-    x = torch.randn(shape.latent, generator=g, dtype=torch.float32).numpy()
-    return x * np.float32(tables.init_noise_sigma)
-
-
-def seeded_draws(shape: LoopShape, tables: StepTables, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """Initial latents, then each step's ancestral noise, from one CPU generator: the order in which diffusers draws
-    from `generator=torch.Generator().manual_seed(seed)` (prepare_latents, then each step()), so `--seed S` gives
-    diffusers' image for seed S with euler_a too (the noise used to come from a second generator seeded S + 1)."""
-    import torch
-
-    g = torch.Generator("cpu").manual_seed(seed)
-    x = torch.randn(shape.latent, generator=g, dtype=torch.float32).numpy() * np.float32(tables.init_noise_sigma)
-    if not tables.uses_noise:
-        return x, None
-    return x, np.stack([torch.randn(shape.latent, generator=g, dtype=torch.float32).numpy()
-                        for _ in range(tables.steps)])
-
-
-def decode(pipe: Any, latents: np.ndarray, output_type: str = "pil", dtype: Any = None) -> tuple[Any, list | None]:
-    """(images, nsfw_content_detected) as diffusers' pipelines give them: the VAE, then, for a non-latent output,
-    SD's safety checker (flagged images black; `dtype` is the prompt embeddings') or SDXL's invisible watermark
-    when the pipeline has them, then postprocess."""
-    img = decode_raw(pipe, latents)
-    nsfw = None
-    if output_type == "latent":
-        return img, None
-    if is_sdxl(pipe) and getattr(pipe, "watermark", None) is not None:
-        img = pipe.watermark.apply_watermark(img)
-    elif not is_sdxl(pipe) and getattr(pipe, "safety_checker", None) is not None:
-        import torch
-
-        with torch.no_grad():
-            img, nsfw = pipe.run_safety_checker(img, img.device, dtype or pipe.text_encoder.dtype)
-    return pipe.image_processor.postprocess(img, output_type=output_type, do_denormalize=None if nsfw is None
-                                            else [not n for n in nsfw]), nsfw
-
-
-def decode_raw(pipe: Any, latents: np.ndarray) -> Any:
-    """The VAE's output in [-1, 1] (a torch tensor), before any postprocessing."""
-    import torch
-
-    vae = pipe.vae
-    dtype = vae.dtype
-    if dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
-        vae.to(torch.float32)  # the fp16 SDXL VAE overflows; diffusers upcasts it the same way
-        dtype = torch.float32
-    z = torch.from_numpy(latents).to(vae.device, dtype)
-    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-    if is_sdxl(pipe) and mean is not None and std is not None:  # per-channel statistics (Playground v2.5), as
-        # diffusers' SDXL pipeline denormalizes them; its SD pipeline ignores them
-        z = z * torch.tensor(std).view(1, -1, 1, 1).to(z) / vae.config.scaling_factor \
-            + torch.tensor(mean).view(1, -1, 1, 1).to(z)
-    else:
-        z = z / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
-    with torch.no_grad():
-        return vae.decode(z, return_dict=False)[0]
 
 
 class EngineEncoders:
@@ -272,8 +129,7 @@ class EngineEncoders:
     def decode(self, latents: np.ndarray) -> Any:
         from PIL import Image
 
-        vae = self.pipe.vae.config
-        z = latents / vae.scaling_factor + (getattr(vae, "shift_factor", None) or 0.0)
+        z = vae_input(latents, self.pipe.vae.config, is_sdxl(self.pipe, self.unet_cfg))
         from trtkit.runtime.components import check_vae
 
         check_vae(self.engines["vae_decoder"].desc, tuple(z.shape))
