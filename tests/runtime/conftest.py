@@ -13,6 +13,18 @@ import pytest
 TARGET = ("8.9",)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():  # type: ignore[no-untyped-def]
+    """The tiny UNets on one torch thread: with two on a loaded two-core machine (load ~8)
+    tests/runtime/test_accelerate.py took 162 s, with one 27 s."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _build(onnx: Path, out: Path, **kw: Any) -> dict[str, Any]:
     from trtkit.builder.build import build
     from trtkit.builder.config import BuildConfig

@@ -14,15 +14,7 @@ import trtkit
 from trtkit.errors import TrtkitError
 from trtkit.runtime.schedulers import make_scheduler
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():  # type: ignore[no-untyped-def]
-    """The tiny UNet runs as fast on one CPU thread; with two on a loaded two-core machine (load ~8) this file
-    took 162 s, with one 27 s (python3 -m pytest -q tests/runtime/test_accelerate.py)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/runtime/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,7 @@ from test_scheduler_parity import SD_BETAS, make_pipeline, tiny_modules
 import trtkit
 from trtkit.errors import TrtkitError
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():  # type: ignore[no-untyped-def]
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/runtime/conftest.py
 
 
 @pytest.fixture(scope="module")

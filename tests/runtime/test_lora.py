@@ -21,13 +21,7 @@ import trtkit  # noqa: E402
 from trtkit.runtime.lora import graph_state, wrapped_fused_attentions  # noqa: E402
 from trtkit.tiny_lora import random_lora_state, save_diffusers, save_kohya  # noqa: E402
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():  # type: ignore[no-untyped-def]
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/runtime/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ scales float32 rounding by 15), most rows 1e-6 (numbers and command in docs/runt
 moves latents by 1e-2 to 1: with the tables rebuilt by from_config (before the fix) 9 tests here fail, at
 7e-3 to 1.2e-2 (steps_offset put back to 0) and 0.93 to 1.01 (x0 clipped where diffusers no longer clips).
 
-Threads: torch runs these tiny UNets on one thread (`_one_thread`); two threads on a loaded two-core machine
+Threads: torch runs these tiny UNets on one thread (`one_torch_thread`, tests/runtime/conftest.py); two threads on a loaded two-core machine
 were 10x slower, and the results are the same.
 """
 
@@ -97,12 +97,7 @@ def row_id(v: Any) -> str:
 # --------------------------------------------------------------------------------------------- tiny pipelines
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():  # type: ignore[no-untyped-def]
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/runtime/conftest.py
 
 
 def tiny_modules(arch: str, tok_dir: Path) -> dict[str, Any]:
