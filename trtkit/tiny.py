@@ -47,6 +47,16 @@ def _write_tokenizer(folder: Path) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n")
 
 
+def clip_tokenizer(folder: Path) -> tuple[Any, dict[str, int]]:
+    """The character-level CLIP tokenizer, written to `folder` and loaded, and the special-token ids its text
+    encoders' configs take."""
+    from transformers import CLIPTokenizer
+
+    _write_tokenizer(folder)
+    tok = CLIPTokenizer.from_pretrained(str(folder), model_max_length=77)
+    return tok, dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+
+
 def make_tiny_pipeline(out_dir: Path | str, seed: int = 0) -> Path:
     """Write a tiny SDXL pipeline folder (diffusers layout) with weights drawn from `seed`."""
     import torch
@@ -56,16 +66,13 @@ def make_tiny_pipeline(out_dir: Path | str, seed: int = 0) -> Path:
         StableDiffusionXLPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     cfg = tiny_config()
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         tok_dir = tmp / "_tok"
-        _write_tokenizer(tok_dir)
-        tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir), model_max_length=77)
-        ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                   pad_token_id=tokenizer.pad_token_id)
+        tokenizer, ids = clip_tokenizer(tok_dir)
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(**cfg["unet"])
         vae = AutoencoderKL(**cfg["vae"])

@@ -53,21 +53,17 @@ def make_tiny_dit_pipeline(family: str, out_dir: Path | str, seed: int = 0) -> P
         CLIPTextConfig,
         CLIPTextModel,
         CLIPTextModelWithProjection,
-        CLIPTokenizer,
         T5Config,
         T5EncoderModel,
     )
 
-    from trtkit.tiny import _write_tokenizer
+    from trtkit.tiny import clip_tokenizer
 
     cfg = tiny_dit_config(family)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         tok_dir = tmp / "_tok"
-        _write_tokenizer(tok_dir)
-        clip_tok = CLIPTokenizer.from_pretrained(str(tok_dir), model_max_length=77)
-        ids = dict(bos_token_id=clip_tok.bos_token_id, eos_token_id=clip_tok.eos_token_id,
-                   pad_token_id=clip_tok.pad_token_id)
+        clip_tok, ids = clip_tokenizer(tok_dir)
         torch.manual_seed(seed)
         vae = AutoencoderKL(**cfg["vae"])
         scheduler = FlowMatchEulerDiscreteScheduler(**cfg["scheduler"])

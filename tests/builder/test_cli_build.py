@@ -6,25 +6,12 @@ import json
 import logging
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from builder_cli import one_line_error, run_cli
 from builder_models import LINEAR_SHAPES, make_linear
 from onnx import helper
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "trtkit", *args], capture_output=True, text=True,
-                          env={**os.environ, "COLUMNS": "200"})
-
-
-def one_line_error(p: subprocess.CompletedProcess) -> str:
-    assert p.returncode == 2, p.stderr
-    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
-    return lines[0]
 
 
 @pytest.mark.rtx

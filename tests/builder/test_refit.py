@@ -5,32 +5,18 @@ onnxruntime in tests/graph/test_lora_weights.py), and the Refitter call itself r
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from builder_cli import one_line_error, run_cli
 
 from trtkit.builder import metadata as md
 from trtkit.builder.refit import engine_weights, refit_weights
 from trtkit.errors import TrtkitError
 
 pytest.importorskip("peft")
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "trtkit", *args], capture_output=True, text=True,
-                          env={**os.environ, "COLUMNS": "200"})
-
-
-def one_line_error(p: subprocess.CompletedProcess) -> str:
-    assert p.returncode == 2, p.stderr
-    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
