@@ -16,9 +16,9 @@ one fixed noise tensor shared by every mode, scored by an SVM trained on the dig
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -26,11 +26,11 @@ import numpy as np
 import torch
 from model import NULL_CLASS, SIZE, digits_images, load_model, make_scheduler
 
-from trtkit import calibfile
-from trtkit.calibration import fakequant, levels
-from trtkit.calibration.calibrate import Recipe, build_calibration
-from trtkit.calibration.hooks import tapped
+from trtkit.calibration.calibrate import Recipe
 from trtkit.calibration.stats import StepStats
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared quality_modes
+import quality_modes as qm  # noqa: E402
 
 MODES: dict[str, Recipe | str | None] = {
     "FP32": None,
@@ -68,27 +68,22 @@ def ddim(unet, emb, labels: torch.Tensor, noise: torch.Tensor, steps: int, guida
 
 def record_stats(unet, emb, args) -> StepStats:  # type: ignore[no-untyped-def]
     """One recording over level-4 targets (a superset of every mode's); each mode reduces its own part."""
-    targets = levels.targets(unet, 4.0)
-    linear = {k for k, v in targets.items() if v == "linear"}
-    stats = StepStats(args.steps, linear, sample_rows=128, seed=args.seed)
     g = torch.Generator().manual_seed(10_000 + args.seed)  # calibration noise differs from evaluation noise
     n_pass = math.ceil(args.calib_prompts / args.calib_batch)
-    with tapped(unet, targets, stats.observe):
+
+    def run(stats: StepStats) -> None:
         for _ in range(n_pass):
             labels = torch.randint(0, 10, (args.calib_batch,), generator=g)
             noise = torch.randn(args.calib_batch, 1, SIZE, SIZE, generator=g)
             stats.begin_pass()
             ddim(unet, emb, labels, noise, args.steps, args.guidance, on_step=lambda i: setattr(stats, "step", i))
-    return stats
+
+    return qm.record_stats(unet, args.steps, run, seed=args.seed)
 
 
-def restrict(stats: StepStats, keys: set[str]) -> StepStats:
-    out = StepStats(stats.steps, stats.channel_keys & keys, stats.sample_rows)
-    out.passes = stats.passes
-    out.amax = {k: v for k, v in stats.amax.items() if k in keys}
-    out.chan = {k: v for k, v in stats.chan.items() if k in keys}
-    out.sample = {k: v for k, v in stats.sample.items() if k in keys}
-    return out
+def mode_of(name: str) -> qm.Mode:
+    spec = MODES[name]
+    return qm.Mode(name, spec if isinstance(spec, Recipe) else None, spec if isinstance(spec, str) else None)
 
 
 def classifier():  # type: ignore[no-untyped-def]
@@ -138,28 +133,15 @@ def main() -> None:
     results: dict[str, dict] = {}
     ref: torch.Tensor | None = None
     for mode in modes:
-        spec = MODES[mode]
-        ctx: contextlib.AbstractContextManager = contextlib.nullcontext()
-        dtype, model = torch.float32, unet
-        info: dict = {}
-        if spec == "fp16":
-            import copy
-
-            model, dtype = copy.deepcopy(unet).half(), torch.float16
-        elif isinstance(spec, Recipe):
-            r = spec.resolved()
-            keys = set(levels.targets(unet, r.level))  # type: ignore[arg-type]
-            keys = {k for k in stats.amax if k in keys or k.rpartition(".")[0] in keys}
-            cal = build_calibration(restrict(stats, keys), unet, r, run={"benchmark": "digits"})
-            path = calibfile.save(cal, args.out / f"{mode.replace(' ', '_').replace('/', '')}.json")
-            cal = calibfile.load(path)
-            ctx = fakequant.quantized(unet, cal)
-            info = {"inputs": len(cal.activations), "smoothed": len(cal.smooth),
-                    "alphas": dict(sorted((str(a), list(cal.alphas.values()).count(a))
-                                          for a in set(cal.alphas.values())))}
+        m = mode_of(mode)
+        cal, info = None, {}
+        if m.recipe is not None:
+            cal = qm.calibration(stats, unet, m.recipe, args.out / f"{qm.file_name(mode)}.json",
+                                 run={"benchmark": "digits"})
+            info = qm.calibration_info(cal)
         t1 = time.time()
         outs = []
-        with ctx:
+        with qm.running(unet, m, cal) as (model, dtype):
             for i in range(0, len(labels), args.chunk):
                 outs.append(ddim(model, emb, labels[i: i + args.chunk], noise[i: i + args.chunk], args.steps,
                                  args.guidance, dtype=dtype))
