@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from trtkit.calibration import smoothquant as sq
@@ -69,3 +70,19 @@ def test_search_leaves_a_layer_without_outliers_alone_when_smoothing_hurts() -> 
     res = sq.search(x.numpy(), lin.weight, chan,
                     lambda s: float(chan.max()) if s is None else float((chan / s).max()))
     assert res.error <= res.error_unsmoothed
+
+
+@pytest.mark.gpu
+def test_search_takes_a_cuda_fp16_weight() -> None:
+    """`trtkit calibrate --smoothquant` on a GPU: the UNet's weights are CUDA FP16, the recorded rows CPU."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    x, lin = _layer_with_outliers()
+    chan = x.abs().amax(0).numpy().astype(np.float64)
+
+    def amax_for(s):  # type: ignore[no-untyped-def]
+        return float(chan.max()) if s is None else float((chan / s).max())
+
+    ref = sq.search(x.numpy(), lin.weight.half().float(), chan, amax_for)
+    got = sq.search(x.numpy(), lin.weight.cuda().half(), chan, amax_for)
+    assert got.alpha == ref.alpha and got.error == pytest.approx(ref.error, rel=1e-6)

@@ -65,6 +65,8 @@ def search(x: np.ndarray | torch.Tensor, weight: torch.Tensor, chan_amax: np.nda
            fixed: float | None = None) -> SmoothResult:
     """Choose alpha for one layer; `amax_for(s)` gives the calibrated activation amax after dividing by s."""
     xt = torch.as_tensor(np.asarray(x), dtype=torch.float32)
+    # the recorded rows are CPU numpy; a UNet calibrated on a GPU has its weights there (and in FP16)
+    weight = weight.detach().float().cpu()
     w_amax = weight_in_amax(weight)
     base = quantized_error(xt, weight, None, amax_for(None))
     best: SmoothResult | None = None
