@@ -10,8 +10,8 @@ files built by trtkit's calibration code (benchmarks/quality_modes.py) on a sepa
     python3 benchmarks/shapes/bench.py --weights benchmarks/shapes/weights --device cuda --out /tmp/trtkit-shapes
     python3 benchmarks/shapes/report.py /tmp/trtkit-shapes/results.json     # markdown table
     python3 benchmarks/shapes/defaults.py /tmp/trtkit-shapes/results.json   # best INT8 / FP8 recipe
-    # CPU smoke run (seconds; untrained weights when --weights has none)
-    python3 benchmarks/shapes/bench.py --samples 64 --device cpu --steps 4 --out /tmp/shapes-smoke
+    # CPU smoke run (untrained tiny models: it checks the plumbing, measures nothing)
+    python3 benchmarks/shapes/bench.py --untrained --samples 64 --device cpu --steps 2 --calib-captions 2 --boot 10
 """
 
 from __future__ import annotations
@@ -24,68 +24,68 @@ import time
 from pathlib import Path
 from typing import Any
 
+if __package__ in (None, ""):  # run as a script: make `benchmarks.shapes` importable from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
 import numpy as np
 import torch
 
+from benchmarks import quality_modes as qm
+from benchmarks.shapes import metrics, render
+from benchmarks.shapes import model as M
+from benchmarks.shapes.judge import Judge, load_judge
+from benchmarks.shapes.modes import MODES
+
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent)]  # shapes/ and benchmarks/ (quality_modes), run as a script
-import metrics  # noqa: E402
-import quality_modes as qm  # noqa: E402
-import render  # noqa: E402
-import sampling  # noqa: E402
-from modes import MODES  # noqa: E402
+CALIB_SEEDS, EVAL_SEEDS = 1_000_000, 0  # noise seeds: calibration and evaluation never share one
+# --untrained: the small model's block kinds at the smallest size (a CPU smoke run, not a measurement)
+SMOKE_UNET = dict(M.SMALL_UNET_CONFIG, block_out_channels=(16, 32), attention_head_dim=(1, 1), norm_num_groups=8)
 
 
-def scenes(n: int, seed: int) -> list[render.Scene]:
-    return render.sample_scenes(n, np.random.default_rng(seed))
+def load(args: argparse.Namespace) -> tuple[Any, Any, Judge, str]:
+    if args.untrained:
+        torch.manual_seed(args.seed)
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel(**SMOKE_UNET).eval().to(args.device)
+        return unet, M.build_text_encoder().eval().to(args.device), Judge(8).eval().to(args.device), "untrained"
+    if not (args.weights / "config.json").is_file():
+        raise SystemExit(f"{args.weights} has no config.json: give --weights the trained folder "
+                         "(benchmarks/shapes/train.py --out), or --untrained for a smoke run")
+    pipe = M.load_pipeline(args.weights, args.device)
+    return pipe.unet, pipe.text_encoder, load_judge(args.weights, args.device), str(args.weights)
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1], the samples' range."""
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1] (PSNR/SSIM data range 2)."""
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def record(models: sampling.Models, args: argparse.Namespace) -> Any:
-    """Calibration statistics on their own captions and noises (seed + 10000), batches of --calib-batch."""
-    cal_scenes = scenes(args.calib_captions, args.seed + 10_000)
-    caps = [render.caption(s) for s in cal_scenes]
-    g = torch.Generator().manual_seed(args.seed + 10_000)
-    noise = torch.randn(len(caps), *models.sample_shape, generator=g)
+def record(unet: Any, text_encoder: Any, args: argparse.Namespace) -> Any:
+    """Calibration statistics from their own captions (scenes seed + 10000) and noises, one pass per batch."""
+    caps = [render.caption(s) for s in render.sample_scenes(args.calib_captions,
+                                                              np.random.default_rng(args.seed + 10_000))]
+    seeds = np.arange(len(caps)) + CALIB_SEEDS + args.seed * 100_000
 
     def run(stats: Any) -> None:
         for i in range(0, len(caps), args.calib_batch):
             stats.begin_pass()
-            sampling.generate(models, models.unet, caps[i: i + args.calib_batch], noise[i: i + args.calib_batch],
-                              args.steps, args.guidance, on_step=lambda k: setattr(stats, "step", k))
+            M.sample(unet, text_encoder, caps[i: i + args.calib_batch], seeds[i: i + args.calib_batch], args.steps,
+                     args.guidance, batch_size=args.calib_batch, on_step=lambda k, _t: setattr(stats, "step", k))
 
-    return qm.record_stats(models.unet, args.steps, run, seed=args.seed)
-
-
-def judged(models: sampling.Models, x: torch.Tensor, chunk: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    preds: dict[str, list[np.ndarray]] = {}
-    feats = []
-    for i in range(0, len(x), chunk):
-        p, f = sampling.judge(models, x[i: i + chunk])
-        for k, v in p.items():
-            preds.setdefault(k, []).append(v)
-        feats.append(f)
-    return {k: np.concatenate(v) for k, v in preds.items()}, np.concatenate(feats).astype(np.float64)
+    return qm.record_stats(unet, args.steps, run, seed=args.seed)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--weights", type=Path, default=HERE / "weights",
-                    help="trained weights folder (untrained seeded weights where it has none: smoke runs)")
+    ap.add_argument("--weights", type=Path, default=HERE / "weights", help="trained weights folder (train.py --out)")
+    ap.add_argument("--untrained", action="store_true", help="seeded untrained tiny models: smoke runs only")
     ap.add_argument("--samples", type=int, default=1000)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--guidance", type=float, default=None, help="default: the model's (sampling.py)")
-    ap.add_argument("--calib-captions", type=int, default=32)
-    ap.add_argument("--calib-batch", type=int, default=2)
-    ap.add_argument("--chunk", type=int, default=1000, help="samples per sampler call")
+    ap.add_argument("--steps", type=int, default=25, help="DDIM steps (model.sample's default)")
+    ap.add_argument("--guidance", type=float, default=2.0, help="guidance scale (model.sample's default)")
+    ap.add_argument("--calib-captions", type=int, default=32, help="as `trtkit calibrate --num-prompts`")
+    ap.add_argument("--calib-batch", type=int, default=2, help="as `trtkit calibrate --batch`")
+    ap.add_argument("--chunk", type=int, default=1000, help="images per UNet batch (x2 for guidance)")
     ap.add_argument("--boot", type=int, default=100, help="bootstrap resamples of the Fréchet distance")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -95,37 +95,32 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.backends.cuda.matmul.allow_tf32 = False  # FP32 means FP32: TF32 would blur the FP32 reference
+    torch.backends.cuda.matmul.allow_tf32 = False  # FP32 means FP32: TF32 would move the reference
     torch.backends.cudnn.allow_tf32 = False
-    args.out.mkdir(parents=True, exist_ok=True)
     names = list(MODES) if args.modes == "all" else [m.strip() for m in args.modes.split(";") if m.strip()]
     unknown = [m for m in names if m not in MODES]
     if unknown:
         raise SystemExit(f"unknown mode {unknown[0]!r}; modes: {'; '.join(MODES)}")
-    if names[0] != "FP32":
-        names = ["FP32", *(n for n in names if n != "FP32")]  # the reference of PSNR, SSIM, paired accuracy
+    names = ["FP32", *(n for n in names if n != "FP32")]  # the reference of PSNR, SSIM, paired accuracy
+    args.out.mkdir(parents=True, exist_ok=True)
 
     t_all = time.time()
-    models = sampling.load(args.weights, args.device, seed=args.seed)
-    if args.guidance is None:
-        args.guidance = models.guidance
-    print(f"models: {models.source}; device {args.device}", flush=True)
-
-    ev = scenes(args.samples, args.seed)
+    unet, text_encoder, judge, source = load(args)
+    print(f"models: {source}; device {args.device}; {len(names)} modes x {args.samples} samples", flush=True)
+    ev = render.sample_scenes(args.samples, np.random.default_rng(args.seed))
     caps = [render.caption(s) for s in ev]
     truth = render.labels(ev)
-    real = to_tensor(render.render(ev))
-    real2 = to_tensor(render.render(scenes(args.samples, args.seed + 20_000)))  # the Fréchet floor
-    noise = torch.randn(args.samples, *models.sample_shape, generator=torch.Generator().manual_seed(args.seed))
-    real_pred, real_feat = judged(models, real, args.chunk)
-    _, real2_feat = judged(models, real2, args.chunk)
-    real_acc = metrics.accuracies(real_pred, truth)
-    fd_floor, fd_floor_se = metrics.frechet_bootstrap(real2_feat, real_feat, args.boot, args.seed)
-    print(f"judge on real renders: all-attributes {real_acc['all']['acc'] * 100:.2f}%; Frechet real vs other "
-          f"real {fd_floor:.3f} +- {fd_floor_se:.3f}", flush=True)
+    seeds = np.arange(args.samples) + EVAL_SEEDS + args.seed * 100_000
+    real = render.render(ev)
+    real_feat = judge.features(real)
+    real_acc = metrics.accuracies(judge.predict(real), truth)
+    other = render.render(render.sample_scenes(args.samples, np.random.default_rng(args.seed + 20_000)))
+    floor, floor_se = metrics.frechet_bootstrap(judge.features(other), real_feat, args.boot, args.seed)
+    print(f"judge on real renders: all attributes {real_acc['all']['acc'] * 100:.2f}%; Frechet distance of "
+          f"another real set {floor:.3f} +- {floor_se:.3f}", flush=True)
 
     t0 = time.time()
-    stats = record(models, args)
+    stats = record(unet, text_encoder, args)
     t_record = time.time() - t0
     print(f"calibration statistics: {stats.passes} passes x {stats.steps} steps, {len(stats.amax)} inputs, "
           f"{t_record:.1f} s", flush=True)
@@ -138,46 +133,46 @@ def main() -> None:
         t1 = time.time()
         cal, info = None, {}
         if mode.recipe is not None:
-            cal = qm.calibration(stats, models.unet, mode.recipe, args.out / f"calib_{qm.file_name(name)}.json",
+            cal = qm.calibration(stats, unet, mode.recipe, args.out / f"calib_{qm.file_name(name)}.json",
                                  run={"benchmark": "shapes", "captions": args.calib_captions,
                                       "batch": args.calib_batch, "steps": args.steps, "guidance": args.guidance})
             info = qm.calibration_info(cal)
         t_cal = time.time() - t1
-        outs = []
-        with qm.running(models.unet, mode, cal) as (unet, dtype):
-            for i in range(0, args.samples, args.chunk):
-                outs.append(sampling.generate(models, unet, caps[i: i + args.chunk], noise[i: i + args.chunk],
-                                              args.steps, args.guidance, dtype=dtype))
-        x = torch.cat(outs).clamp(-1, 1)
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
+        with qm.running(unet, mode, cal) as (model, dtype):
+            images = M.sample(model, text_encoder, caps, seeds, args.steps, args.guidance, batch_size=args.chunk,
+                              dtype=dtype)
         t_sample = time.time() - t1 - t_cal
-        pred, feat = judged(models, x, args.chunk)
+        pred = judge.predict(images)
         acc = metrics.accuracies(pred, truth)
-        ok = np.all([pred[k] == truth[k] for k in truth], axis=0)
+        ok = np.logical_and.reduce([pred[k] == truth[k] for k in truth])
+        x = to_tensor(images).to(args.device)
         if ref_x is None:
             ref_x, ref_ok = x, ok
         assert ref_ok is not None
         diff = ok.astype(np.float64) - ref_ok
-        fd, fd_se = metrics.frechet_bootstrap(feat, real_feat, args.boot, args.seed)
-        r = {**mode.describe(), "accuracy": acc, "acc_diff": float(diff.mean()),
-             "acc_diff_se": float(diff.std(ddof=1) / math.sqrt(len(diff))), "frechet": fd, "frechet_se": fd_se,
-             "seconds": {"calibration": round(t_cal, 2), "sampling": round(t_sample, 2),
-                         "metrics": round(time.time() - t1 - t_cal - t_sample, 2)}, **info}
+        fd, fd_se = metrics.frechet_bootstrap(judge.features(images), real_feat, args.boot, args.seed)
+        r: dict[str, Any] = {**mode.describe(), "accuracy": acc, "acc_diff": float(diff.mean()),
+                             "acc_diff_se": float(diff.std(ddof=1) / math.sqrt(len(diff))),
+                             "frechet": fd, "frechet_se": fd_se, **info}
         if name != "FP32":
-            r["psnr"], r["psnr_se"] = metrics.mean_se(metrics.psnr(x, ref_x))
+            p = metrics.psnr(x, ref_x)
+            r["psnr"], r["psnr_se"] = metrics.mean_se(p[torch.isfinite(p)])
             r["ssim"], r["ssim_se"] = metrics.mean_se(metrics.ssim(x, ref_x))
+            r["identical_to_fp32"] = int((x == ref_x).flatten(1).all(1).sum())  # PSNR inf: left out of its mean
+        r["seconds"] = {"calibration": round(t_cal, 2), "sampling": round(t_sample, 2),
+                        "metrics": round(time.time() - t1 - t_cal - t_sample, 2)}
         results[name] = r
-        np.save(args.out / f"samples_{qm.file_name(name)}.npy", to_uint8(x))
+        np.save(args.out / f"samples_{qm.file_name(name)}.npy", images)
         extra = f"  PSNR {r['psnr']:.2f} dB  SSIM {r['ssim']:.4f}" if "psnr" in r else ""
-        print(f"{name:44s} all {acc['all']['acc'] * 100:6.2f}% +- {acc['all']['se'] * 100:.2f}  "
-              f"FD {fd:7.3f} +- {fd_se:.3f}{extra}  ({time.time() - t1:.1f} s)", flush=True)
+        print(f"{name:28s} all {acc['all']['acc'] * 100:6.2f}% +- {acc['all']['se'] * 100:.2f} "
+              f"(paired {r['acc_diff'] * 100:+.2f} +- {r['acc_diff_se'] * 100:.2f})  FD {fd:8.3f} +- {fd_se:.3f}"
+              f"{extra}  ({time.time() - t1:.1f} s) {info or ''}", flush=True)
 
     meta = {"samples": args.samples, "steps": args.steps, "guidance": args.guidance,
             "calib_captions": args.calib_captions, "calib_batch": args.calib_batch, "seed": args.seed,
             "device": args.device, "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda")
-            else "cpu", "weights": models.source, "boot": args.boot, "torch": torch.__version__,
-            "judge_real": real_acc, "frechet_real_floor": fd_floor, "frechet_real_floor_se": fd_floor_se,
+            else "cpu", "weights": source, "boot": args.boot, "torch": torch.__version__,
+            "judge_real": real_acc, "frechet_real_floor": floor, "frechet_real_floor_se": floor_se,
             "record_seconds": round(t_record, 2), "total_seconds": round(time.time() - t_all, 2)}
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     print(f"wrote {args.out / 'results.json'} ({meta['total_seconds']:.0f} s in all)")

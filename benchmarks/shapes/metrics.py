@@ -2,8 +2,8 @@
 
 - attribute accuracy: the judge's prediction against the caption's attribute, per attribute and for
   "all attributes right" per image; binomial standard error sqrt(p (1 - p) / n).
-- Fréchet distance between Gaussians fitted to judge features (FID's formula on the judge's
-  penultimate layer), standard error by bootstrap over both sample sets.
+- Fréchet distance between Gaussians fitted to judge features (judge.frechet_distance: FID's formula on
+  the judge's penultimate layer), standard error by bootstrap over both sample sets.
 - PSNR and SSIM of each image against the FP32 image of the same seed; mean and its standard error
   over images.
 
@@ -50,32 +50,14 @@ def accuracies(pred: dict[str, np.ndarray], truth: dict[str, np.ndarray]) -> dic
 
 # -- Fréchet distance -------------------------------------------------------------------------------
 
-def _sqrt_psd(a: np.ndarray) -> np.ndarray:
-    w, v = np.linalg.eigh(a)
-    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-
-
-def frechet(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.ndarray) -> float:
-    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^1/2).
-
-    tr((S1 S2)^1/2) = tr((R S2 R)^1/2) with R = S1^1/2: both are symmetric PSD, so two eigh calls
-    replace FID's general sqrtm (same value, no complex round-off to discard)."""
-    r = _sqrt_psd(s1)
-    cross = np.sqrt(np.clip(np.linalg.eigvalsh(r @ s2 @ r), 0, None)).sum()
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * cross)
-
-
-def gaussian(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    f = np.asarray(feats, dtype=np.float64)
-    return f.mean(0), np.cov(f, rowvar=False)
-
-
 def frechet_bootstrap(gen: np.ndarray, real: np.ndarray, n_boot: int = 100, seed: int = 0) -> tuple[float, float]:
-    """Fréchet distance of the full sets and its bootstrap standard error (both sets resampled)."""
-    fd = frechet(*gaussian(gen), *gaussian(real))
+    """judge.frechet_distance of the full sets and its bootstrap standard error (both sets resampled)."""
+    from benchmarks.shapes.judge import frechet_distance
+
+    fd = frechet_distance(gen, real)
     rng = np.random.default_rng(seed)
-    boots = [frechet(*gaussian(gen[rng.integers(0, len(gen), len(gen))]),
-                     *gaussian(real[rng.integers(0, len(real), len(real))])) for _ in range(n_boot)]
+    boots = [frechet_distance(gen[rng.integers(0, len(gen), len(gen))], real[rng.integers(0, len(real), len(real))])
+             for _ in range(n_boot)]
     return fd, float(np.std(boots, ddof=1)) if n_boot > 1 else 0.0
 
 

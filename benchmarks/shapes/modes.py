@@ -9,13 +9,8 @@ over a percentile of the steps).
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: quality_modes
-from quality_modes import Mode  # noqa: E402
-
-from trtkit.calibration.calibrate import Recipe  # noqa: E402
+from benchmarks.quality_modes import Mode
+from trtkit.calibration.calibrate import Recipe
 
 REDUCTIONS = {  # name -> (percentile, reduction)
     "max": (1.0, "max"),

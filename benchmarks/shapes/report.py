@@ -14,8 +14,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import defaults  # noqa: E402
+if __package__ in (None, ""):  # run as a script: make `benchmarks.shapes` importable from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from benchmarks.shapes import defaults  # noqa: E402
 
 
 def pm(v: float, se: float, digits: int, scale: float = 1.0) -> str:
