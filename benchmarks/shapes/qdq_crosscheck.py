@@ -1,0 +1,156 @@
+"""Fake quantization against the real Q/DQ graph: the shapes UNet exported with trtkit's exporter, quantized
+by trtkit's graph pass with bench.py's calibration file, run in onnxruntime through the whole guided DDIM
+loop, compared with the same loop in torch fake quantization (trtkit.calibration.fakequant) and in FP32.
+
+    python3 benchmarks/shapes/bench.py ... --out /tmp/trtkit-shapes          # writes calib_<mode>.json
+    python3 benchmarks/shapes/qdq_crosscheck.py --weights benchmarks/shapes/weights --calib-dir /tmp/trtkit-shapes
+
+onnxruntime runs the Q/DQ graph with graph optimisations off (QuantizeLinear/DequantizeLinear evaluated as
+written, no integer kernels), so "Q/DQ" and "fake" differ only by what the graph pass does differently from
+fakequant (scales, which inputs, SmoothQuant folding), plus float summation order. Pass: the Q/DQ images are
+much closer to the fake-quant images than either is to FP32 (`--max-ratio`, on the images' RMSE).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks.shapes` importable from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import numpy as np
+import torch
+
+from benchmarks import quality_modes as qm
+from benchmarks.shapes import metrics, render
+from benchmarks.shapes import model as M
+from benchmarks.shapes.bench import load, to_tensor
+from trtkit import calibfile
+from trtkit.calibration import fakequant
+
+
+def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(((a - b) ** 2).mean().sqrt())
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def finite(p: torch.Tensor) -> torch.Tensor:
+    return p[torch.isfinite(p)] if torch.isfinite(p).any() else torch.zeros(2)
+
+
+class OrtUNet(torch.nn.Module):
+    """An onnxruntime UNet behind the diffusers call model.sample makes: unet(x, t, encoder_hidden_states=)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # Q/DQ as written
+        self.sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        self._device = torch.nn.Parameter(torch.zeros(1), requires_grad=False)  # model.sample reads the device
+
+    def forward(self, sample: torch.Tensor, t: Any, encoder_hidden_states: torch.Tensor) -> Any:
+        feeds = {"sample": sample.float().cpu().numpy(),
+                 "timestep": np.array([float(t)], np.float32),
+                 "encoder_hidden_states": encoder_hidden_states.float().cpu().numpy()}
+        out = torch.from_numpy(self.sess.run(None, feeds)[0]).to(sample.device)
+        return type("Out", (), {"sample": out})()
+
+
+def export(unet: Any, folder: Path, batch: int) -> Path:
+    from trtkit.exporter import ExportConfig
+    from trtkit.exporter import export as trt_export
+
+    unet.save_pretrained(folder / "model" / "unet")
+    tokens, dim = M.MAX_TOKENS, unet.config.cross_attention_dim
+    c, s = unet.config.in_channels, unet.config.sample_size
+    res = trt_export(ExportConfig(model_dir=folder / "model", component="unet", profile=None, out_dir=folder / "onnx",
+                                  shapes=f"sample:{2 * batch}x{c}x{s}x{s},timestep:1,"
+                                         f"encoder_hidden_states:{2 * batch}x{tokens}x{dim}"))
+    return res.path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--weights", type=Path, default=Path(__file__).resolve().parent / "weights")
+    ap.add_argument("--untrained", action="store_true")
+    ap.add_argument("--calib-dir", type=Path, default=Path("/tmp/trtkit-shapes"), help="bench.py's --out")
+    ap.add_argument("--modes", default="INT8 mean;INT8 mean + SQ;INT8 max", help="';'-separated bench modes")
+    ap.add_argument("--images", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--guidance", type=float, default=2.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-ratio", type=float, default=0.25,
+                    help="pass when RMSE(Q/DQ, fake) <= ratio x RMSE(fake, FP32) for every mode")
+    ap.add_argument("--out", type=Path, default=None, help="JSON summary (default: <calib-dir>/qdq_crosscheck.json)")
+    args = ap.parse_args()
+    args.device = "cpu"  # the comparison runs where onnxruntime runs
+    unet, text_encoder, _, source = load(args)
+    ev = render.sample_scenes(args.images, np.random.default_rng(args.seed + 30_000))
+    caps, seeds = [render.caption(s) for s in ev], np.arange(args.images) + 3_000_000
+
+    def run(model: Any) -> torch.Tensor:
+        return to_tensor(M.sample(model, text_encoder, caps, seeds, args.steps, args.guidance, batch_size=args.images))
+
+    fp32 = run(unet)
+    # one UNet call on the same inputs (guidance batch of the first step): the sharpest comparison
+    x_in = torch.cat([M.seeded_noise(seeds)] * 2)
+    with torch.no_grad():
+        enc = torch.cat([M.encode(text_encoder, [""] * len(caps)), M.encode(text_encoder, caps)])
+    out: dict[str, Any] = {"weights": source, "images": args.images, "steps": args.steps, "modes": {}}
+    ok = True
+    with tempfile.TemporaryDirectory(prefix="shapes-qdq-") as tmp:
+        t0 = time.time()
+        onnx_path = export(unet, Path(tmp), args.images)
+        print(f"exported {onnx_path.name} ({time.time() - t0:.1f} s)", flush=True)
+        from trtkit.graph.qdq import QuantizeConfig, quantize
+
+        for name in [m.strip() for m in args.modes.split(";") if m.strip()]:
+            path = args.calib_dir / f"calib_{qm.file_name(name)}.json"
+            cal = calibfile.load(path)
+            q = quantize(QuantizeConfig(onnx_path=onnx_path, output=Path(tmp) / f"{qm.file_name(name)}.onnx",
+                                        calib=path, precision=cal.precision, level=cal.settings["level"],
+                                        fp16=False))
+            ort_unet = OrtUNet(q.path)
+            with torch.no_grad():
+                with fakequant.quantized(unet, cal):
+                    fake = run(unet)
+                    eps_fake = unet(x_in, 500, encoder_hidden_states=enc).sample
+                eps_fp32 = unet(x_in, 500, encoder_hidden_states=enc).sample
+                eps_qdq = ort_unet(x_in, 500, encoder_hidden_states=enc).sample
+            real = run(ort_unet)
+
+            r = {"calibration": str(path), "qdq_pairs": q.qdq_pairs, "calibration_source": q.calibration,
+                 "rmse_qdq_fake": rmse(real, fake), "rmse_fake_fp32": rmse(fake, fp32),
+                 "rmse_qdq_fp32": rmse(real, fp32),
+                 "psnr_qdq_vs_fake": metrics.mean_se(finite(metrics.psnr(real, fake))),
+                 "one_call_rel_qdq_fake": rel(eps_qdq, eps_fake), "one_call_rel_fake_fp32": rel(eps_fake, eps_fp32),
+                 "identical_images": int((real == fake).flatten(1).all(1).sum())}
+            r["ratio"] = r["rmse_qdq_fake"] / max(r["rmse_fake_fp32"], 1e-12)
+            r["pass"] = r["ratio"] <= args.max_ratio
+            ok &= r["pass"]
+            out["modes"][name] = r
+            print(f"{name:20s} RMSE Q/DQ-ORT vs fake {r['rmse_qdq_fake']:.5f}, fake vs FP32 {r['rmse_fake_fp32']:.5f}, "
+                  f"Q/DQ vs FP32 {r['rmse_qdq_fp32']:.5f}; ratio {r['ratio']:.3f} "
+                  f"({'pass' if r['pass'] else 'FAIL'}); {r['identical_images']}/{args.images} images identical; one call: "
+                  f"rel Q/DQ vs fake {r['one_call_rel_qdq_fake']:.2e}, fake vs FP32 {r['one_call_rel_fake_fp32']:.2e}",
+                  flush=True)
+    dest = args.out or args.calib_dir / "qdq_crosscheck.json"
+    dest.write_text(json.dumps(out, indent=1))
+    print(f"wrote {dest}")
+    if not ok:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
