@@ -39,7 +39,7 @@ from benchmarks.shapes.modes import MODES
 HERE = Path(__file__).resolve().parent
 CALIB_SEEDS, EVAL_SEEDS = 1_000_000, 0  # noise seeds: calibration and evaluation never share one
 # --untrained: the small model's block kinds at the smallest size (a CPU smoke run, not a measurement)
-SMOKE_UNET = dict(M.SMALL_UNET_CONFIG, block_out_channels=(16, 32), attention_head_dim=(1, 1), norm_num_groups=8)
+SMOKE_UNET = dict(M.SMALL_UNET_CONFIG, block_out_channels=(8, 16), attention_head_dim=(1, 1), norm_num_groups=8)
 
 
 def load(args: argparse.Namespace) -> tuple[Any, Any, Judge, str]:
@@ -115,7 +115,7 @@ def main() -> None:
     real_feat = judge.features(real)
     real_acc = metrics.accuracies(judge.predict(real), truth)
     other = render.render(render.sample_scenes(args.samples, np.random.default_rng(args.seed + 20_000)))
-    floor, floor_se = metrics.frechet_bootstrap(judge.features(other), real_feat, args.boot, args.seed)
+    floor, floor_se = metrics.frechet_bootstrap(judge.features(other), real_feat, args.boot, args.seed, args.device)
     print(f"judge on real renders: all attributes {real_acc['all']['acc'] * 100:.2f}%; Frechet distance of "
           f"another real set {floor:.3f} +- {floor_se:.3f}", flush=True)
 
@@ -150,7 +150,7 @@ def main() -> None:
             ref_x, ref_ok = x, ok
         assert ref_ok is not None
         diff = ok.astype(np.float64) - ref_ok
-        fd, fd_se = metrics.frechet_bootstrap(judge.features(images), real_feat, args.boot, args.seed)
+        fd, fd_se = metrics.frechet_bootstrap(judge.features(images), real_feat, args.boot, args.seed, args.device)
         r: dict[str, Any] = {**mode.describe(), "accuracy": acc, "acc_diff": float(diff.mean()),
                              "acc_diff_se": float(diff.std(ddof=1) / math.sqrt(len(diff))),
                              "frechet": fd, "frechet_se": fd_se, **info}
