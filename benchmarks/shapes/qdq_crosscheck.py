@@ -6,9 +6,14 @@ loop, compared with the same loop in torch fake quantization (trtkit.calibration
     python3 benchmarks/shapes/qdq_crosscheck.py --weights benchmarks/shapes/weights --calib-dir /tmp/trtkit-shapes
 
 onnxruntime runs the Q/DQ graph with graph optimisations off (QuantizeLinear/DequantizeLinear evaluated as
-written, no integer kernels), so "Q/DQ" and "fake" differ only by what the graph pass does differently from
-fakequant (scales, which inputs, SmoothQuant folding), plus float summation order. Pass: the Q/DQ images are
-much closer to the fake-quant images than either is to FP32 (`--max-ratio`, on the images' RMSE).
+written, no integer kernels), so "Q/DQ" and "fake" differ by what the graph pass does differently from
+fakequant (scales, which inputs, SmoothQuant folding) and by float summation order. The latter alone does
+not give equal outputs through a whole UNet: a float-noise rounding flip in one quantizer changes the inputs
+of the next ones, so the two runs' rounding noise decorrelates along the chain (docs/benchmarks.md,
+"Cross-check: fake quantization vs the graph pass's Q/DQ ONNX"; per-module agreement is
+tests/calibration/test_fakequant.py). What the benchmark relies on is that fake quantization has the *size*
+of the real quantization error, so the check is: RMSE(Q/DQ, FP32) / RMSE(fake, FP32) within 1 +- `--tolerance`
+over the sampled images, for every mode; PSNR to FP32 of both is reported as the benchmark reports it.
 """
 
 from __future__ import annotations
@@ -90,8 +95,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--guidance", type=float, default=2.0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-ratio", type=float, default=0.25,
-                    help="pass when RMSE(Q/DQ, fake) <= ratio x RMSE(fake, FP32) for every mode")
+    ap.add_argument("--tolerance", type=float, default=0.15,
+                    help="pass when RMSE(Q/DQ, FP32) / RMSE(fake, FP32) is within 1 +- this for every mode")
     ap.add_argument("--out", type=Path, default=None, help="JSON summary (default: <calib-dir>/qdq_crosscheck.json)")
     args = ap.parse_args()
     args.device = "cpu"  # the comparison runs where onnxruntime runs
@@ -136,13 +141,26 @@ def main() -> None:
                  "psnr_qdq_vs_fake": metrics.mean_se(finite(metrics.psnr(real, fake))),
                  "one_call_rel_qdq_fake": rel(eps_qdq, eps_fake), "one_call_rel_fake_fp32": rel(eps_fake, eps_fp32),
                  "identical_images": int((real == fake).flatten(1).all(1).sum())}
-            r["ratio"] = r["rmse_qdq_fake"] / max(r["rmse_fake_fp32"], 1e-12)
-            r["pass"] = r["ratio"] <= args.max_ratio
+            # the same inputs quantized on both sides, with the same ranges
+            graph = {d.module: d for d in q.decisions if d.quantized}
+            torch_side = fakequant.targets_of(cal, unet)
+            r["only_in_graph"] = sorted(set(graph) - set(torch_side))
+            r["only_in_torch"] = sorted(set(torch_side) - set(graph))
+            r["amax_mismatches"] = sorted(k for k, d in graph.items() if k in cal.activations and d.amax is not None
+                                          and abs(d.amax - cal.activations[k]) > 1e-6 * cal.activations[k])
+            r["psnr_qdq_fp32"] = metrics.mean_se(finite(metrics.psnr(real, fp32)))
+            r["psnr_fake_fp32"] = metrics.mean_se(finite(metrics.psnr(fake, fp32)))
+            r["ratio"] = r["rmse_qdq_fp32"] / max(r["rmse_fake_fp32"], 1e-12)
+            r["pass"] = (abs(r["ratio"] - 1) <= args.tolerance and not r["only_in_graph"] and not r["only_in_torch"]
+                         and not r["amax_mismatches"])
             ok &= r["pass"]
             out["modes"][name] = r
-            print(f"{name:20s} RMSE Q/DQ-ORT vs fake {r['rmse_qdq_fake']:.5f}, fake vs FP32 {r['rmse_fake_fp32']:.5f}, "
-                  f"Q/DQ vs FP32 {r['rmse_qdq_fp32']:.5f}; ratio {r['ratio']:.3f} "
-                  f"({'pass' if r['pass'] else 'FAIL'}); {r['identical_images']}/{args.images} images identical; one call: "
+            print(f"{name:20s} RMSE to FP32: Q/DQ-ORT {r['rmse_qdq_fp32']:.5f}, fake {r['rmse_fake_fp32']:.5f} "
+                  f"(ratio {r['ratio']:.3f}); PSNR to FP32: Q/DQ {r['psnr_qdq_fp32'][0]:.2f}, fake "
+                  f"{r['psnr_fake_fp32'][0]:.2f} dB; RMSE Q/DQ vs fake {r['rmse_qdq_fake']:.5f} "
+                  f"({'pass' if r['pass'] else 'FAIL'}); {r['identical_images']}/{args.images} images identical; quantized {len(graph)} in the graph, "
+                  f"{len(torch_side)} in torch, {len(r['only_in_graph'])}/{len(r['only_in_torch'])} only on one side, "
+                  f"{len(r['amax_mismatches'])} ranges differ; one call: "
                   f"rel Q/DQ vs fake {r['one_call_rel_qdq_fake']:.2e}, fake vs FP32 {r['one_call_rel_fake_fp32']:.2e}",
                   flush=True)
     dest = args.out or args.calib_dir / "qdq_crosscheck.json"
