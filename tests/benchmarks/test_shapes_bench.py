@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 MODES = "FP16;INT8 mean + SQ;INT8 min, first half;FP8 max"
 
@@ -23,9 +25,16 @@ def run(script: str, *args: str) -> str:
     return p.stdout
 
 
-def test_smoke_run_report_and_defaults(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def bench_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("shapes")
     run("bench.py", "--untrained", "--samples", "64", "--device", "cpu", "--steps", "2", "--calib-captions", "2",
-        "--boot", "10", "--threads", "1", "--modes", MODES, "--out", str(tmp_path))
+        "--boot", "10", "--threads", "1", "--modes", MODES, "--out", str(out))
+    return out
+
+
+def test_smoke_run_report_and_defaults(bench_out: Path) -> None:
+    tmp_path = bench_out
     doc = json.loads((tmp_path / "results.json").read_text())
     res = doc["results"]
     assert list(res) == ["FP32", *MODES.split(";")]
@@ -50,3 +59,15 @@ def test_smoke_run_report_and_defaults(tmp_path: Path) -> None:
     assert table.count("\n| ") >= 2 * len(res) and "Fréchet" in table
     picks = run("defaults.py", str(tmp_path / "results.json"))
     assert "INT8" in picks and "trtkit/calibration/calibrate.py" in picks
+
+
+@pytest.mark.slow
+def test_qdq_crosscheck_agrees_with_fake_quant(bench_out: Path) -> None:
+    """The bench's calibration files through trtkit's exporter and Q/DQ pass into onnxruntime: the same
+    inputs and ranges as fake quantization, and an error of the same size against FP32."""
+    out = run("qdq_crosscheck.py", "--untrained", "--calib-dir", str(bench_out), "--images", "2", "--steps", "2",
+              "--modes", "INT8 mean + SQ;FP8 max")
+    doc = json.loads((bench_out / "qdq_crosscheck.json").read_text())
+    for name, r in doc["modes"].items():
+        assert r["pass"], (name, out)
+        assert r["qdq_pairs"] > 0 and r["calibration_source"].startswith("calibration")
