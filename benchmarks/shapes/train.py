@@ -73,7 +73,7 @@ def train_judge(images: torch.Tensor, lab: dict[str, torch.Tensor], args: argpar
         opt.step()
         sched.step()
         if it % max(1, args.judge_steps // 5) == 0 or it == args.judge_steps - 1:
-            log(f"judge step {it:5d}  loss {float(loss):.4f}")
+            log(f"judge step {it:5d}  loss {float(loss.detach()):.4f}")
     return judge.eval()
 
 
@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> dict:  # type: ignore[type-arg]
     ap.add_argument("--judge-batch", type=int, default=512)
     ap.add_argument("--judge-lr", type=float, default=2e-3)
     ap.add_argument("--judge-width", type=int, default=32)
+    ap.add_argument("--n-test", type=int, default=2000, help="clean renders to test the judge and FD on")
     ap.add_argument("--eval-n", type=int, default=512)
     ap.add_argument("--eval-steps", type=int, default=25)
     ap.add_argument("--guidance", default="1,2,4", help="comma-separated guidance scales to evaluate")
@@ -171,9 +172,11 @@ def main(argv: list[str] | None = None) -> dict:  # type: ignore[type-arg]
     ap.add_argument("--log-every", type=int, default=250)
     args = ap.parse_args(argv)
     if args.small:
-        args.n_train, args.judge_steps, args.judge_batch, args.judge_width = 1500, 60, 64, 16
-        args.steps, args.batch, args.warmup, args.log_every = args.steps or 30, 32, 5, 10
-        args.eval_n, args.eval_steps, args.guidance = 16, 4, "2"
+        # sized for a shared 2-core CPU (a judge step here is ~0.1 s idle, seconds when the machine is busy)
+        args.n_train, args.judge_steps, args.judge_batch, args.judge_width = 1000, 40, 32, 8
+        args.judge_lr, args.n_test = 5e-3, 200
+        args.steps, args.batch, args.warmup, args.log_every = args.steps or 6, 8, 2, 2
+        args.eval_n, args.eval_steps, args.guidance = 8, 3, "2"
         torch.set_num_threads(2)
     dev = torch.device(args.device)
     if dev.type == "cuda":
@@ -187,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:  # type: ignore[type-arg]
     images = torch.from_numpy(render(scenes)).to(dev)
     tokens = M.tokenize([caption(s) for s in scenes]).to(dev)
     lab = {k: torch.from_numpy(v).to(dev) for k, v in labels(scenes).items()}
-    test = sample_scenes(max(1000, args.eval_n), np.random.default_rng(args.seed + 1))
+    test = sample_scenes(args.n_test, np.random.default_rng(args.seed + 1))
     test_images = render(test)
     evals = sample_scenes(args.eval_n, np.random.default_rng(args.seed + 2))
     log(f"rendered {len(scenes)} training and {len(test)} test scenes")
