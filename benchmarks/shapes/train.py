@@ -139,9 +139,8 @@ def train_unet(images: torch.Tensor, tokens: torch.Tensor, args: argparse.Namesp
 def save_grid(images: np.ndarray, path: Path, per_row: int = 16) -> None:
     from PIL import Image
 
+    per_row = min(per_row, len(images))
     n = len(images) // per_row * per_row
-    if n == 0:
-        return
     g = images[:n].reshape(n // per_row, per_row, *images.shape[1:]).transpose(0, 2, 1, 3, 4)
     Image.fromarray(g.reshape(g.shape[0] * g.shape[1], -1, 3)).save(path)
 

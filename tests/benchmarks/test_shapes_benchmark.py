@@ -52,7 +52,7 @@ def test_captions_tokenize() -> None:
     scenes = R.sample_scenes(200, np.random.default_rng(2))
     ids = M.tokenize([R.caption(s) for s in scenes] + [""])
     assert ids.shape == (201, M.MAX_TOKENS)
-    assert R.caption(R.Scene(0, 0, 3, 1, 1)) == "a red circle to the right of a green circle"
+    assert R.caption(R.Scene(0, 0, 3, 1, 1)) == "a red circle to the right of a green square"
     with pytest.raises(KeyError):
         M.tokenize(["a pink circle"])
 
