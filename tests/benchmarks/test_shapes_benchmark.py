@@ -76,6 +76,7 @@ def small_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:  #
     return out, summary
 
 
+@pytest.mark.slow  # ~20 s on an idle 2-core CPU, minutes on a busy one
 def test_train_small_end_to_end(small_run: tuple[Path, dict]) -> None:  # type: ignore[type-arg]
     out, summary = small_run
     names = sorted(p.name for p in out.iterdir())
@@ -90,6 +91,7 @@ def test_train_small_end_to_end(small_run: tuple[Path, dict]) -> None:  # type: 
     assert set(acc) == set(R.ATTRIBUTES) | {"scene"}
 
 
+@pytest.mark.slow
 def test_saved_pipeline_samples_per_seed(small_run: tuple[Path, dict]) -> None:  # type: ignore[type-arg]
     out, _ = small_run
     pipe, judge = M.load_pipeline(out), load_judge(out)
