@@ -10,8 +10,8 @@ files built by trtkit's calibration code (benchmarks/quality_modes.py) on a sepa
     python3 benchmarks/shapes/bench.py --weights benchmarks/shapes/weights --device cuda --out /tmp/trtkit-shapes
     python3 benchmarks/shapes/report.py /tmp/trtkit-shapes/results.json     # markdown table
     python3 benchmarks/shapes/defaults.py /tmp/trtkit-shapes/results.json   # best INT8 / FP8 recipe
-    # CPU smoke run (untrained tiny models: it checks the plumbing, measures nothing)
-    python3 benchmarks/shapes/bench.py --untrained --samples 64 --device cpu --steps 2 --calib-captions 2 --boot 10
+    # CPU smoke run (untrained tiny models, 64 samples: it checks the plumbing, measures nothing)
+    python3 benchmarks/shapes/bench.py --smoke --out /tmp/shapes-smoke
 """
 
 from __future__ import annotations
@@ -80,6 +80,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", type=Path, default=HERE / "weights", help="trained weights folder (train.py --out)")
     ap.add_argument("--untrained", action="store_true", help="seeded untrained tiny models: smoke runs only")
+    ap.add_argument("--smoke", action="store_true", help="CPU plumbing check: --untrained --device cpu --samples 64 "
+                    "--steps 2 --calib-captions 2 --boot 10 --threads 1 (each still overridable)")
     ap.add_argument("--samples", type=int, default=1000)
     ap.add_argument("--steps", type=int, default=25, help="DDIM steps (model.sample's default)")
     ap.add_argument("--guidance", type=float, default=2.0, help="guidance scale (model.sample's default)")
@@ -93,6 +95,13 @@ def main() -> None:
     ap.add_argument("--modes", default="all", help="mode names separated by ';', or all")
     ap.add_argument("--out", type=Path, default=Path("/tmp/trtkit-shapes"))
     args = ap.parse_args()
+    if args.smoke:
+        given = set(sys.argv[1:])
+        for flag, value in (("--device", "cpu"), ("--samples", 64), ("--steps", 2), ("--calib-captions", 2),
+                            ("--boot", 10), ("--threads", 1)):
+            if flag not in given:
+                setattr(args, flag[2:].replace("-", "_"), value)
+        args.untrained = True
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = False  # FP32 means FP32: TF32 would move the reference
@@ -115,7 +124,7 @@ def main() -> None:
     real_feat = judge.features(real)
     real_acc = metrics.accuracies(judge.predict(real), truth)
     other = render.render(render.sample_scenes(args.samples, np.random.default_rng(args.seed + 20_000)))
-    floor, floor_se = metrics.frechet_bootstrap(judge.features(other), real_feat, args.boot, args.seed, args.device)
+    floor, floor_se, _ = metrics.frechet_bootstrap(judge.features(other), real_feat, args.boot, args.seed, args.device)
     print(f"judge on real renders: all attributes {real_acc['all']['acc'] * 100:.2f}%; Frechet distance of "
           f"another real set {floor:.3f} +- {floor_se:.3f}", flush=True)
 
@@ -128,6 +137,8 @@ def main() -> None:
     results: dict[str, dict[str, Any]] = {}
     ref_x: torch.Tensor | None = None
     ref_ok: np.ndarray | None = None
+    ref_boots: np.ndarray | None = None
+    ref_fd = 0.0
     for name in names:
         mode = MODES[name]
         t1 = time.time()
@@ -146,14 +157,16 @@ def main() -> None:
         acc = metrics.accuracies(pred, truth)
         ok = np.logical_and.reduce([pred[k] == truth[k] for k in truth])
         x = to_tensor(images).to(args.device)
+        fd, fd_se, boots = metrics.frechet_bootstrap(judge.features(images), real_feat, args.boot, args.seed, args.device)
         if ref_x is None:
-            ref_x, ref_ok = x, ok
-        assert ref_ok is not None
+            ref_x, ref_ok, ref_boots, ref_fd = x, ok, boots, fd
+        assert ref_ok is not None and ref_boots is not None
         diff = ok.astype(np.float64) - ref_ok
-        fd, fd_se = metrics.frechet_bootstrap(judge.features(images), real_feat, args.boot, args.seed, args.device)
         r: dict[str, Any] = {**mode.describe(), "accuracy": acc, "acc_diff": float(diff.mean()),
                              "acc_diff_se": float(diff.std(ddof=1) / math.sqrt(len(diff))),
-                             "frechet": fd, "frechet_se": fd_se, **info}
+                             "frechet": fd, "frechet_se": fd_se, "frechet_diff": fd - ref_fd,
+                             "frechet_diff_se": float(np.std(boots - ref_boots, ddof=1)) if len(boots) > 1 else 0.0,
+                             "frechet_boot": [round(float(b), 6) for b in boots], **info}
         if name != "FP32":
             p = metrics.psnr(x, ref_x)
             r["psnr"], r["psnr_se"] = metrics.mean_se(p[torch.isfinite(p)])
@@ -165,7 +178,8 @@ def main() -> None:
         np.save(args.out / f"samples_{qm.file_name(name)}.npy", images)
         extra = f"  PSNR {r['psnr']:.2f} dB  SSIM {r['ssim']:.4f}" if "psnr" in r else ""
         print(f"{name:28s} all {acc['all']['acc'] * 100:6.2f}% +- {acc['all']['se'] * 100:.2f} "
-              f"(paired {r['acc_diff'] * 100:+.2f} +- {r['acc_diff_se'] * 100:.2f})  FD {fd:8.3f} +- {fd_se:.3f}"
+              f"(paired {r['acc_diff'] * 100:+.2f} +- {r['acc_diff_se'] * 100:.2f})  FD {fd:8.3f} +- {fd_se:.3f} "
+              f"(paired {r['frechet_diff']:+.3f} +- {r['frechet_diff_se']:.3f})"
               f"{extra}  ({time.time() - t1:.1f} s) {info or ''}", flush=True)
 
     meta = {"samples": args.samples, "steps": args.steps, "guidance": args.guidance,

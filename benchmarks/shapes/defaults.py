@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 
 def eligible(results: dict[str, Any], precision: str) -> dict[str, dict[str, Any]]:
     """The modes of `precision` whose accuracy is within 2 s.e. (paired) of FP32's."""
@@ -36,6 +38,14 @@ def best(results: dict[str, Any], precision: str = "int8") -> tuple[str, dict[st
         return None
     name = min(ok, key=lambda n: ok[n]["frechet"])
     return name, ok[name]
+
+
+def paired_se(a: dict[str, Any], b: dict[str, Any]) -> float:
+    """s.e. of a Fréchet distance difference from the paired bootstrap replicates (bench.py: same indices)."""
+    x, y = np.asarray(a.get("frechet_boot", [])), np.asarray(b.get("frechet_boot", []))
+    if len(x) < 2 or len(x) != len(y):  # no replicates: the unpaired bound
+        return float((a["frechet_se"] ** 2 + b["frechet_se"] ** 2) ** 0.5)
+    return float(np.std(x - y, ddof=1))
 
 
 def flags(recipe: dict[str, Any]) -> str:
@@ -64,10 +74,9 @@ def summary(doc: dict[str, Any]) -> list[str]:
                      f"{r['frechet']:.3f} +- {r['frechet_se']:.3f}; {len(ok)} {precision.upper()} modes eligible")
         if runner:
             o = ok[runner[0]]
-            gap = o["frechet"] - r["frechet"]
-            close = gap < 2 * (o["frechet_se"] ** 2 + r["frechet_se"] ** 2) ** 0.5
-            lines.append(f"  runner-up: {runner[0]} (Frechet {o['frechet']:.3f} +- {o['frechet_se']:.3f})"
-                         + ("; NOT separated (gap < 2 s.e.)" if close else ""))
+            gap, se = o["frechet"] - r["frechet"], paired_se(o, r)
+            lines.append(f"  runner-up: {runner[0]} (Frechet {o['frechet']:.3f}; minus the best, paired: {gap:+.3f} "
+                         f"+- {se:.3f})" + ("; NOT separated (gap < 2 s.e.)" if gap < 2 * se else ""))
         lines.append(f"  trtkit calibrate {flags(r['recipe'])}")
         lines.append(f"  Recipe fields: {json.dumps(r['recipe'])}")
     lines.append("defaults live in trtkit/calibration/calibrate.py Recipe.resolved() (level, reduction, "

@@ -64,13 +64,15 @@ def frechet_batched(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def frechet_bootstrap(gen: np.ndarray, real: np.ndarray, n_boot: int = 100, seed: int = 0,
-                      device: str = "cpu", batch: int = 25) -> tuple[float, float]:
-    """judge.frechet_distance of the full sets and its bootstrap standard error (both sets resampled)."""
+                      device: str = "cpu", batch: int = 25) -> tuple[float, float, np.ndarray]:
+    """judge.frechet_distance of the full sets, its bootstrap standard error (both sets resampled), and the
+    bootstrap replicates. The resampling indices depend only on `seed` and the set sizes, so replicates of
+    two modes (same sample count, same real set) are paired: std(b1 - b2) is the s.e. of their difference."""
     from benchmarks.shapes.judge import frechet_distance
 
     fd = frechet_distance(gen, real)
     if n_boot < 2:
-        return fd, 0.0
+        return fd, 0.0, np.zeros(0)
     rng = np.random.default_rng(seed)
     g = torch.as_tensor(gen, dtype=torch.float64, device=device)
     r = torch.as_tensor(real, dtype=torch.float64, device=device)
@@ -80,7 +82,8 @@ def frechet_bootstrap(gen: np.ndarray, real: np.ndarray, n_boot: int = 100, seed
         ig = torch.as_tensor(rng.integers(0, len(gen), (k, len(gen))), device=device)
         ir = torch.as_tensor(rng.integers(0, len(real), (k, len(real))), device=device)
         boots.append(frechet_batched(g[ig], r[ir]).cpu())
-    return fd, float(torch.cat(boots).std())
+    b = torch.cat(boots).numpy()
+    return fd, float(b.std(ddof=1)), b
 
 
 # -- image distances --------------------------------------------------------------------------------
