@@ -6,7 +6,7 @@ renders of the same scenes) and against the FP32 sample of the same seed (PSNR, 
 comes with its standard error (metrics.py). Quantized modes are torch fake quantization from calibration
 files built by trtkit's calibration code (benchmarks/quality_modes.py) on a separate caption/noise set.
 
-    # H200, all modes, 1000 samples each (about 5 minutes; see docs/calibration.md)
+    # H200, all 17 modes, 1000 samples each (estimated 2-4 minutes; gpu_run.sh also runs the rest)
     python3 benchmarks/shapes/bench.py --weights benchmarks/shapes/weights --device cuda --out /tmp/trtkit-shapes
     python3 benchmarks/shapes/report.py /tmp/trtkit-shapes/results.json     # markdown table
     python3 benchmarks/shapes/defaults.py /tmp/trtkit-shapes/results.json   # best INT8 / FP8 recipe
