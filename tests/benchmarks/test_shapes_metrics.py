@@ -16,8 +16,11 @@ def test_frechet_bootstrap_is_the_judges_distance_batched() -> None:
     rng = np.random.default_rng(0)
     a = rng.standard_normal((400, 12)) @ rng.standard_normal((12, 12))
     b = rng.standard_normal((300, 12)) * 1.3 + 0.2
-    fd, se = metrics.frechet_bootstrap(a, b, n_boot=50)
-    assert fd == frechet_distance(a, b) and 0 < se < fd
+    fd, se, boots = metrics.frechet_bootstrap(a, b, n_boot=50)
+    assert fd == frechet_distance(a, b) and 0 < se < fd and len(boots) == 50
+    # same seed and set sizes: the same resamples, so a second feature set's replicates pair with these
+    _, _, again = metrics.frechet_bootstrap(a + 0.01, b, n_boot=50)
+    assert np.std(again - boots) < 0.2 * se
     pairs = [(a, b), (a[100:], b[50:]), (b, a)]
     got = metrics.frechet_batched(torch.tensor(np.stack([p[0][:150] for p in pairs])),
                                   torch.tensor(np.stack([p[1][:150] for p in pairs])))
