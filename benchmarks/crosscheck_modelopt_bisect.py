@@ -14,8 +14,8 @@ the cross-check's evaluation input (a recorded call's conditioning, a fresh late
 * `bmm`: the attention q/k/v BMM quantizers.
 
 `--per-layer` also ranks every activation quantizer by the error it adds alone on top of the weights.
-`--weights-per-channel` reruns the table with ModelOpt's weight quantizers recalibrated per output
-channel (axis 0), which is what trtkit does.
+The last rows recalibrate ModelOpt's weight quantizers per output channel (axis 0), as trtkit
+quantizes weights.
 
     python3 benchmarks/crosscheck_modelopt_bisect.py --case tiny --out /tmp/xcheck --per-layer
 """
@@ -132,9 +132,24 @@ def main() -> None:
         row(f"all but {g}", every - by_group[g])
     shared = by_group["weight"] | by_group["conv_in"] | by_group["linear_in"] | by_group["bmm"]
     row("trtkit's set (all but norm_in, proj_out_in)", shared)
+    # trtkit quantizes weights per output channel: the same quantizers, amax per row of the weight
+    mods = dict(mo.named_modules())
+    for n in by_group["weight"]:
+        q, w = qs[n][0], mods[n.rpartition(".")[0]].weight.detach()
+        del q._amax
+        q.axis = 0
+        q.amax = w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True)
+    row("weights only, per output channel", by_group["weight"])
+    row("trtkit's set, weights per output channel", shared)
+    row("all, weights per output channel", every)
     report: dict[str, Any] = {"case": args.case, "precision": args.precision, "level": args.level,
                               "counts": counts, "rows": rows}
-    if args.per_layer:
+    if args.per_layer:  # on ModelOpt's own per-tensor weights
+        for n in by_group["weight"]:
+            q, w = qs[n][0], mods[n.rpartition(".")[0]].weight.detach()
+            del q._amax
+            q.axis = None
+            q.amax = w.abs().amax()
         base = err(by_group["weight"])
         single = []
         for n in sorted(every - by_group["weight"]):
