@@ -4,9 +4,12 @@ Takes the cross-check's ONNX files (benchmarks/crosscheck_modelopt.py --case tin
 runs the FP32, trtkit FP8 and ModelOpt FP8 graphs on one input with every Conv/MatMul/Gemm output (by
 node name: both exports keep the diffusers module scopes) as an extra graph output. Per layer, in graph
 order, it prints each quantized graph's error against FP32 there (max |x - ref| / max |ref|): where
-ModelOpt's column leaves trtkit's is where its quantization costs the accuracy.
+ModelOpt's column leaves trtkit's is where its quantization costs the accuracy. onnxruntime's graph
+optimizations are off for that (they would rename or fuse the tensors compared); the script then prints
+both graphs' output error at each optimization level, and at the basic level without onnxruntime's
+`QDQPropagationTransformer` (docs/quantization.md, "FP8 on the tiny UNet: the bisection").
 
-    python3 benchmarks/crosscheck_fp8_layers.py /tmp/xcheck/tiny [--json out.json]
+    python3 benchmarks/crosscheck_fp8_layers.py /tmp/xcheck/tiny [--json out.json] [--dq-without-zero-point]
 """
 
 from __future__ import annotations
@@ -51,12 +54,18 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("dir", type=Path)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--dq-without-zero-point", action="store_true",
+                    help="drop the FP8 zero point to_native gives ModelOpt's DQ nodes (how it was before the fix)")
     args = ap.parse_args()
     d = args.dir
     m32 = onnx.load(str(d / "unet.fp32.onnx"))
     tk = onnx.load(str(d / "trtkit.fp8.onnx"))
     mo = onnx.load(str(d / "modelopt.fp8.onnx"))
     to_native(mo)
+    if args.dq_without_zero_point:
+        for n in mo.graph.node:
+            if n.op_type == "DequantizeLinear" and len(n.input) == 3 and n.input[2] == "trtkit_fp8_zero_point":
+                del n.input[2]
     n32, ntk, nmo = layer_outputs(m32), layer_outputs(tk), layer_outputs(mo)
     common = [k for k in n32 if k in ntk and k in nmo]
     print(f"layers: fp32 {len(n32)}, trtkit {len(ntk)}, ModelOpt {len(nmo)}, in all three {len(common)}")
@@ -81,6 +90,23 @@ def main() -> None:
         print(f"| {r['layer']} | {r['trtkit']:.4f} | {r['modelopt']:.4f} | {r['modelopt'] / max(r['trtkit'], 1e-9):.2f} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
+    import onnxruntime as ort
+
+    L = ort.GraphOptimizationLevel
+    half = {k: v.astype(np.float16) for k, v in feeds.items()}
+    print("\n| onnxruntime optimizations | trtkit | ModelOpt |\n|---|---|---|")
+    for tag, lvl, off in (("off", L.ORT_DISABLE_ALL, []), ("basic", L.ORT_ENABLE_BASIC, []),
+                          ("extended", L.ORT_ENABLE_EXTENDED, []), ("all (default)", L.ORT_ENABLE_ALL, []),
+                          ("basic without QDQPropagationTransformer", L.ORT_ENABLE_BASIC,
+                           ["QDQPropagationTransformer"])):
+        errs = []
+        for m in (tk, mo):
+            so = ort.SessionOptions()
+            so.graph_optimization_level = lvl
+            sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"],
+                                        disabled_optimizers=off)
+            errs.append(e(sess.run(None, half)[0].astype(np.float32), r32["output"]))
+        print(f"| {tag} | {errs[0]:.4f} | {errs[1]:.4f} |", flush=True)
 
 
 if __name__ == "__main__":
