@@ -97,7 +97,9 @@ def test_onnxruntime_close_to_fp32(modelopt_onnx: dict[str, Path], tiny_unet_onn
     onnx.save(m, str(tmp_path / "native.onnx"))
     half = {k: v.astype(np.float16) for k, v in tiny_feeds.items()}
     e = err(run_onnxruntime(tmp_path / "native.onnx", half)[0])
-    assert np.isfinite(e) and e < 1.0, e  # see docs/quantization.md, "ModelOpt cross-check", for why not 0.16
+    # trtkit's own FP8 bound is 0.16; ModelOpt's exporter also stores FP8 weights on conv_in, conv_out and
+    # conv_shortcut, which costs about 0.02 more (docs/quantization.md, "FP8 on the tiny UNet: the bisection")
+    assert np.isfinite(e) and e < 0.2, e
 
 
 @pytest.mark.modelopt
