@@ -1,5 +1,6 @@
 """Where ModelOpt's FP8 graph loses accuracy: onnxruntime error against FP32 of the cross-check's ONNX
-files (benchmarks/crosscheck_modelopt.py --case tiny) with groups of Q/DQ pairs bypassed.
+files (benchmarks/crosscheck_modelopt.py --case tiny) with groups of Q/DQ pairs bypassed, and with
+FP16 instead of FP8 conv weights (ModelOpt's exporter stores every conv weight in FP8, per tensor).
 
     python3 benchmarks/crosscheck_fp8_bypass.py /tmp/xcheck/tiny
 """
@@ -79,9 +80,14 @@ for tag, pred in (("ModelOpt without LayerNorm-input Q/DQ", ln), ("ModelOpt with
     err(m, tag)
 w32 = {i.name: numpy_helper.to_array(i) for i in m32.graph.initializer}
 conv_w = {n.name: n.input[1] for n in m32.graph.node if n.op_type == "Conv"}
-m = modelopt()
-for n in m.graph.node:
-    if n.op_type == "Conv" and conv_w.get(n.name) in w32:
-        m.graph.initializer.append(numpy_helper.from_array(w32[conv_w[n.name]].astype(np.float16), n.name + "_w16"))
-        n.input[1] = n.name + "_w16"
-err(m, "ModelOpt with FP16 weights on every conv")
+EXCLUDED_CONVS = ("conv_in", "conv_out", "conv_shortcut")  # activation not quantized by either side
+for tag, which in (("ModelOpt with FP16 weights on every conv", lambda name: True),
+                   ("ModelOpt with FP16 weights on conv_in/conv_out/conv_shortcut (as trtkit)",
+                    lambda name: any(p in name for p in EXCLUDED_CONVS))):
+    m = modelopt()
+    for n in m.graph.node:
+        if n.op_type == "Conv" and conv_w.get(n.name) in w32 and which(n.name):
+            m.graph.initializer.append(numpy_helper.from_array(w32[conv_w[n.name]].astype(np.float16),
+                                                               n.name + "_w16"))
+            n.input[1] = n.name + "_w16"
+    err(m, tag)

@@ -97,7 +97,9 @@ def test_onnxruntime_close_to_fp32(modelopt_onnx: dict[str, Path], tiny_unet_onn
     onnx.save(m, str(tmp_path / "native.onnx"))
     half = {k: v.astype(np.float16) for k, v in tiny_feeds.items()}
     e = err(run_onnxruntime(tmp_path / "native.onnx", half)[0])
-    assert np.isfinite(e) and e < 1.0, e  # see docs/quantization.md, "ModelOpt cross-check", for why not 0.16
+    # trtkit's own FP8 bound is 0.16; ModelOpt's exporter also stores FP8 weights on conv_in, conv_out and
+    # conv_shortcut, which costs about 0.02 more (docs/quantization.md, "FP8 on the tiny UNet: the bisection")
+    assert np.isfinite(e) and e < 0.2, e
 
 
 @pytest.mark.modelopt
@@ -110,3 +112,34 @@ def test_modelopt_export_builds_with_rtx(precision: str, modelopt_onnx: dict[str
     assert ok, errors
     assert not [w for w in warnings if QDQ_TROUBLE.search(w) and "conv weight/activation scales" not in w
                 and "Converting conv" not in w], warnings
+
+
+def test_to_native_fp8_survives_onnxruntime_qdq_propagation(tmp_path: Path) -> None:
+    """ModelOpt's FP8 activation Q/DQ (custom ops, DQ without a zero point) before a Transpose: once
+    native, onnxruntime at its default optimization level must give the FP8 round trip, negatives included
+    (its QDQ propagation copies the DQ's inputs into a new Q; without a zero point that Q was uint8)."""
+    import torch
+
+    from trtkit.exporter import run_onnxruntime
+    from trtkit.graph.modelopt_form import to_native
+
+    scale = 0.01
+    nodes = [helper.make_node("TRT_FP8QuantizeLinear", ["x", "s"], ["q"], domain="trt"),
+             helper.make_node("TRT_FP8DequantizeLinear", ["q", "s"], ["dq"], domain="trt"),
+             helper.make_node("Transpose", ["dq"], ["t"], perm=[1, 0]),
+             helper.make_node("MatMul", ["t", "w"], ["y"])]
+    w = np.eye(4, dtype=np.float32)
+    graph = helper.make_graph(nodes, "modelopt_fp8", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 4])],
+                              [helper.make_tensor("s", TensorProto.FLOAT, [], [scale]),
+                               helper.make_tensor("w", TensorProto.FLOAT, [4, 4], w.reshape(-1).tolist())])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19), helper.make_opsetid("trt", 1)])
+    assert to_native(m) == 3  # Q and DQ renamed, the DQ given the FP8 zero point
+    assert all(len(n.input) == 3 for n in m.graph.node if n.op_type.endswith("QuantizeLinear"))
+    onnx.checker.check_model(m)
+    onnx.save(m, str(tmp_path / "native.onnx"))
+    x = np.linspace(-3.0, 3.0, 32, dtype=np.float32).reshape(4, 8)
+    ref = (torch.from_numpy(x) / scale).clamp(-448, 448).to(torch.float8_e4m3fn).float().numpy() * scale
+    out = run_onnxruntime(tmp_path / "native.onnx", {"x": x})[0]
+    np.testing.assert_allclose(out, ref.T, rtol=0, atol=1e-6)
+    assert to_native(m) == 0  # idempotent: nothing left to change, no second zero point

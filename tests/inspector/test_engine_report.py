@@ -8,7 +8,8 @@ import pytest
 from inspect_helpers import write_engine
 
 from trtkit.errors import TrtkitError
-from trtkit.inspector.engine_report import load_engine, read_plan_header
+from trtkit.inspector.engine_report import load_engine
+from trtkit.inspector.plan_file import read_plan_header
 
 
 def _one_line(excinfo: pytest.ExceptionInfo) -> str:
@@ -91,7 +92,7 @@ def test_plan_from_another_version_per_metadata(rtx_plan_bytes, tmp_path):
     """Where the header carries no version (full TensorRT plans), the metadata's backend version decides;
     an RTX header's own version wins over the metadata."""
     from trtkit.backend import load_backend
-    from trtkit.inspector.engine_report import check_version
+    from trtkit.inspector.plan_file import check_version
 
     plan = write_engine(tmp_path, rtx_plan_bytes, None, None)
     header = read_plan_header(plan)

@@ -87,7 +87,7 @@ def test_buffers_hold_every_profile(unet: EngineDesc) -> None:
 
 def test_backend_comes_from_the_plan(rtx_unet_plans: dict[str, dict[str, Any]]) -> None:
     """Finding 3: an RTX plan is run by TensorRT-RTX whatever is installed; a contradicting request is one line."""
-    from trtkit.inspector.engine_report import meta_backend, read_plan_header
+    from trtkit.inspector.plan_file import meta_backend, read_plan_header
 
     plan: Path = rtx_unet_plans["fp16"]["plan"]
     meta = rtx_unet_plans["fp16"]["meta"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trtkit.inspector.engine_report import meta_backend
+from trtkit.inspector.plan_file import meta_backend
 from trtkit.inspector.report import EngineReport, _precision, metadata_summary
 
 

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from trtkit._files import check_output, write_text_atomic
+from trtkit.inspector.kernel_check import _block_order
 from trtkit.inspector.onnx_report import OnnxReport, coverage_json
-from trtkit.inspector.report import Comparison, EngineReport, _block_order
+from trtkit.inspector.report import Comparison, EngineReport
 
 COLORS = {"INT8": "#2e7d32", "FP8": "#00838f", "INT4": "#66bb6a", "FP4": "#4dd0e1", "FP16": "#f9a825",
           "BF16": "#ffb300", "FP32": "#c62828", "quantized": "#2e7d32", "not quantized": "#bdbdbd"}

@@ -56,7 +56,7 @@ def runtime_cache_path(plan: Path) -> Path:
 
 def plan_backend(path: Path, requested: str | None = None) -> str:
     """The backend that runs `path`: read from its header / x.json (plan.choose_backend); no TensorRT needed."""
-    from trtkit.inspector.engine_report import meta_backend, read_metadata, read_plan_header
+    from trtkit.inspector.plan_file import meta_backend, read_metadata, read_plan_header
 
     return choose_backend(path.name, read_plan_header(path).flavour, meta_backend(read_metadata(path))[0],
                           requested or os.environ.get("TRTKIT_BACKEND") or None)
@@ -156,7 +156,8 @@ class Engine:
     def load(cls, path: Path | str, trust_engine: bool = False, backend: str | None = None,
              activations: SharedActivations | None = None) -> Engine:
         from trtkit.backend import load_backend
-        from trtkit.inspector.engine_report import read_metadata, read_plan_header, runs_here
+        from trtkit.inspector.engine_report import runs_here
+        from trtkit.inspector.plan_file import read_metadata, read_plan_header
 
         path = Path(path)
         if not path.is_file():
