@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--lora", choices=["train", "random"], default="train")
     ap.add_argument("--lora-steps", type=int, default=300)
     ap.add_argument("--rank", type=int, default=4)
+    ap.add_argument("--random-std", type=float, default=1.5, help="--lora random: delta size relative to the weights")
     ap.add_argument("--scale", type=float, default=0.8)
     ap.add_argument("--per-digit", type=int, default=26)
     ap.add_argument("--steps", type=int, default=20)
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.lora == "train":
         state = train_lora(unet, emb, args.lora_steps, args.rank, args.seed)
     else:
-        state = random_lora_state(unet, seed=args.seed, rank=args.rank, targets=TARGETS, std=0.3)
+        state = random_lora_state(unet, seed=args.seed, rank=args.rank, targets=TARGETS, std=args.random_std)
     lora_file = save_diffusers(state, args.out, "digits_lora.safetensors", StableDiffusionPipeline,
                                targets=TARGETS)
     print(f"LoRA ({args.lora}, rank {args.rank}, {len(state) // 2} layers): {lora_file}, {time.time() - t0:.0f} s")
