@@ -215,3 +215,12 @@ def test_lora_switching_on_gpu_tuned(arch: str, tok_dir: Path, loras: dict[str, 
             assert runner.captures == before, "swapping a fused adapter in place re-captured"
         if what in ("a+b scaled", "b x1.3"):
             assert runner.captures == before + 1
+    # the per-call scale of unfused adapters: a new scale re-captures once, the same scale again does not
+    pipe.set_adapters(["a"])
+    ref.set_adapters(["a"])
+    for s, new_capture in ((0.5, True), (0.5, False), (1.0, True)):
+        before = runner.captures
+        got = _latents(functools.partial(pipe, cross_attention_kwargs={"scale": s}))
+        want = _latents(functools.partial(ref, cross_attention_kwargs={"scale": s}))
+        assert _err(got, want) < 2e-2, f"{arch} scale {s}: {_err(got, want):.2e}"
+        assert runner.captures == before + int(new_capture), f"scale {s}: {runner.captures - before} captures"
