@@ -13,8 +13,9 @@ import pytest
 from builder_cli import one_line_error, run_cli
 
 from trtkit.builder import metadata as md
-from trtkit.builder.refit import engine_weights, refit_weights
+from trtkit.builder.refit import refit_weights
 from trtkit.errors import TrtkitError
+from trtkit.runtime.refit import engine_weights
 
 pytest.importorskip("peft")
 

@@ -170,3 +170,16 @@ def numpy_helper_array(t: onnx.TensorProto) -> np.ndarray:
     from onnx import numpy_helper
 
     return numpy_helper.to_array(t)
+
+
+def test_smoothquant_qdq_is_refused() -> None:
+    """A Q/DQ ONNX with SmoothQuant holds W*s: re-quantizing W+delta without s would be wrong, so it is refused
+    (the Mul trtkit's quantize inserts on the activation is named `<prefix>/smooth_inv`)."""
+    from trtkit.graph.lora import requantized_weights
+
+    x = gs.Variable("x", np.float32, (1, 4))
+    s = gs.Constant("q/smooth_inv", np.ones(4, np.float32))
+    y = gs.Variable("y", np.float32, (1, 4))
+    g = gs.Graph(nodes=[gs.Node("Mul", inputs=[x, s], outputs=[y])], inputs=[x], outputs=[y])
+    with pytest.raises(TrtkitError, match="SmoothQuant"):
+        requantized_weights(None, g, None, {}, 1.0)  # type: ignore[arg-type]

@@ -83,6 +83,7 @@ STEPS: list[tuple[str, Any]] = [
     ("b fused (a unfused first)", lambda p: (p.unfuse_lora(), p.set_adapters(["b"]), p.fuse_lora())),
     ("unfused, disabled", lambda p: (p.unfuse_lora(), p.disable_lora())),
     ("enabled again", lambda p: p.enable_lora()),
+    ("a x0.6 after b deleted", lambda p: (p.delete_adapters("b"), p.set_adapters(["a"], adapter_weights=[0.6]))),
 ]
 
 
@@ -100,6 +101,29 @@ def test_lora_parity_after_switching(arch: str, tok_dir: Path, loras: dict[str, 
         assert _err(got, want) < 1e-4, f"{arch} {what}: {_err(got, want):.2e}"
         if what != "unfused, disabled":  # the LoRA changes the result: the comparison is not vacuous
             assert _err(want, base) > 5e-3, f"{arch} {what}: the LoRA changes nothing"
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_lora_scale_in_cross_attention_kwargs(arch: str, tok_dir: Path, loras: dict[str, tuple[Path, Path]],
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    """`pipe(..., cross_attention_kwargs={"scale": s})`, diffusers' per-call LoRA strength, runs on the runtime (no
+    fallback) with diffusers' latents, and leaves the PEFT scales as they were (the same graph key after the call)."""
+    pipe = make_pipeline(arch, tiny_modules(arch, tok_dir), _scheduler())
+    _load(pipe, loras[arch])
+    trtkit.accelerate(pipe)
+    diffusers_call = functools.partial(pipe._trtkit.original_call, pipe)
+    pipe.set_adapters(["a", "b"], adapter_weights=[1.0, 0.5])
+    full = _latents(diffusers_call)
+    for s in (0.5, 0.0, 1.3):
+        want = _latents(functools.partial(diffusers_call, cross_attention_kwargs={"scale": s}))
+        pipe.set_adapters(["a", "b"], adapter_weights=[1.0, 0.5])  # diffusers' call with scale 0 resets them
+        key = graph_state(pipe.unet)
+        caplog.clear()
+        got = _latents(functools.partial(pipe, cross_attention_kwargs={"scale": s}))
+        assert "own loop" not in caplog.text, caplog.text
+        assert _err(got, want) < 1e-4, f"{arch} scale {s}: {_err(got, want):.2e}"
+        assert _err(want, full) > 5e-3, f"{arch} scale {s} changes nothing"
+        assert graph_state(pipe.unet) == key
 
 
 def test_graph_state_tells_stale_from_in_place(tok_dir: Path, loras: dict[str, tuple[Path, Path]]) -> None:
@@ -191,3 +215,12 @@ def test_lora_switching_on_gpu_tuned(arch: str, tok_dir: Path, loras: dict[str, 
             assert runner.captures == before, "swapping a fused adapter in place re-captured"
         if what in ("a+b scaled", "b x1.3"):
             assert runner.captures == before + 1
+    # the per-call scale of unfused adapters: a new scale re-captures once, the same scale again does not
+    pipe.set_adapters(["a"])
+    ref.set_adapters(["a"])
+    for s, new_capture in ((0.5, True), (0.5, False), (1.0, True)):
+        before = runner.captures
+        got = _latents(functools.partial(pipe, cross_attention_kwargs={"scale": s}))
+        want = _latents(functools.partial(ref, cross_attention_kwargs={"scale": s}))
+        assert _err(got, want) < 2e-2, f"{arch} scale {s}: {_err(got, want):.2e}"
+        assert runner.captures == before + int(new_capture), f"scale {s}: {runner.captures - before} captures"

@@ -1,8 +1,8 @@
 """`trtkit refit`: new weights into a refittable engine (built with --refittable) through TensorRT's Refitter.
 
 `refit_weights` decides everything with plain code (which ONNX the plan came from, which weights change, their
-values: graph/lora.py); `refit_plan` is the thin TensorRT call (deserialize, Refitter.set_named_weights,
-refit_cuda_engine, serialize), which needs the GPU the engine runs on.
+values: graph/lora.py); applying them is runtime work (runtime/refit.py: the Refitter into a new plan, or at load
+from the weights file `trtkit refit -o x.safetensors` writes), which needs the GPU the engine runs on.
 """
 
 from __future__ import annotations
@@ -64,47 +64,3 @@ def _has_qdq(path: Path) -> bool:
 
     m = onnx.load(str(path), load_external_data=False)
     return any(n.op_type == "DequantizeLinear" for n in m.graph.node)
-
-
-def engine_weights(weights: dict[str, np.ndarray], known: set[str]) -> dict[str, np.ndarray]:
-    """The ONNX initializer names of `weights` as the engine names them: the same name, or the `<name>_fp16` copy
-    that trtkit's FP16 conversion (graph/fp16.py) made inside `trtkit build --fp16` (values cast to float16).
-    A name found neither way is a one-line error."""
-    out: dict[str, np.ndarray] = {}
-    missing = []
-    for name, w in weights.items():
-        if name in known:
-            out[name] = w
-        elif f"{name}_fp16" in known and w.dtype.kind == "f":
-            out[f"{name}_fp16"] = w.astype(np.float16)
-        else:
-            missing.append(name)
-    if missing:
-        raise TrtkitError(f"{len(missing)} weight(s) are not refittable weights of the engine, e.g. {missing[0]}",
-                          hint="refit from the ONNX the engine was built from (--base)")
-    return out
-
-
-def refit_plan(backend: Any, plan: Path, weights: dict[str, np.ndarray], output: Path) -> int:
-    """Deserialize `plan`, set every named weight, refit, write the engine to `output` (atomically); returns how
-    many weights were set. Needs a GPU the engine runs on."""
-    from trtkit._files import write_bytes_atomic
-
-    trt = backend.trt
-    engine = trt.Runtime(backend.logger).deserialize_cuda_engine(Path(plan).read_bytes())
-    if engine is None:
-        raise TrtkitError(f"{trt.__name__} could not load {plan} here; a refit needs the GPU the engine runs on")
-    if not engine.refittable:
-        raise TrtkitError(f"{plan} is not refittable; rebuild it with `trtkit build --refittable`")
-    refitter = trt.Refitter(engine, backend.logger)
-    named = engine_weights(weights, set(refitter.get_all_weights()))
-    kept = []  # TensorRT reads the arrays at refit_cuda_engine(): they must live until then
-    for name, w in named.items():
-        arr = np.ascontiguousarray(w)
-        kept.append(arr)
-        if not refitter.set_named_weights(name, trt.Weights(arr)):
-            raise TrtkitError(f"TensorRT refused the new weight {name} {arr.dtype}{list(arr.shape)}")
-    if not refitter.refit_cuda_engine():
-        raise TrtkitError("TensorRT's refit failed (a rewrite that assumed equal Q/DQ scales, or missing weights)")
-    write_bytes_atomic(output, bytes(engine.serialize()))
-    return len(kept)

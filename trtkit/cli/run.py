@@ -10,7 +10,8 @@ from trtkit.cli._common import check_device, check_image_size, console, err_cons
 def _config(model_dir: Path, engines: Path | None, prompt: str, negative_prompt: str, steps: int, guidance: float,
             scheduler: str | None, seed: int, cuda_graph: bool, height: int | None, width: int | None,
             trust_engine: bool, device: str | None, compile: bool, kernels: str,
-            backend: str | None = None):  # type: ignore[no-untyped-def]
+            backend: str | None = None, lora: Path | None = None,
+            lora_scale: float | None = None):  # type: ignore[no-untyped-def]
     from trtkit.errors import TrtkitError
     from trtkit.runtime.executors import KERNEL_PRESETS
     from trtkit.runtime.pipeline import RunConfig
@@ -30,10 +31,48 @@ def _config(model_dir: Path, engines: Path | None, prompt: str, negative_prompt:
     check_device(device)
     if kernels not in KERNEL_PRESETS:
         raise TrtkitError(f"--kernels must be one of {', '.join(KERNEL_PRESETS)}, got {kernels!r}")
+    if lora_scale is not None and lora is None:
+        raise TrtkitError("--lora-scale needs --lora")
+    weights = None
+    if lora is not None:
+        from trtkit._files import check_input
+
+        check_input(lora, "LoRA file")
+        if engines is not None:  # before the (slow) pipeline load
+            weights = _engine_lora(engines, lora, lora_scale)
     return RunConfig(model_dir=model_dir, prompt=prompt, negative_prompt=negative_prompt, steps=steps,
                      guidance=guidance, scheduler=scheduler, seed=seed, height=height, width=width,
                      cuda_graph=cuda_graph, engines=engines, trust_engine=trust_engine, device=device,
-                     compile=compile, kernels=kernels, backend=backend)
+                     compile=compile, kernels=kernels, backend=backend, lora=None if engines else lora,
+                     lora_scale=1.0 if lora_scale is None else lora_scale, unet_weights=weights)
+
+
+def _engine_lora(engines: Path, lora: Path, scale: float | None) -> dict:
+    """The UNet engine's new weights for `--engines DIR --lora FILE`: FILE is a weights file (`trtkit refit -o
+    x.safetensors`, its scale baked in) or a LoRA adapter, computed here as `trtkit refit` would. Refused with one
+    line when the plan's metadata says it was not built --refittable."""
+    from trtkit.builder import metadata as md
+    from trtkit.errors import TrtkitError
+    from trtkit.runtime.refit import read_weights
+
+    plan = engines if engines.suffix in (".plan", ".engine") else engines / "unet.plan"
+    meta = md.read_metadata(plan.with_suffix(".json"))
+    if meta is not None and not (meta.get("settings") or {}).get("refittable"):
+        raise TrtkitError(f"{plan} was not built with --refittable: --lora cannot change its weights",
+                          hint="rebuild it with `trtkit build --refittable`, or run the torch UNet (no --engines)")
+    found = read_weights(lora)
+    if found is not None:
+        weights, info = found
+        if scale is not None and scale != info.get("scale"):
+            raise TrtkitError(f"{lora} holds weights refit at scale {info.get('scale')}; --lora-scale cannot change "
+                              "that", hint="run `trtkit refit --scale` again, or pass the adapter itself as --lora")
+        return weights
+    if meta is None:
+        raise TrtkitError(f"{plan.with_suffix('.json')} (the plan's metadata) is missing; a LoRA adapter needs it to "
+                          "find the ONNX the plan came from", hint="write a weights file with `trtkit refit -o`")
+    from trtkit.builder.refit import refit_weights
+
+    return refit_weights(meta, lora, 1.0 if scale is None else scale).weights
 
 
 BACKEND_HELP = ("trt or rtx: the TensorRT that runs --engines (default: the one that built each plan, read "
@@ -100,12 +139,16 @@ def register(app: typer.Typer) -> None:
         output: Path = typer.Option(None, "--output", "-o", help="Image to write (.png/.jpg/.webp); a folder or "
                                     "none: out.png there (out-1.png, ... where it exists: never replaced)."),
         json_out: bool = typer.Option(False, "--json", help="Print the timings as JSON."),
+        lora: Path = typer.Option(None, "--lora", help="A LoRA adapter (diffusers/PEFT or kohya safetensors), fused "
+                                  "into the torch UNet; with --engines (built --refittable) the adapter or the "
+                                  "weights file of `trtkit refit -o x.safetensors`, set by TensorRT's Refitter at load."),
+        lora_scale: float = typer.Option(None, "--lora-scale", help="LoRA strength (default 1.0)."),
     ) -> None:
         """Text -> image through the trtkit runtime (the denoising loop as one CUDA graph on a GPU)."""
         from trtkit.runtime.pipeline import run as do_run
 
         cfg = _config(model_dir, engines, prompt, negative_prompt, steps, guidance, scheduler, seed, cuda_graph,
-                      height, width, trust_engine, device, compile, kernels, backend)
+                      height, width, trust_engine, device, compile, kernels, backend, lora, lora_scale)
         _warn_compile_on_cpu(compile and engines is None, device)
         output = _default_output(output)
         res = do_run(cfg, output)

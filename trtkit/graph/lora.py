@@ -189,6 +189,11 @@ def requantized_weights(adapter: Adapter, q_graph: gs.Graph, float_matches: Matc
     from trtkit.graph.patterns import find, producer
     from trtkit.graph.qdq import quantize_weight
 
+    smoothed = [t for t in q_graph.tensors() if "smooth_inv" in t or "gamma_smoothed" in t]
+    if smoothed:  # the weights hold W*s and the activations /s: W+delta re-quantized without s would be wrong
+        raise TrtkitError("the quantized ONNX was calibrated with SmoothQuant (its smoothing is folded into the "
+                          "weights); a LoRA refit cannot recompute those",
+                          hint="calibrate without --smoothquant (trtkit's default) for an engine you refit")
     fused = fused_weights(adapter, float_matches, float_base, scale)  # by float initializer name
     q_matches = find(q_graph)
     q_by_module = {onnx_module(m): m for m in [*q_matches.linear, *q_matches.conv]}

@@ -121,8 +121,17 @@ def _call(self: Any, *args: Any, **kwargs: Any) -> Any:
         except TypeError:  # diffusers' own call gives its own error
             return rt.original_call(self, *args, **kwargs)
         kwargs = {k: v for k, v in bound.items() if k != "self" and k != "kwargs"} | bound.get("kwargs", {})
+    cak = kwargs.get("cross_attention_kwargs")
+    lora_scale = None
+    if isinstance(cak, dict) and set(cak) == {"scale"}:  # diffusers' LoRA scale: applied around the loop below
+        lora_scale = float(cak["scale"])
+        kwargs = {k: v for k, v in kwargs.items() if k != "cross_attention_kwargs"}
     extra = {k: v for k, v in kwargs.items() if k not in HANDLED and v is not None
              and not (k in rt.defaults and _same(v, rt.defaults[k]))}
+    if not extra and hasattr(rt.executor, "engine") and _lora_active(self.unet):
+        extra = {"a LoRA loaded into pipe.unet (a TensorRT UNet has its own weights: `trtkit refit`)": 1}
+    if extra and lora_scale is not None:
+        kwargs["cross_attention_kwargs"] = cak
     if extra:
         log.warning("trtkit.accelerate: %s not handled by the runtime; running diffusers' own loop",
                     ", ".join(sorted(extra)))
@@ -132,10 +141,18 @@ def _call(self: Any, *args: Any, **kwargs: Any) -> Any:
         log.warning("trtkit.accelerate: %s; running diffusers' own loop", reason)
         return rt.original_call(self, **kwargs)
     try:
-        return _accelerated(self, rt, **kwargs)
+        return _accelerated(self, rt, lora_scale=lora_scale, **kwargs)
     except _Fallback as e:
+        if lora_scale is not None:
+            kwargs["cross_attention_kwargs"] = cak
         log.warning("trtkit.accelerate: %s; running diffusers' own loop", e)
         return rt.original_call(self, **kwargs)
+
+
+def _lora_active(unet: Any) -> bool:
+    from trtkit.runtime.lora import is_tuner_layer, layer_state
+
+    return any(is_tuner_layer(m) and layer_state(m) != ("disabled",) for m in unet.modules())
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -150,7 +167,10 @@ def _accelerated(pipe: Any, rt: _Runtime, prompt: Any = None, negative_prompt: A
                  height: int | None = None, width: int | None = None, generator: Any = None, latents: Any = None,
                  output_type: str = "pil", return_dict: bool = True, num_images_per_prompt: int = 1,
                  prompt_embeds: Any = None, negative_prompt_embeds: Any = None, pooled_prompt_embeds: Any = None,
-                 negative_pooled_prompt_embeds: Any = None) -> Any:
+                 negative_pooled_prompt_embeds: Any = None, lora_scale: float | None = None) -> Any:
+    """`lora_scale`: diffusers' `cross_attention_kwargs={"scale": s}`, the strength of unfused PEFT adapters: the
+    text encoders get it through diffusers' encode_prompt, the UNet's PEFT layers are scaled around the loop as
+    diffusers' UNet scales them around each step (a new scale is a new graph key: runtime/lora.py)."""
     import torch
     from diffusers.utils.torch_utils import randn_tensor
 
@@ -175,10 +195,11 @@ def _accelerated(pipe: Any, rt: _Runtime, prompt: Any = None, negative_prompt: A
                 prompt=prompt, device=device, num_images_per_prompt=num_images_per_prompt,
                 do_classifier_free_guidance=cfg, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
                 negative_prompt_embeds=negative_prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
-                negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
+                negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, lora_scale=lora_scale)
         else:
             pe, npe = pipe.encode_prompt(prompt, device, num_images_per_prompt, cfg, negative_prompt,
-                                         prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds)
+                                         prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                                         lora_scale=lora_scale)
         b = pe.shape[0]
         cond = {"encoder_hidden_states": torch.cat([npe, pe]) if cfg else pe}
         if sdxl:
@@ -201,7 +222,21 @@ def _accelerated(pipe: Any, rt: _Runtime, prompt: Any = None, negative_prompt: A
         if tables.uses_noise:  # the draws scheduler.step() would make, in the same order, from the same generator
             noise = torch.stack([randn_tensor(lat.shape, generator=generator, device=lat.device, dtype=lat.dtype)
                                  for _ in range(steps)]).float().cpu().numpy()
-    out = rt.runner(shape, tables, x_init=lat.float().cpu().numpy(), guidance=g, noise=noise, **cond)
+    saved = []
+    if lora_scale is not None and lora_scale != 1.0 and _lora_active(pipe.unet):
+        from diffusers.utils import scale_lora_layers
+
+        from trtkit.runtime.lora import is_tuner_layer
+
+        # restored as they were, not divided back (diffusers' unscale_lora_layers): with scale 0 that resets the
+        # set_adapters weights, and x*s/s need not give x again (a spurious new graph key at the next call)
+        saved = [(m, dict(m.scaling)) for m in pipe.unet.modules() if is_tuner_layer(m)]
+        scale_lora_layers(pipe.unet, lora_scale)
+    try:
+        out = rt.runner(shape, tables, x_init=lat.float().cpu().numpy(), guidance=g, noise=noise, **cond)
+    finally:
+        for m, scaling in saved:
+            m.scaling.update(scaling)
     if hasattr(rt.executor, "engine"):  # TensorRT-RTX: keep the kernels this first run compiled (x.runtime_cache)
         rt.executor.engine.save_runtime_cache()
     nsfw = None

@@ -154,7 +154,8 @@ class Engine:
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: Path | str, trust_engine: bool = False, backend: str | None = None,
-             activations: SharedActivations | None = None) -> Engine:
+             activations: SharedActivations | None = None, refit: dict[str, Any] | None = None) -> Engine:
+        """`refit`: weights by name set through TensorRT's Refitter before the context exists (runtime/refit.py)."""
         from trtkit.backend import load_backend
         from trtkit.inspector.engine_report import runs_here
         from trtkit.inspector.plan_file import read_metadata, read_plan_header
@@ -180,6 +181,10 @@ class Engine:
                                               "pass --trust-engine only for plans you trust")
             raise EngineError(f"TensorRT could not deserialize {path.name}: {' | '.join(errs)[-300:] or 'no error logged'}",
                               hint=hint)
+        if refit:  # a LoRA's weights (`trtkit run --lora`), into this process's copy of the engine only
+            from trtkit.runtime.refit import refit_engine
+
+            refit_engine(trt, be.logger, engine, refit, path.name)
         names = [str(p.get("name")) for p in meta.get("profiles") or [] if isinstance(p, dict)] if meta else None
         desc = describe(trt, engine, path.stem, be.name, names)
         e = cls(trt, engine, desc, user_managed=activations is not None,
@@ -322,11 +327,13 @@ class Engine:
 
 def load_engines(folder: Path | str, names: tuple[str, ...] = ("unet", "text_encoder", "text_encoder_2",
                                                                "vae_decoder"),
-                 trust_engine: bool = False, backend: str | None = None) -> dict[str, Engine]:
-    """The engines of a pipeline folder (`<name>.plan`) that exist, sharing one activation area."""
+                 trust_engine: bool = False, backend: str | None = None,
+                 refit: dict[str, dict[str, Any]] | None = None) -> dict[str, Engine]:
+    """The engines of a pipeline folder (`<name>.plan`) that exist, sharing one activation area; `refit`: new
+    weights by engine name (`{"unet": {...}}`), set at load."""
     folder = Path(folder)
     shared = SharedActivations()
-    out = {n: Engine.load(folder / f"{n}.plan", trust_engine, backend, shared)
+    out = {n: Engine.load(folder / f"{n}.plan", trust_engine, backend, shared, (refit or {}).get(n))
            for n in names if (folder / f"{n}.plan").is_file()}
     if not out:
         raise EngineError(f"{folder} has no engines ({', '.join(n + '.plan' for n in names)})")

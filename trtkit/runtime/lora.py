@@ -79,3 +79,30 @@ def unfuse_wrapped(unet: Any) -> list[str]:
     log.info("trtkit: %d attention(s) with LoRA on q/k/v run unfused (fused q/k/v holds no LoRA): %s",
              len(names), ", ".join(names[:3]) + (" ..." if len(names) > 3 else ""))
     return names
+
+
+def load_fused(pipe: Any, path: Any, scale: float = 1.0) -> int:
+    """`trtkit run --lora FILE [--lora-scale s]` on the torch UNet: diffusers loads the adapter (diffusers/PEFT or
+    kohya keys, text-encoder layers included), fuses it at `scale` and drops the PEFT layers, so the run has the
+    base model's modules (fused q/k/v and the loop graph as without a LoRA). Returns how many UNet layers it
+    changed; a file diffusers cannot read, or whose keys match no UNet layer, is a one-line TrtkitError."""
+    from pathlib import Path
+
+    from trtkit.errors import TrtkitError
+
+    path = Path(path)
+    if not path.is_file():
+        raise TrtkitError(f"LoRA file {path} does not exist")
+    try:
+        pipe.load_lora_weights(str(path), adapter_name="trtkit_lora")
+    except Exception as e:  # diffusers/peft raise ValueError, KeyError, RuntimeError, SafetensorError ...
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise TrtkitError(f"{path}: diffusers could not load it as a LoRA: {first[:200]}") from None
+    n = sum(1 for m in pipe.unet.modules() if is_tuner_layer(m))
+    if n == 0:  # diffusers only warns when no key matches the UNet
+        pipe.unload_lora_weights()
+        raise TrtkitError(f"{path}: no key of it matches a layer of this UNet (a LoRA for another model?)")
+    pipe.fuse_lora(lora_scale=scale)
+    pipe.unload_lora_weights()  # keeps the fused weights
+    log.info("trtkit: LoRA %s fused at scale %s into %d UNet layers", path.name, scale, n)
+    return n

@@ -60,6 +60,9 @@ class RunConfig:
     compile: bool = False
     kernels: str = "tuned"  # torch UNet kernel choices on a GPU (executors.KERNEL_PRESETS)
     backend: str | None = None  # None: the backend that built each plan (its header)
+    lora: Path | None = None  # torch UNet: an adapter diffusers loads and fuses at lora_scale (runtime/lora.py)
+    lora_scale: float = 1.0
+    unet_weights: dict[str, Any] | None = None  # engines: refit weights set at load (runtime/refit.py)
 
 
 @dataclass
@@ -139,7 +142,8 @@ class EngineEncoders:
 
 
 def make_executor(pipe: Any, engines: Path | None, trust_engine: bool, compile: bool, device: str,
-                  kernels: str = "tuned", backend: str | None = None, unet_cfg: Any = None) -> StepExecutor:
+                  kernels: str = "tuned", backend: str | None = None, unet_cfg: Any = None,
+                  unet_weights: dict[str, Any] | None = None) -> StepExecutor:
     if engines is not None:
         # a folder holding unet.plan, or the plan itself
         plan = Path(engines) if Path(engines).suffix in (".plan", ".engine") else Path(engines) / "unet.plan"
@@ -150,7 +154,7 @@ def make_executor(pipe: Any, engines: Path | None, trust_engine: bool, compile: 
         from trtkit.runtime.components import check_unet
         from trtkit.runtime.engine import Engine
 
-        engine = Engine.load(plan, trust_engine=trust_engine, backend=backend)
+        engine = Engine.load(plan, trust_engine=trust_engine, backend=backend, refit=unet_weights)
         check_unet(engine.desc, is_sdxl(pipe, unet_cfg))
         return TensorRTExecutor(engine)
     return TorchExecutor(pipe.unet, compile=compile, **kernel_options(kernels, device, compile))
@@ -161,7 +165,8 @@ class Pipeline:
 
     def __init__(self, model_dir: Path, engines: Path | None = None, device: str | None = None,
                  cuda_graph: bool = True, trust_engine: bool = False, compile: bool = False,
-                 kernels: str = "tuned", backend: str | None = None) -> None:
+                 kernels: str = "tuned", backend: str | None = None, lora: Path | None = None,
+                 lora_scale: float = 1.0, unet_weights: dict[str, Any] | None = None) -> None:
         from trtkit.runtime.components import check_unet, engine_files
 
         self.device = device or default_device()
@@ -178,6 +183,12 @@ class Pipeline:
         if engines is not None and self.device != "cuda":
             raise TrtkitError("TensorRT engines need a CUDA GPU; none found")
         self.pipe = load_pipeline(Path(model_dir), self.device, names)
+        if lora is not None:  # before the executor: it fuses q/k/v from the weights it finds
+            if engines is not None:
+                raise TrtkitError("with --engines, a LoRA comes as refit weights (unet_weights), not as an adapter")
+            from trtkit.runtime.lora import load_fused
+
+            load_fused(self.pipe, lora, lora_scale)
         self.unet_config = unet_config(self.pipe, Path(model_dir))
         self.engines: dict[str, Any] = {}
         self.encoders: EngineEncoders | None = None
@@ -185,7 +196,8 @@ class Pipeline:
             from trtkit.runtime.engine import load_engines
 
             # every plan of the folder shares one activation area: they run one after another on one stream
-            found = load_engines(engines, trust_engine=trust_engine, backend=backend)
+            found = load_engines(engines, trust_engine=trust_engine, backend=backend,
+                                 refit={"unet": unet_weights} if unet_weights else None)
             if "unet" not in found:
                 raise TrtkitError(f"{engines} has no unet.plan")
             check_unet(found["unet"].desc, is_sdxl(self.pipe, self.unet_config))
@@ -195,7 +207,7 @@ class Pipeline:
             self.encoders = EngineEncoders(self.pipe, found, self.runner.stream, self.unet_config)
         else:
             self.executor = make_executor(self.pipe, engines, trust_engine, compile, self.device, kernels, backend,
-                                          self.unet_config)
+                                          self.unet_config, unet_weights)
             if isinstance(self.executor, TensorRTExecutor):  # the TensorRT UNet alone
                 self.engines = {"unet": self.executor.engine}
             self.runner = LoopRunner(self.executor, device=self.device, use_graph=cuda_graph)
@@ -252,7 +264,8 @@ def run(cfg: RunConfig, output: Path | None = None) -> RunResult:
         if output.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
             raise TrtkitError(f"output {output} must end in .png, .jpg or .webp")
     pipe = Pipeline(cfg.model_dir, engines=cfg.engines, device=cfg.device, cuda_graph=cfg.cuda_graph,
-                    trust_engine=cfg.trust_engine, compile=cfg.compile, kernels=cfg.kernels, backend=cfg.backend)
+                    trust_engine=cfg.trust_engine, compile=cfg.compile, kernels=cfg.kernels, backend=cfg.backend,
+                    lora=cfg.lora, lora_scale=cfg.lora_scale, unet_weights=cfg.unet_weights)
     res = pipe(cfg)
     if output is not None:
         with atomic_path(output) as tmp:
@@ -296,7 +309,8 @@ def bench(cfg: RunConfig, warmup: int = 2, repeats: int = 5) -> BenchResult:
     if warmup < 0 or repeats < 1:
         raise TrtkitError("--warmup must be >= 0 and --repeats >= 1")
     pipe = Pipeline(cfg.model_dir, engines=cfg.engines, device=cfg.device, cuda_graph=cfg.cuda_graph,
-                    trust_engine=cfg.trust_engine, compile=cfg.compile, kernels=cfg.kernels, backend=cfg.backend)
+                    trust_engine=cfg.trust_engine, compile=cfg.compile, kernels=cfg.kernels, backend=cfg.backend,
+                    lora=cfg.lora, lora_scale=cfg.lora_scale, unet_weights=cfg.unet_weights)
     for _ in range(warmup):
         pipe(cfg)
     runs = [pipe(cfg).timings_ms for _ in range(repeats)]
