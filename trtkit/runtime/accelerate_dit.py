@@ -122,7 +122,7 @@ def _accelerated(pipe: Any, rt: _Runtime, **kw: Any) -> Any:
     from trtkit.runtime.flow_tables import make_flow_tables, pipeline_timestep_args
 
     kind = pipe._trtkit_kind
-    a = {k: kw.get(k, rt.defaults.get(k)) for k in HANDLED}
+    a: dict[str, Any] = {k: kw.get(k, rt.defaults.get(k)) for k in HANDLED}
     device = pipe._execution_device
     t0 = _sync(device)
     f = pipe.vae_scale_factor
