@@ -197,11 +197,15 @@ def main() -> int:
     graph = timer.row("trtkit graph", lambda: call(acc_pipe))
     res["rel_err_vs_diffusers"]["trtkit graph"] = rel_err(graph, base)
     if not args.no_compile:
-        compiled = compile_blocks(tf)  # lazy: Inductor compiles at the first call, in the row's warm-up
-        comp = timer.row("trtkit graph+compile", lambda: call(acc_pipe), compiled=compiled)
-        # the warm-up call: compile, eager loop, capture, first replay (the graph runs twice as long as a loop)
-        res["compile_and_capture_s"] = timer.rows["trtkit graph+compile"]["warmup_s"]
-        res["rel_err_vs_diffusers"]["trtkit graph+compile"] = rel_err(comp, base)
+        try:  # one failing row must not lose the others' numbers
+            compiled = compile_blocks(tf)  # lazy: Inductor compiles at the first call, in the row's warm-up
+            comp = timer.row("trtkit graph+compile", lambda: call(acc_pipe), compiled=compiled)
+            # the warm-up call: compile, eager loop, capture, first replay (the graph runs twice as long as a loop)
+            res["compile_and_capture_s"] = timer.rows["trtkit graph+compile"]["warmup_s"]
+            res["rel_err_vs_diffusers"]["trtkit graph+compile"] = rel_err(comp, base)
+        except Exception as e:
+            res["compile_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            print(f"  compile row failed: {res['compile_error']}", flush=True)
     if args.fp8 == "auto":
         try:
             t = time.perf_counter()
@@ -213,6 +217,9 @@ def main() -> int:
             res["fp8_rel_err_vs_bf16"] = rel_err(fp8, graph)
         except ImportError as e:
             res["fp8"] = f"skipped: {e} (trtkit.runtime.fp8 comes from the dit-fp8 branch)"
+            print(f"  fp8 {res['fp8']}", flush=True)
+        except Exception as e:
+            res["fp8"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             print(f"  fp8 {res['fp8']}", flush=True)
     d = timer.rows["diffusers"]["median_ms"]
     for r in timer.rows.values():

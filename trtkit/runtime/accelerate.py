@@ -51,7 +51,8 @@ class _Fallback(Exception):
 
 def accelerate(pipe: Any, engines: Path | str | None = None, cuda_graph: bool = True, trust_engine: bool = False,
                compile: bool = False, kernels: str = "tuned", backend: str | None = None) -> Any:
-    """Make `pipe` (StableDiffusionPipeline / StableDiffusionXLPipeline) use the runtime; returns `pipe`.
+    """Make `pipe` (StableDiffusionPipeline / StableDiffusionXLPipeline; FluxPipeline / StableDiffusion3Pipeline
+    through accelerate_dit.py) use the runtime; returns `pipe`.
 
     With the torch UNet on a GPU, `kernels="tuned"` changes `pipe.unet` in place: channels-last weights, q/k/v
     fused (diffusers' fuse_qkv_projections; `pipe.unet.unfuse_qkv_projections()` undoes it), and GroupNorm,
