@@ -7,8 +7,9 @@ diffusers pipeline around it without text encoders or VAE, and times, same seed,
 
   diffusers              pipe(prompt_embeds=..., output_type="latent")  (FluxPipeline / StableDiffusion3Pipeline)
   trtkit graph           trtkit.accelerate(pipe): the whole loop (transformer, CFG, scheduler) as ONE CUDA graph
-  trtkit graph+compile   the same after compile_blocks(transformer) (torch.compile of the repeated blocks only);
-                         its warm-up row holds compile + capture time
+  trtkit graph+compile   the same after compile_blocks(transformer) (torch.compile of the repeated blocks only;
+                         FLUX: q/k/v fused first, --no-fuse-qkv to keep them apart); its warm-up holds compile +
+                         capture time
   trtkit graph+fp8       with --fp8 auto and trtkit.runtime.fp8 present: calibrate, quantize_fp8(transformer,
                          scales), then the loop graph; FP8-vs-bf16 latent relative error on the same seed
 
@@ -162,6 +163,10 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled-blocks row")
+    ap.add_argument("--no-fuse-qkv", dest="fuse_qkv", action="store_false",
+                    help="FLUX: keep q/k/v unfused in the compiled row (default: diffusers' fuse_qkv_projections)")
+    ap.add_argument("--compile-mode", default=None, help="torch.compile mode for the blocks, e.g. "
+                    "max-autotune-no-cudagraphs (longer compile); default: torch's default")
     ap.add_argument("--fp8", choices=["none", "auto"], default="none")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
@@ -198,8 +203,13 @@ def main() -> int:
     res["rel_err_vs_diffusers"]["trtkit graph"] = rel_err(graph, base)
     if not args.no_compile:
         try:  # one failing row must not lose the others' numbers
-            compiled = compile_blocks(tf)  # lazy: Inductor compiles at the first call, in the row's warm-up
-            comp = timer.row("trtkit graph+compile", lambda: call(acc_pipe), compiled=compiled)
+            fused = False
+            if args.fuse_qkv and args.model == "flux":  # FLUX's attention processor reads attn.to_qkv once fused
+                tf.fuse_qkv_projections()
+                fused = True
+            compiled = compile_blocks(tf, mode=args.compile_mode)  # lazy: Inductor compiles in the row's warm-up
+            comp = timer.row("trtkit graph+compile", lambda: call(acc_pipe), compiled=compiled, fuse_qkv=fused,
+                             compile_mode=args.compile_mode)
             # the warm-up call: compile, eager loop, capture, first replay (the graph runs twice as long as a loop)
             res["compile_and_capture_s"] = timer.rows["trtkit graph+compile"]["warmup_s"]
             res["rel_err_vs_diffusers"]["trtkit graph+compile"] = rel_err(comp, base)
