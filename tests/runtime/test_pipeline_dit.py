@@ -69,3 +69,21 @@ def test_dit_refusals_are_one_line(dit_dirs: dict[str, Path], tmp_path: Path, ca
     err = capsys.readouterr().err.strip()
     assert rc != 0 and match in err and len(err.splitlines()) == 1, err
     assert not out.exists()
+
+
+@pytest.mark.gpu
+def test_run_on_gpu_equals_accelerate(dit_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """bf16, one CUDA graph: `trtkit run` and an accelerated script draw the same latents (CPU generator) and run
+    the same captured loop, so their latents are equal."""
+    from diffusers import DiffusionPipeline
+
+    cfg = RunConfig(model_dir=dit_dirs["flux"], prompt="a cat", steps=4, guidance=3.5, seed=3, height=256,
+                    width=256, device="cuda")
+    res = run(cfg, tmp_path / "g.png")
+    assert res.cuda_graph and res.executor == "torch"
+    pipe = trtkit.accelerate(DiffusionPipeline.from_pretrained(dit_dirs["flux"], torch_dtype=torch.bfloat16)
+                             .to("cuda"))
+    lat = pipe("a cat", num_inference_steps=4, guidance_scale=3.5, height=256, width=256,
+               generator=torch.Generator().manual_seed(3), output_type="latent").images
+    assert np.array_equal(res.latents, pipe._trtkit.runner.result())
+    assert lat.shape == (1, 256, 16)
