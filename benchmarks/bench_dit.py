@@ -10,8 +10,11 @@ diffusers pipeline around it without text encoders or VAE, and times, same seed,
   trtkit graph+compile   the same after compile_blocks(transformer) (torch.compile of the repeated blocks only;
                          FLUX: q/k/v fused first, --no-fuse-qkv to keep them apart); its warm-up holds compile +
                          capture time
-  trtkit graph+fp8       with --fp8 auto and trtkit.runtime.fp8 present: calibrate, quantize_fp8(transformer,
-                         scales), then the loop graph; FP8-vs-bf16 latent relative error on the same seed
+  trtkit graph+fp8       with --fp8 auto and trtkit.runtime.fp8 present (branch dit-fp8): each nn.Linear's input
+                         amax over one bf16 diffusers run (forward pre-hooks, before any compile), then after the
+                         compiled row q/k/v unfused and fp8.quantize_fp8(transformer, amax) (torchao FP8, static
+                         activation scales) on the same compiled blocks, then the loop graph; FP8-vs-bf16 latent
+                         relative error on the same seed. On a CPU: the ranges only (torchao FP8 needs a GPU).
 
 FLUX: 1024x1024, batch 1, 28 steps, guidance 3.5 (guidance embedding, no CFG), T5 512 x 4096, pooled 768.
 SD3.5-medium: 1024x1024, batch 1, 28 steps, CFG 4.5 (batch 2), 333 x 4096 (CLIP 77 + T5 256), pooled 2048.
@@ -140,15 +143,40 @@ def rel_err(a: Any, b: Any) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
-def fp8_hook(transformer: Any, calibrate_run: Any) -> tuple[Any, str]:
-    """The FP8 transformer from trtkit.runtime.fp8 (helper branch dit-fp8): `calibrate_fp8(transformer, run)` (or
-    `calibrate`) for activation scales where it exists, then `quantize_fp8(transformer, scales)`, which may
-    change the module in place or return a new one. Raises ImportError where the module is missing."""
+def linear_amax(transformer: Any, run: Any) -> dict[str, float]:
+    """{nn.Linear name: max |input|} over `run()` (one denoising loop): forward pre-hooks keeping a running max
+    on the device (no host sync per call). Used where trtkit.runtime.fp8 has no calibration of its own; the
+    ranges of `trtkit calibrate` are the same statistic over a prompt set."""
+    import torch
+
+    amax: dict[str, Any] = {}
+    hooks = []
+
+    def hook(name: str) -> Any:
+        def pre(_m: Any, args: tuple) -> None:
+            a = args[0].detach().abs().amax().float()
+            amax[name] = a if name not in amax else torch.maximum(amax[name], a)
+        return pre
+
+    for name, m in transformer.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            hooks.append(m.register_forward_pre_hook(hook(name)))
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: float(v) for k, v in amax.items()}
+
+
+def fp8_quantize(transformer: Any, amax: dict[str, float]) -> Any:
+    """trtkit.runtime.fp8.quantize_fp8 (branch dit-fp8) in place; its FP8 layers' count. ImportError if absent."""
     fp8 = importlib.import_module("trtkit.runtime.fp8")
-    calib = getattr(fp8, "calibrate_fp8", None) or getattr(fp8, "calibrate", None)
-    scales = calib(transformer, calibrate_run) if calib is not None else None
-    out = fp8.quantize_fp8(transformer, scales)
-    return (out if out is not None else transformer), ("calibrated" if calib is not None else "weights only")
+    if getattr(transformer, "fused_qkv", False) or any(getattr(m, "fused_projections", False)
+                                                         for m in transformer.modules()):
+        transformer.unfuse_qkv_projections()  # the ranges are to_q / to_k / to_v's
+    applied = fp8.quantize_fp8(transformer, amax)
+    return len(applied) if hasattr(applied, "__len__") else None
 
 
 def main() -> int:
@@ -201,6 +229,11 @@ def main() -> int:
     base = timer.row("diffusers", lambda: call(ref_pipe))
     graph = timer.row("trtkit graph", lambda: call(acc_pipe))
     res["rel_err_vs_diffusers"]["trtkit graph"] = rel_err(graph, base)
+    amax: dict[str, float] = {}
+    if args.fp8 == "auto":  # ranges from the bf16 model, before compile (hooks would re-trace compiled blocks)
+        t = time.perf_counter()
+        amax = linear_amax(tf, lambda: call(ref_pipe))
+        res["fp8_calibrate_s"] = time.perf_counter() - t
     if not args.no_compile:
         try:  # one failing row must not lose the others' numbers
             fused = False
@@ -218,13 +251,17 @@ def main() -> int:
             print(f"  compile row failed: {res['compile_error']}", flush=True)
     if args.fp8 == "auto":
         try:
-            t = time.perf_counter()
-            new, how = fp8_hook(tf, lambda: call(make()))
-            if new is not tf:
-                acc_pipe.transformer = new  # accelerate picks the new module up at the next call
-            res["fp8_prepare_s"] = time.perf_counter() - t
-            fp8 = timer.row("trtkit graph+fp8", lambda: call(acc_pipe), scales=how)
-            res["fp8_rel_err_vs_bf16"] = rel_err(fp8, graph)
+            importlib.import_module("trtkit.runtime.fp8")
+            res["fp8_layers"] = None
+            if dev != "cuda":
+                res["fp8"] = f"skipped: torchao FP8 GEMMs need a GPU ({len(amax)} ranges calibrated)"
+                print(f"  fp8 {res['fp8']}", flush=True)
+            else:
+                t = time.perf_counter()
+                res["fp8_layers"] = fp8_quantize(tf, amax)
+                res["fp8_quantize_s"] = time.perf_counter() - t
+                fp8 = timer.row("trtkit graph+fp8", lambda: call(acc_pipe), compiled=not args.no_compile)
+                res["fp8_rel_err_vs_bf16"] = rel_err(fp8, graph)
         except ImportError as e:
             res["fp8"] = f"skipped: {e} (trtkit.runtime.fp8 comes from the dit-fp8 branch)"
             print(f"  fp8 {res['fp8']}", flush=True)

@@ -26,4 +26,5 @@ def test_tiny_cpu_run_writes_rows(model: str, tmp_path: Path) -> None:
     assert set(res["rows"]) >= {"diffusers", "trtkit graph"}
     assert res["rel_err_vs_diffusers"]["trtkit graph"] < 1e-5
     assert res["steps"] == 2 and res["rows"]["trtkit graph"]["median_ms"] > 0
-    assert "fp8_rel_err_vs_bf16" in res or res["fp8"].startswith("skipped")
+    assert res["fp8"].startswith("skipped")  # the CPU calibrates the ranges only, or has no trtkit.runtime.fp8
+    assert res["fp8_calibrate_s"] > 0
