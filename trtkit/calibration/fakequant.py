@@ -61,7 +61,10 @@ def quantized(model: torch.nn.Module, cal: Calibration, weights: bool = True,
     SmoothQuant is always applied; `weights`/`activations` False leave that side unquantized (with
     both False only the smoothing transform remains, which must not change the output)."""
     from trtkit.calibration.hooks import tapped
+    from trtkit.calibration.hooks_dit import tapped_dit
 
+    # a DiT's attention runs one fused kernel: its taps wrap the processor (hooks_dit.py)
+    tap_context = tapped_dit if hasattr(model, "transformer_blocks") and not hasattr(model, "down_blocks") else tapped
     modules = dict(model.named_modules())
     targets = targets_of(cal, model)
     prec = cal.precision
@@ -84,7 +87,7 @@ def quantized(model: torch.nn.Module, cal: Calibration, weights: bool = True,
                 saved[name] = w.detach().clone()
                 ws = w * s.to(w.device, w.dtype) if s is not None else w
                 w.copy_(fake_quant_weight(ws, prec) if weights else ws)
-        with tapped(model, targets, tap):
+        with tap_context(model, targets, tap):
             yield
     finally:
         with torch.no_grad():
