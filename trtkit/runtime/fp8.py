@@ -114,8 +114,8 @@ def quantize_fp8(transformer: Any, scales: Mapping[str, float] | Path | str, exc
     import torch
 
     try:
-        from torchao.quantization import FqnToConfig, PerTensor, quantize_
         from torchao.quantization import Float8StaticActivationFloat8WeightConfig as Static
+        from torchao.quantization import FqnToConfig, PerTensor, quantize_
     except ImportError as e:
         raise TrtkitError(f"FP8 in torch needs torchao 0.18 or newer (pip install 'trtkit[fp8]'): {e}") from e
     amax = amax_from_calibration(scales) if isinstance(scales, (str, Path)) else dict(scales)
