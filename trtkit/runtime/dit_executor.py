@@ -70,23 +70,13 @@ def family_of(transformer: Any) -> str:
     raise TrtkitError(f"{type(base).__name__} is neither a FluxTransformer2DModel nor an SD3Transformer2DModel")
 
 
-def compile_blocks(transformer: Any, **compile_kw: Any) -> list[str]:
-    """torch.compile the repeated blocks only (regional compilation: one compiled graph reused by every block,
-    a fraction of a whole-model compile): diffusers' `compile_repeated_blocks` where the class names its blocks,
-    else each block of `transformer_blocks` / `single_transformer_blocks` (SD3 names none). Returns what was
-    compiled. No CUDA graphs of torch's own: the runner captures the whole loop."""
-    compile_kw.setdefault("fullgraph", True)
-    if getattr(transformer, "_repeated_blocks", None):
-        transformer.compile_repeated_blocks(**compile_kw)
-        return list(transformer._repeated_blocks)
-    done = []
-    for attr in ("transformer_blocks", "single_transformer_blocks"):
-        for blk in getattr(transformer, attr, None) or []:
-            blk.compile(**compile_kw)
-            done.append(type(blk).__name__)
-    if not done:
-        raise TrtkitError(f"{type(transformer).__name__} has no transformer blocks to compile")
-    return sorted(set(done))
+def compile_blocks(transformer: Any, **compile_kw: Any) -> str:
+    """torch.compile of the repeated blocks only, in place (regional compilation: one compiled graph per block
+    class, reused by every block; fp8.regional_compile), fullgraph unless told otherwise. No CUDA graphs of
+    torch's own: the runner captures the whole loop. Returns how it compiled."""
+    from trtkit.runtime.fp8 import regional_compile
+
+    return regional_compile(transformer, **{"fullgraph": True, **compile_kw})
 
 
 def compiled_state(module: Any) -> tuple:
