@@ -226,9 +226,29 @@ def main() -> int:
     timer = Timer(dev, args.warmup, args.repeats)
     ref_pipe, acc_pipe = make(), trtkit.accelerate(make())  # two pipelines over the one transformer
     res: dict[str, Any] = {"rel_err_vs_diffusers": {}}
+
+    def save() -> dict[str, Any]:
+        """The JSON as it stands, written after every row: a run cut by the command's time limit keeps its rows."""
+        d = timer.rows["diffusers"]["median_ms"]
+        for r in timer.rows.values():
+            r["speedup_vs_diffusers"] = d / r["median_ms"]
+        targets = {"trtkit graph+compile": 1.33, "trtkit graph+fp8": 1.6}
+        res["targets"] = {k: {"want": v, "got": round(timer.rows[k]["speedup_vs_diffusers"], 3),
+                              "met": timer.rows[k]["speedup_vs_diffusers"] >= v} for k, v in targets.items()
+                          if k in timer.rows}
+        summary = {"model": args.model, "size": args.size, "params_b": n_params / 1e9, "device": dev,
+                   "gpu": torch.cuda.get_device_name() if dev == "cuda" else platform.processor(),
+                   "torch": torch.__version__, "diffusers": importlib.import_module("diffusers").__version__,
+                   "height": h, "width": w, "steps": args.steps, "dtype": str(dtype).replace("torch.", ""),
+                   "build_s": build_s, "rows": timer.rows, **res, "captures": acc_pipe._trtkit.runner.captures}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(summary, indent=1))
+        return summary
+
     base = timer.row("diffusers", lambda: call(ref_pipe))
     graph = timer.row("trtkit graph", lambda: call(acc_pipe))
     res["rel_err_vs_diffusers"]["trtkit graph"] = rel_err(graph, base)
+    save()
     amax: dict[str, float] = {}
     if args.fp8 == "auto":  # ranges from the bf16 model, before compile (hooks would re-trace compiled blocks)
         t = time.perf_counter()
@@ -246,6 +266,7 @@ def main() -> int:
             # the warm-up call: compile, eager loop, capture, first replay (the graph runs twice as long as a loop)
             res["compile_and_capture_s"] = timer.rows["trtkit graph+compile"]["warmup_s"]
             res["rel_err_vs_diffusers"]["trtkit graph+compile"] = rel_err(comp, base)
+            save()
         except Exception as e:
             res["compile_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             print(f"  compile row failed: {res['compile_error']}", flush=True)
@@ -268,24 +289,10 @@ def main() -> int:
         except Exception as e:
             res["fp8"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             print(f"  fp8 {res['fp8']}", flush=True)
-    d = timer.rows["diffusers"]["median_ms"]
-    for r in timer.rows.values():
-        r["speedup_vs_diffusers"] = d / r["median_ms"]
-    targets = {"trtkit graph+compile": 1.33, "trtkit graph+fp8": 1.6}
-    res["targets"] = {k: {"want": v, "got": round(timer.rows[k]["speedup_vs_diffusers"], 3),
-                          "met": timer.rows[k]["speedup_vs_diffusers"] >= v} for k, v in targets.items()
-                      if k in timer.rows}
-    summary = {"model": args.model, "size": args.size, "params_b": n_params / 1e9, "device": dev,
-               "gpu": torch.cuda.get_device_name() if dev == "cuda" else platform.processor(),
-               "torch": torch.__version__, "diffusers": importlib.import_module("diffusers").__version__,
-               "height": h, "width": w, "steps": args.steps, "dtype": str(dtype).replace("torch.", ""),
-               "build_s": build_s, "rows": timer.rows, **res,
-               "captures": acc_pipe._trtkit.runner.captures}
+    summary = save()
     for k, r in timer.rows.items():
         print(f"{k:22s} {r['median_ms']:9.1f} ms  x{r['speedup_vs_diffusers']:.2f}")
     print(json.dumps({k: v for k, v in summary.items() if k != "rows"}, indent=1))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(summary, indent=1))
     return 0
 
 
