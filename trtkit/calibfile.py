@@ -29,7 +29,8 @@ Only json, numpy and safetensors are used here, so the graph passes can read it 
 `load` refuses a file without `precision`, `model`, `settings` or activation ranges (a file that carries
 no calibration is an error, not a silent max calibration). `model.config_hash` is a hash of the UNet's
 config.json; `check_model` compares it with the model the file is used with (the folder an ONNX was
-exported from): a mismatch is an error. To use a file on another model anyway, delete `config_hash`
+exported from): a mismatch is an error. For a DiT (FLUX.1, SD3.x) the file's `model.component` is
+`transformer` and the hash is of transformer/config.json. To use a file on another model anyway, delete `config_hash`
 from its `model` entry.
 """
 
@@ -83,9 +84,12 @@ def unet_config_hash(config: dict[str, Any]) -> str:
 
 
 def check_model(cal: Calibration, model_dir: Path | str | None, where: str) -> None:
-    """The file's `model.config_hash` against the UNet of `model_dir` (skipped where either is unknown)."""
+    """The file's `model.config_hash` against the calibrated component of `model_dir` (`model.component`:
+    "unet", or "transformer" for a DiT; skipped where either is unknown)."""
     want = cal.model.get("config_hash") if isinstance(cal.model, dict) else None
-    cfg_path = Path(model_dir) / "unet" / "config.json" if model_dir else None
+    component = cal.model.get("component") if isinstance(cal.model, dict) else None
+    component = component if component in ("unet", "transformer") else "unet"  # a folder name read from a file
+    cfg_path = Path(model_dir) / component / "config.json" if model_dir else None
     if not want or cfg_path is None or not cfg_path.is_file():
         return
     try:
@@ -94,7 +98,8 @@ def check_model(cal: Calibration, model_dir: Path | str | None, where: str) -> N
         return
     if got != want:
         made_for = cal.model.get("source") or "another model"
-        raise TrtkitError(f"the calibration file was made for another UNet ({made_for}, config hash {want}) than "
+        what = "UNet" if component == "unet" else component
+        raise TrtkitError(f"the calibration file was made for another {what} ({made_for}, config hash {want}) than "
                           f"{where} (from {model_dir}, config hash {got}); calibrate this model with trtkit "
                           "calibrate, or delete \"config_hash\" from the file's \"model\" entry to use it anyway")
 

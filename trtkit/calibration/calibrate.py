@@ -157,13 +157,21 @@ def _build(stats: Any, model: Any, r: Recipe, model_info: dict[str, Any] | None,
     return cal
 
 
-def recorder(model: Any, recipe: Recipe, steps: int, sample_rows: int = 128, seed: int = 0):  # type: ignore[no-untyped-def]
-    """(StepStats, targets) for `model` under `recipe` (use with hooks.tapped(model, targets, stats.observe))."""
+def recorder(model: Any, recipe: Recipe, steps: int, sample_rows: int = 128, seed: int = 0,  # type: ignore[no-untyped-def]
+             dit: bool = False):
+    """(StepStats, targets) for `model` under `recipe` (use with hooks.tapped(model, targets, stats.observe),
+    or hooks_dit.tapped_dit for a DiT transformer, `dit=True`)."""
     from trtkit.calibration import levels
     from trtkit.calibration.stats import StepStats
 
     r = recipe.resolved()
-    targets = levels.targets(model, r.level)  # type: ignore[arg-type]
+    assert r.level is not None  # resolved
+    if dit:
+        from trtkit.calibration import dit as dit_rules
+
+        targets = dit_rules.targets(model, r.precision, r.level)
+    else:
+        targets = levels.targets(model, r.level)
     if r.precision != "fp8":  # NVIDIA's INT8 config has no BMM quantizers; the graph pass agrees
         targets = {k: v for k, v in targets.items() if v != "attention"}
     linear = {k for k, v in targets.items() if v == "linear"} if r.precision == "int8" else set()
@@ -193,12 +201,14 @@ def read_prompts(path: Path | None, n: int) -> list[str]:
 
 
 def model_info(model_dir: Path) -> dict[str, Any]:
-    cfg_path = Path(model_dir) / "unet" / "config.json"
-    cfg = json.loads(cfg_path.read_text())
+    from trtkit.calibration.dit import component
+
+    comp = component(model_dir)
+    cfg = json.loads((Path(model_dir) / comp / "config.json").read_text())
     from trtkit.calibfile import unet_config_hash
 
     return {"source": str(Path(model_dir).resolve()), "class": cfg.get("_class_name", "UNet2DConditionModel"),
-            "component": "unet", "config_hash": unet_config_hash(cfg)}
+            "component": comp, "config_hash": unet_config_hash(cfg)}
 
 
 def unet_module_names(model_dir: Path) -> set[str]:
@@ -215,12 +225,16 @@ def unet_module_names(model_dir: Path) -> set[str]:
 
 
 def load_for_model(calib_path: Path, model_dir: Path) -> Calibration:
-    """Load a calibration file and check that every module it names exists in the model's UNet."""
+    """Load a calibration file and check that every module it names exists in the model's UNet (or DiT
+    transformer)."""
     from trtkit import calibfile
+    from trtkit.calibration import dit
 
     cal = calibfile.load(calib_path)
-    calibfile.check_model(cal, model_dir, where=f"the UNet of {model_dir}")
-    cal.check_modules(unet_module_names(model_dir), where=f"the UNet of {model_dir}")
+    comp = dit.component(model_dir)
+    where = f"the {'UNet' if comp == 'unet' else 'transformer'} of {model_dir}"
+    calibfile.check_model(cal, model_dir, where=where)
+    cal.check_modules(unet_module_names(model_dir) if comp == "unet" else dit.module_names(model_dir), where=where)
     return cal
 
 
@@ -236,7 +250,7 @@ def partial_path(out: Path) -> Path:
 
 
 def calibrate(cfg: CalibrateConfig, progress: Callable[[int, int, str], None] | None = None) -> Path:
-    """Calibrate cfg.model_dir's UNet and write cfg.out (+ .safetensors with SmoothQuant vectors)."""
+    """Calibrate cfg.model_dir's UNet (or DiT transformer: FLUX.1, SD3.x) and write cfg.out (+ .safetensors with SmoothQuant vectors)."""
     from trtkit import calibfile
     from trtkit._files import check_output
 
@@ -246,10 +260,9 @@ def calibrate(cfg: CalibrateConfig, progress: Callable[[int, int, str], None] | 
     model_dir = Path(cfg.model_dir)
     if not (model_dir / "model_index.json").is_file():
         raise TrtkitError(f"{model_dir} is not a diffusers pipeline folder (no model_index.json)")
-    index = json.loads((model_dir / "model_index.json").read_text())
-    if "unet" not in index and "transformer" in index:  # the DiT taps exist (hooks_dit.py), the loop not yet
-        raise TrtkitError(f"{model_dir} is a {index.get('_class_name', 'DiT')} pipeline; `trtkit calibrate` runs "
-                          "UNet pipelines only for now (quantize a DiT without --calib: max over a sample run)")
+    from trtkit.calibration import dit
+
+    is_dit = dit.component(model_dir) == "transformer"  # FLUX.1 / SD3.x: calibration/dit.py
     out = check_output(cfg.out, default_name="calib.json", what="calibration file",
                        inputs=[*pipeline_files(model_dir), cfg.prompts],
                        sidecars=lambda o: [o.with_suffix(".safetensors"), partial_path(o)])
@@ -260,8 +273,12 @@ def calibrate(cfg: CalibrateConfig, progress: Callable[[int, int, str], None] | 
     from trtkit.calibration.hooks import tapped
     from trtkit.calibration.stats import StepStats
 
+    tap_context = dit.tapped if is_dit else tapped
+
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    # FLUX.1's activations overflow FP16 (diffusers runs it in BF16): DiTs calibrate in BF16 on a GPU
+    half = torch.bfloat16 if is_dit else torch.float16
+    dtype = half if device.startswith("cuda") else torch.float32
     from diffusers import DiffusionPipeline
 
     try:
@@ -273,18 +290,19 @@ def calibrate(cfg: CalibrateConfig, progress: Callable[[int, int, str], None] | 
         raise TrtkitError(f"cannot load the pipeline in {model_dir}: {str(e).splitlines()[0]}") from e
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    unet = pipe.unet
+    unet = pipe.transformer if is_dit else pipe.unet  # the denoiser calibrated
     info = model_info(model_dir)
     vae_factor = getattr(pipe, "vae_scale_factor", 8)
-    height = cfg.height or unet.config.sample_size * vae_factor
-    width = cfg.width or unet.config.sample_size * vae_factor
+    native = dit.default_size(pipe) if is_dit else unet.config.sample_size * vae_factor
+    height = cfg.height or native
+    width = cfg.width or native
     record = {"model": info["config_hash"], "prompts": prompts, "steps": cfg.steps, "batch": cfg.batch,
               "precision": recipe.precision, "level": recipe.level, "height": height, "width": width,
               "guidance_scale": cfg.guidance_scale, "seed": cfg.seed, "sample_rows": cfg.sample_rows,
               "device_dtype": str(dtype)}
 
     side = partial_path(out)
-    stats, targets = recorder(unet, recipe, cfg.steps, cfg.sample_rows, cfg.seed)
+    stats, targets = recorder(unet, recipe, cfg.steps, cfg.sample_rows, cfg.seed, dit=is_dit)
     done = 0
     if side.is_file():
         try:
@@ -309,13 +327,14 @@ def calibrate(cfg: CalibrateConfig, progress: Callable[[int, int, str], None] | 
 
     if progress:
         progress(done, len(batches), "resumed" if done else "started")
-    with torch.no_grad(), tapped(unet, targets, stats.observe):
+    with torch.no_grad(), tap_context(unet, targets, stats.observe):
         for bi in range(done, len(batches)):
             batch = batches[bi]
             stats.begin_pass()
             gen = torch.Generator(device="cpu").manual_seed(cfg.seed + bi)
-            pipe(prompt=batch, negative_prompt=[NEGATIVE_PROMPT] * len(batch), generator=gen,
-                 callback_on_step_end=on_step_end, **kwargs)
+            prompt_kw = (dit.call_kwargs(pipe, batch, NEGATIVE_PROMPT) if is_dit else
+                         {"prompt": batch, "negative_prompt": [NEGATIVE_PROMPT] * len(batch)})
+            pipe(generator=gen, callback_on_step_end=on_step_end, **prompt_kw, **kwargs)
             stats.save(side, {"record": record, "done_batches": bi + 1})
             if progress:
                 progress(bi + 1, len(batches), batch[0])
@@ -323,7 +342,8 @@ def calibrate(cfg: CalibrateConfig, progress: Callable[[int, int, str], None] | 
     run = {"prompts": prompts, "num_prompts": len(prompts), "steps": cfg.steps, "batch": cfg.batch,
            "scheduler": type(pipe.scheduler).__name__, "height": height, "width": width,
            "guidance_scale": cfg.guidance_scale if cfg.guidance_scale is not None else "pipeline default",
-           "negative_prompt": NEGATIVE_PROMPT, "seed": cfg.seed, "device": device, "dtype": str(dtype)}
+           "negative_prompt": None if is_dit and "negative_prompt" not in dit.call_kwargs(pipe, [""], "")
+           else NEGATIVE_PROMPT, "seed": cfg.seed, "device": device, "dtype": str(dtype)}
     cal = build_calibration(stats, unet, recipe, info, run)
     cal.settings["recipe"] = asdict(recipe)  # resolved: the defaults filled in
     calibfile.save(cal, out)

@@ -61,7 +61,10 @@ def quantized(model: torch.nn.Module, cal: Calibration, weights: bool = True,
     SmoothQuant is always applied; `weights`/`activations` False leave that side unquantized (with
     both False only the smoothing transform remains, which must not change the output)."""
     from trtkit.calibration.hooks import tapped
+    from trtkit.calibration.hooks_dit import tapped_dit
 
+    # a DiT's attention runs one fused kernel: its taps wrap the processor (hooks_dit.py)
+    tap_context = tapped_dit if hasattr(model, "transformer_blocks") and not hasattr(model, "down_blocks") else tapped
     modules = dict(model.named_modules())
     targets = targets_of(cal, model)
     prec = cal.precision
@@ -72,7 +75,9 @@ def quantized(model: torch.nn.Module, cal: Calibration, weights: bool = True,
         s = smooth.get(key)
         if s is not None:
             x = x / s.to(x.device, x.dtype)
-        return fake_quant(x, cal.activations[key], prec) if activations else x
+        # the softmax output is quantized with amax 1 whatever the file says: the Q/DQ pass fixes it there
+        amax = 1.0 if key.endswith(".softmax") else cal.activations[key]
+        return fake_quant(x, amax, prec) if activations else x
 
     try:
         with torch.no_grad():
@@ -84,7 +89,7 @@ def quantized(model: torch.nn.Module, cal: Calibration, weights: bool = True,
                 saved[name] = w.detach().clone()
                 ws = w * s.to(w.device, w.dtype) if s is not None else w
                 w.copy_(fake_quant_weight(ws, prec) if weights else ws)
-        with tapped(model, targets, tap):
+        with tap_context(model, targets, tap):
             yield
     finally:
         with torch.no_grad():

@@ -47,7 +47,7 @@ def register(app: typer.Typer) -> None:
                                          help="Convert a calibration file into ModelOpt's quantizer state dict "
                                               "(torch file, -o default modelopt_amax.pt); runs nothing."),
     ) -> None:
-        """Calibrate a pipeline's UNet for INT8/FP8: per-step ranges, Percentile Quant, SmoothQuant."""
+        """Calibrate a pipeline's UNet or DiT transformer (FLUX.1, SD3.x) for INT8/FP8: per-step ranges, Percentile Quant, SmoothQuant."""
         if from_modelopt is not None or to_modelopt is not None:
             from trtkit.cli._modelopt import convert
 

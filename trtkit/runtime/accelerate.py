@@ -51,7 +51,8 @@ class _Fallback(Exception):
 
 def accelerate(pipe: Any, engines: Path | str | None = None, cuda_graph: bool = True, trust_engine: bool = False,
                compile: bool = False, kernels: str = "tuned", backend: str | None = None) -> Any:
-    """Make `pipe` (StableDiffusionPipeline / StableDiffusionXLPipeline) use the runtime; returns `pipe`.
+    """Make `pipe` (StableDiffusionPipeline / StableDiffusionXLPipeline; FluxPipeline / StableDiffusion3Pipeline
+    through accelerate_dit.py) use the runtime; returns `pipe`.
 
     With the torch UNet on a GPU, `kernels="tuned"` changes `pipe.unet` in place: channels-last weights, q/k/v
     fused (diffusers' fuse_qkv_projections; `pipe.unet.unfuse_qkv_projections()` undoes it), and GroupNorm,
@@ -65,6 +66,10 @@ def accelerate(pipe: Any, engines: Path | str | None = None, cuda_graph: bool = 
     from trtkit.runtime.pipeline import make_executor
     from trtkit.runtime.schedulers import unsupported_reason
 
+    if hasattr(pipe, "transformer") and not hasattr(pipe, "unet"):  # FLUX / SD3: their I/O and tables
+        from trtkit.runtime.accelerate_dit import accelerate_dit
+
+        return accelerate_dit(pipe, engines=engines, cuda_graph=cuda_graph, compile=compile)
     if not hasattr(pipe, "unet") or not hasattr(pipe, "encode_prompt"):
         raise TrtkitError(f"{type(pipe).__name__} is not a Stable Diffusion / SDXL text-to-image pipeline")
     base = type(pipe).__mro__[1] if getattr(pipe, "_trtkit", None) is not None else type(pipe)

@@ -253,6 +253,20 @@ class Pipeline:
                                      "decode": (t3 - t2) * 1e3, "total": (t3 - t0) * 1e3})
 
 
+def _open(cfg: RunConfig) -> Any:
+    """The loaded pipeline for `cfg`: a FLUX / SD3 folder goes to pipeline_dit (accelerated diffusers pipeline)."""
+    from trtkit.runtime.pipeline_dit import DitPipeline, is_dit_folder
+
+    if is_dit_folder(cfg.model_dir):
+        if cfg.lora is not None:
+            raise TrtkitError("--lora is for SD/SDXL UNet folders; FLUX/SD3 folders do not take it yet")
+        return DitPipeline(cfg.model_dir, engines=cfg.engines, device=cfg.device, cuda_graph=cfg.cuda_graph,
+                           compile=cfg.compile)
+    return Pipeline(cfg.model_dir, engines=cfg.engines, device=cfg.device, cuda_graph=cfg.cuda_graph,
+                    trust_engine=cfg.trust_engine, compile=cfg.compile, kernels=cfg.kernels, backend=cfg.backend,
+                    lora=cfg.lora, lora_scale=cfg.lora_scale, unet_weights=cfg.unet_weights)
+
+
 def run(cfg: RunConfig, output: Path | None = None) -> RunResult:
     """`trtkit run`: one image, saved atomically to `output` when given (a folder: `out.png` in it).
     The output is checked before the pipeline loads."""
@@ -263,9 +277,7 @@ def run(cfg: RunConfig, output: Path | None = None) -> RunResult:
                               inputs=[Path(cfg.model_dir) / "model_index.json"])
         if output.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
             raise TrtkitError(f"output {output} must end in .png, .jpg or .webp")
-    pipe = Pipeline(cfg.model_dir, engines=cfg.engines, device=cfg.device, cuda_graph=cfg.cuda_graph,
-                    trust_engine=cfg.trust_engine, compile=cfg.compile, kernels=cfg.kernels, backend=cfg.backend,
-                    lora=cfg.lora, lora_scale=cfg.lora_scale, unet_weights=cfg.unet_weights)
+    pipe = _open(cfg)
     res = pipe(cfg)
     if output is not None:
         with atomic_path(output) as tmp:
@@ -308,9 +320,7 @@ def bench(cfg: RunConfig, warmup: int = 2, repeats: int = 5) -> BenchResult:
     the VAE decode."""
     if warmup < 0 or repeats < 1:
         raise TrtkitError("--warmup must be >= 0 and --repeats >= 1")
-    pipe = Pipeline(cfg.model_dir, engines=cfg.engines, device=cfg.device, cuda_graph=cfg.cuda_graph,
-                    trust_engine=cfg.trust_engine, compile=cfg.compile, kernels=cfg.kernels, backend=cfg.backend,
-                    lora=cfg.lora, lora_scale=cfg.lora_scale, unet_weights=cfg.unet_weights)
+    pipe = _open(cfg)
     for _ in range(warmup):
         pipe(cfg)
     runs = [pipe(cfg).timings_ms for _ in range(repeats)]

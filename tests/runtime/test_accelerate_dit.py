@@ -1,0 +1,195 @@
+"""`trtkit.accelerate` on FluxPipeline / StableDiffusion3Pipeline gives diffusers' own latents and images.
+
+Two pipelines are loaded from the same tiny folder (trtkit/tiny_dit.py, seeded random weights, scheduler from
+its saved config): one left to diffusers, one accelerated; the same call with the same generator seed must give
+the same latents (`output_type="latent"`: FLUX's packed tokens, SD3's latent) and the same decoded images.
+Both are float32 on the CPU, and the flow-matching step and CFG combine are the same float32 operations in the
+same order, so the results are equal to rounding (measured: bit-identical); TOL leaves room for BLAS order.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import trtkit
+from trtkit.errors import TrtkitError
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def dit_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from trtkit.tiny_dit import make_tiny_dit_pipeline
+
+    root = tmp_path_factory.mktemp("dit")
+    return {f: make_tiny_dit_pipeline(f, root / f, seed=0) for f in ("flux", "sd3")}
+
+
+def _pair(path: Path) -> tuple[Any, Any]:
+    from diffusers import DiffusionPipeline
+
+    ref, acc = DiffusionPipeline.from_pretrained(path), DiffusionPipeline.from_pretrained(path)
+    for p in (ref, acc):
+        p.set_progress_bar_config(disable=True)
+    return ref, trtkit.accelerate(acc)
+
+
+def _rel(a: Any, b: Any) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-12))
+
+
+def _both(ref: Any, acc: Any, *args: Any, seed: int = 0, runtime: bool = True, **kw: Any) -> tuple[Any, Any]:
+    """The call on both pipelines; `runtime`: the accelerated one must have run the runtime's loop (not a
+    fallback to diffusers' own, which would match trivially)."""
+    a = ref(*args, generator=torch.Generator().manual_seed(seed), **kw)
+    acc.__dict__.pop("_trtkit_timings_ms", None)
+    b = acc(*args, generator=torch.Generator().manual_seed(seed), **kw)
+    assert ("_trtkit_timings_ms" in acc.__dict__) == runtime
+    return a, b
+
+
+@pytest.fixture(scope="module")
+def flux(dit_dirs: dict[str, Path], one_torch_thread: None) -> tuple[Any, Any]:
+    return _pair(dit_dirs["flux"])
+
+
+@pytest.fixture(scope="module")
+def sd3(dit_dirs: dict[str, Path], one_torch_thread: None) -> tuple[Any, Any]:
+    return _pair(dit_dirs["sd3"])
+
+
+def test_accelerated_class_and_runtime_path(flux: tuple[Any, Any], sd3: tuple[Any, Any]) -> None:
+    assert type(flux[1]).__name__ == "AcceleratedFluxPipeline"
+    assert type(sd3[1]).__name__ == "AcceleratedStableDiffusion3Pipeline"
+    flux[1]("x", num_inference_steps=2, height=64, width=64, output_type="latent")
+    assert flux[1]._trtkit.runner.loop.tables.family == "flow_euler"  # the loop ran on the runtime
+
+
+@pytest.mark.parametrize("kw", [
+    {"prompt": ["a cat", "a red dog"], "num_images_per_prompt": 2, "height": 128, "width": 96,
+     "num_inference_steps": 4},
+    {"prompt": "a cat", "guidance_scale": 5.0, "height": 64, "width": 128, "num_inference_steps": 3,
+     "max_sequence_length": 64},
+    {"prompt": "a cat", "num_inference_steps": 3, "sigmas": [1.0, 0.5, 0.25], "height": 64, "width": 64},
+    {"prompt": "defaults", "num_inference_steps": 1},  # height / width from the pipeline: 1024 x 1024
+])
+def test_flux_latents_match_diffusers(flux: tuple[Any, Any], kw: dict[str, Any]) -> None:
+    a, b = _both(*flux, output_type="latent", **kw)
+    assert a.images.shape == b.images.shape
+    assert _rel(a.images, b.images) < TOL
+
+
+def test_flux_images_positional_and_tuple(flux: tuple[Any, Any]) -> None:
+    # FluxPipeline.__call__(prompt, prompt_2, negative_prompt, negative_prompt_2, true_cfg_scale, height, width, steps)
+    a, b = _both(*flux, "a cat", None, None, None, 1.0, 64, 96, 3, output_type="np", return_dict=False)
+    assert isinstance(b, tuple) and a[0].shape == b[0].shape == (1, 64, 96, 3)
+    assert np.abs(a[0] - b[0]).max() < 1e-4
+    a, b = _both(*flux, "a cat", height=64, width=64, num_inference_steps=2)  # PIL, as diffusers
+    assert np.abs(np.asarray(a.images[0], np.int16) - np.asarray(b.images[0], np.int16)).max() <= 1
+
+
+def test_flux_prompt_embeds_in(flux: tuple[Any, Any]) -> None:
+    """The issue's baseline: embeddings in, latents out."""
+    g = torch.Generator().manual_seed(1)
+    pe = torch.randn(1, 32, 32, generator=g)
+    pooled = torch.randn(1, 32, generator=g)
+    a, b = _both(*flux, prompt_embeds=pe, pooled_prompt_embeds=pooled, height=64, width=64, num_inference_steps=3,
+                 output_type="latent")
+    assert _rel(a.images, b.images) < TOL
+
+
+@pytest.mark.parametrize("kw", [
+    {"prompt": ["a cat", "a dog"], "negative_prompt": ["blurry", "dark"], "num_images_per_prompt": 2,
+     "height": 128, "width": 64, "num_inference_steps": 4},
+    {"prompt": "a cat", "guidance_scale": 1.0, "height": 64, "width": 64, "num_inference_steps": 3},  # no CFG
+    {"prompt": "defaults"},  # 256 x 256 (the transformer's sample_size), 28 steps, guidance 7
+    {"prompt": "a cat", "num_inference_steps": 3, "mu": 0.8, "height": 64, "width": 64},
+])
+def test_sd3_latents_match_diffusers(sd3: tuple[Any, Any], kw: dict[str, Any]) -> None:
+    if "mu" in kw:  # mu is used where the scheduler shifts dynamically
+        for p in sd3:
+            p.scheduler.register_to_config(use_dynamic_shifting=True)
+    try:
+        a, b = _both(*sd3, output_type="latent", **kw)
+    finally:
+        for p in sd3:
+            p.scheduler.register_to_config(use_dynamic_shifting=False)
+    assert a.images.shape == b.images.shape
+    assert _rel(a.images, b.images) < TOL
+
+
+def test_sd3_images(sd3: tuple[Any, Any]) -> None:
+    a, b = _both(*sd3, "a cat", height=64, width=96, num_inference_steps=3, output_type="np")
+    assert np.abs(a.images - b.images).max() < 1e-4
+
+
+@pytest.mark.parametrize("opts", [{}, {"shift": 3.0, "use_dynamic_shifting": True}, {"use_karras_sigmas": True},
+                                  {"shift": 2.0, "shift_terminal": 0.05}])
+def test_sd3_other_scheduler_configs(sd3: tuple[Any, Any], opts: dict[str, Any]) -> None:
+    """A scheduler the user built by hand (every other option unset) and set on both pipelines."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    old = [p.scheduler for p in sd3]
+    for p in sd3:
+        p.scheduler = FlowMatchEulerDiscreteScheduler(**opts)
+    try:
+        a, b = _both(*sd3, "a cat", height=64, width=64, num_inference_steps=5, output_type="latent")
+    finally:
+        for p, s in zip(sd3, old, strict=True):
+            p.scheduler = s
+    assert _rel(a.images, b.images) < TOL
+
+
+def test_unhandled_arguments_run_diffusers(flux: tuple[Any, Any], caplog: pytest.LogCaptureFixture) -> None:
+    seen = []
+
+    def cb(pipe: Any, i: int, t: Any, kw: dict) -> dict:
+        seen.append(i)
+        return kw
+
+    with caplog.at_level(logging.WARNING):
+        a, b = _both(*flux, "a cat", height=64, width=64, num_inference_steps=2, output_type="latent",
+                     callback_on_step_end=cb, runtime=False)
+    assert "callback_on_step_end not handled" in caplog.text and seen == [0, 1, 0, 1]
+    assert _rel(a.images, b.images) < TOL
+    with pytest.raises(TypeError):  # not a FluxPipeline argument: diffusers' own error
+        flux[1]("a cat", prompt_3="x", num_inference_steps=1)
+
+
+def test_stochastic_scheduler_refused_then_falls_back(dit_dirs: dict[str, Path], caplog: pytest.LogCaptureFixture
+                                                      ) -> None:
+    from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+
+    p = DiffusionPipeline.from_pretrained(dit_dirs["sd3"])
+    p.set_progress_bar_config(disable=True)
+    p.scheduler = FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)
+    with pytest.raises(TrtkitError, match="stochastic_sampling"):
+        trtkit.accelerate(p)
+    p.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    trtkit.accelerate(p)
+    p.scheduler = FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)
+    with caplog.at_level(logging.WARNING):
+        p("a", height=64, width=64, num_inference_steps=1, output_type="latent")
+    assert "running diffusers' own loop" in caplog.text
+    with pytest.raises(TrtkitError, match="not wired"):
+        trtkit.accelerate(p, engines="somewhere")
+
+
+def test_replaced_transformer_is_picked_up(dit_dirs: dict[str, Path], one_torch_thread: None) -> None:
+    from diffusers import FluxTransformer2DModel
+
+    ref, acc = _pair(dit_dirs["flux"])
+    torch.manual_seed(5)
+    other = FluxTransformer2DModel(**dict(ref.transformer.config))
+    ref.transformer = other
+    acc.transformer = other
+    a, b = _both(ref, acc, "a cat", height=64, width=64, num_inference_steps=2, output_type="latent")
+    assert acc._trtkit.executor.transformer is other
+    assert _rel(a.images, b.images) < TOL

@@ -1,0 +1,218 @@
+"""`trtkit.accelerate(pipe)` for FluxPipeline and StableDiffusion3Pipeline: the denoising loop on the runtime
+(one CUDA graph on a GPU over the torch transformer, the numpy-reference loop on a CPU), the rest diffusers'.
+
+As for SD/SDXL (accelerate.py), the pipeline's class is swapped for a subclass whose `__call__` does what
+diffusers' does around the loop with diffusers' own methods: `check_inputs`, `encode_prompt` (CLIP + T5 in
+torch), `prepare_latents` (same generator draws, FLUX's 2x2 packing and RoPE ids), the scheduler's sigmas from a
+copy of `pipe.scheduler` set up with the pipeline's own arguments (flow_tables.py), and after the loop the
+VAE decode (FLUX unpacked, then latents / scaling_factor + shift_factor) and postprocess. Arguments the loop
+does not reproduce (callbacks, IP-adapters, FLUX's true CFG, SD3's skip-layer guidance, attention kwargs...)
+run diffusers' own `__call__` with a one-line warning, and so does a scheduler the tables refuse: never a
+different image.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from typing import Any
+
+from trtkit.errors import TrtkitError
+from trtkit.runtime.accelerate import _Fallback, _Runtime, _same
+
+log = logging.getLogger(__name__)
+
+# Call arguments the accelerated loop reproduces; any other non-default one goes to diffusers' own __call__.
+HANDLED = {"prompt", "prompt_2", "prompt_3", "negative_prompt", "negative_prompt_2", "negative_prompt_3", "height",
+           "width", "num_inference_steps", "sigmas", "guidance_scale", "num_images_per_prompt", "generator",
+           "latents", "prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds",
+           "negative_pooled_prompt_embeds", "output_type", "return_dict", "max_sequence_length", "clip_skip", "mu"}
+
+
+def pipeline_kind(cls: type) -> str | None:
+    """"flux" / "sd3" when `cls.__call__` is diffusers' FluxPipeline / StableDiffusion3Pipeline text-to-image call."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    return {FluxPipeline.__call__: "flux", StableDiffusion3Pipeline.__call__: "sd3"}.get(cls.__call__)
+
+
+def _key(pipe: Any) -> tuple:
+    return id(pipe.transformer), pipe.transformer.dtype, pipe.transformer.device.type
+
+
+def accelerate_dit(pipe: Any, engines: Any = None, cuda_graph: bool = True, compile: bool = False,
+                   **ignored: Any) -> Any:
+    """accelerate() for a FLUX / SD3 pipeline (see trtkit.runtime.accelerate.accelerate). `compile=True` compiles
+    the transformer's repeated blocks in place (dit_executor.compile_blocks)."""
+    from trtkit.runtime.dit_executor import DitTorchExecutor
+    from trtkit.runtime.flow_tables import flow_unsupported_reason
+    from trtkit.runtime.graph_runner import LoopRunner
+
+    base = type(pipe).__mro__[1] if getattr(pipe, "_trtkit", None) is not None else type(pipe)
+    kind = pipeline_kind(base)
+    if kind is None:
+        raise TrtkitError(f"{base.__name__} runs its own __call__; accelerate reproduces only diffusers' "
+                          "FluxPipeline and StableDiffusion3Pipeline text-to-image calls among DiT pipelines")
+    if engines is not None:
+        raise TrtkitError("TensorRT engines for DiT transformers are not wired into the runtime yet; "
+                          "accelerate a FLUX / SD3 pipeline without engines (torch transformer in the loop graph)")
+    reason = flow_unsupported_reason(pipe.scheduler)
+    if reason is not None:
+        raise TrtkitError(reason)
+    device = pipe.transformer.device.type
+    executor = DitTorchExecutor(pipe.transformer, family=kind, compile=compile)
+    runner = LoopRunner(executor, device=device, use_graph=cuda_graph)
+    sig = inspect.signature(base.__call__)
+    defaults = {k: p.default for k, p in sig.parameters.items() if p.default is not inspect.Parameter.empty}
+    rt = _Runtime(runner, executor, base.__call__, defaults, sig, dict(cuda_graph=cuda_graph, compile=compile),
+                  _key(pipe))
+    if getattr(pipe, "_trtkit", None) is None:
+        pipe.__class__ = type(f"Accelerated{base.__name__}", (base,), {"__call__": _call})
+    object.__setattr__(pipe, "_trtkit", rt)
+    object.__setattr__(pipe, "_trtkit_kind", kind)
+    return pipe
+
+
+def _call(self: Any, *args: Any, **kwargs: Any) -> Any:
+    from trtkit.runtime.flow_tables import flow_unsupported_reason
+
+    rt: _Runtime = self._trtkit
+    if _key(self) != rt.unet_key:  # pipe.transformer replaced or moved: the executor holds the old one
+        log.info("trtkit.accelerate: pipe.transformer was replaced or moved; rebuilding the runtime's executor")
+        accelerate_dit(self, **rt.options)
+        rt = self._trtkit
+    if args:  # positional arguments, as diffusers' signature names them
+        try:
+            bound = rt.signature.bind_partial(self, *args, **kwargs).arguments
+        except TypeError:
+            return rt.original_call(self, *args, **kwargs)
+        kwargs = {k: v for k, v in bound.items() if k != "self"}
+    if any(k not in rt.signature.parameters for k in kwargs):  # diffusers' own TypeError
+        return rt.original_call(self, **kwargs)
+    extra = {k: v for k, v in kwargs.items() if k not in HANDLED and v is not None
+             and not (k in rt.defaults and _same(v, rt.defaults[k]))}
+    if extra:
+        log.warning("trtkit.accelerate: %s not handled by the runtime; running diffusers' own loop",
+                    ", ".join(sorted(extra)))
+        return rt.original_call(self, **kwargs)
+    reason = flow_unsupported_reason(self.scheduler)
+    if reason is not None:
+        log.warning("trtkit.accelerate: %s; running diffusers' own loop", reason)
+        return rt.original_call(self, **kwargs)
+    try:
+        return _accelerated(self, rt, **kwargs)
+    except _Fallback as e:
+        log.warning("trtkit.accelerate: %s; running diffusers' own loop", e)
+        return rt.original_call(self, **kwargs)
+
+
+def _sync(device: Any) -> float:
+    import torch
+
+    if getattr(device, "type", device) == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def _accelerated(pipe: Any, rt: _Runtime, **kw: Any) -> Any:
+    import torch
+
+    from trtkit.runtime.dit_executor import DitLoopShape
+    from trtkit.runtime.flow_tables import make_flow_tables, pipeline_timestep_args
+
+    kind = pipe._trtkit_kind
+    a: dict[str, Any] = {k: kw.get(k, rt.defaults.get(k)) for k in HANDLED}
+    device = pipe._execution_device
+    t0 = _sync(device)
+    f = pipe.vae_scale_factor
+    height = a["height"] or pipe.default_sample_size * f
+    width = a["width"] or pipe.default_sample_size * f
+    g = a["guidance_scale"]
+    names = inspect.signature(pipe.check_inputs).parameters
+    given = {k: a.get(k) for k in names if k in a} | {"height": height, "width": width}
+    pipe.check_inputs(**{k: v for k, v in given.items() if k in names})
+    pipe._guidance_scale, pipe._joint_attention_kwargs, pipe._interrupt = g, None, False
+    pipe._current_timestep = None
+    nipp = a["num_images_per_prompt"] or 1
+    tcfg = pipe.transformer.config
+    with torch.no_grad():
+        if kind == "flux":
+            pe, pooled, text_ids = pipe.encode_prompt(
+                prompt=a["prompt"], prompt_2=a["prompt_2"], prompt_embeds=a["prompt_embeds"],
+                pooled_prompt_embeds=a["pooled_prompt_embeds"], device=device, num_images_per_prompt=nipp,
+                max_sequence_length=a["max_sequence_length"], lora_scale=None)
+            lat, img_ids = pipe.prepare_latents(pe.shape[0], tcfg.in_channels // 4, height, width, pe.dtype, device,
+                                                a["generator"], a["latents"])
+            targs = pipeline_timestep_args("flux", pipe.scheduler, a["num_inference_steps"], lat.shape[1],
+                                           sigmas=a["sigmas"])
+            lh, lw = 2 * (int(height) // (f * 2)) // 2, 2 * (int(width) // (f * 2)) // 2
+            shape = DitLoopShape(batch=lat.shape[0], latent_channels=tcfg.in_channels, latent_height=lh,
+                                 latent_width=lw, cfg=False, text_len=pe.shape[1], text_dim=pe.shape[2],
+                                 pooled_dim=pooled.shape[-1], time_ids_dim=None, family="flux",
+                                 guidance_embed=bool(tcfg.guidance_embeds))
+            cond = {"encoder_hidden_states": pe, "pooled_projections": pooled, "img_ids": img_ids,
+                    "txt_ids": text_ids}
+            if shape.guidance_embed:
+                cond["guidance_in"] = [float(g)]
+            cfg = False
+        else:
+            cfg = g > 1
+            pipe._clip_skip = a["clip_skip"]
+            pe, npe, pooled, npooled = pipe.encode_prompt(
+                prompt=a["prompt"], prompt_2=a["prompt_2"], prompt_3=a["prompt_3"],
+                negative_prompt=a["negative_prompt"], negative_prompt_2=a["negative_prompt_2"],
+                negative_prompt_3=a["negative_prompt_3"], do_classifier_free_guidance=cfg,
+                prompt_embeds=a["prompt_embeds"], negative_prompt_embeds=a["negative_prompt_embeds"],
+                pooled_prompt_embeds=a["pooled_prompt_embeds"],
+                negative_pooled_prompt_embeds=a["negative_pooled_prompt_embeds"], device=device,
+                clip_skip=a["clip_skip"], num_images_per_prompt=nipp, max_sequence_length=a["max_sequence_length"],
+                lora_scale=None)
+            b = pe.shape[0]
+            if cfg:
+                pe, pooled = torch.cat([npe, pe]), torch.cat([npooled, pooled])
+            lat = pipe.prepare_latents(b, tcfg.in_channels, height, width, pe.dtype, device, a["generator"],
+                                       a["latents"])
+            ps = tcfg.patch_size
+            targs = pipeline_timestep_args("sd3", pipe.scheduler, a["num_inference_steps"],
+                                           (lat.shape[2] // ps) * (lat.shape[3] // ps), sigmas=a["sigmas"],
+                                           mu=a["mu"])
+            shape = DitLoopShape(batch=lat.shape[0], latent_channels=tcfg.in_channels, latent_height=lat.shape[2],
+                                 latent_width=lat.shape[3], cfg=cfg, text_len=pe.shape[1], text_dim=pe.shape[2],
+                                 pooled_dim=pooled.shape[-1], time_ids_dim=None, family="sd3")
+            cond = {"encoder_hidden_states": pe, "pooled_projections": pooled}
+        try:  # a shape the executor refuses is diffusers' to run, not an error
+            rt.executor.check_shape(shape)
+        except TrtkitError as e:
+            raise _Fallback(str(e)) from None
+        tables = make_flow_tables(pipe.scheduler, targs)
+        # the pipeline's own scheduler ends set up as diffusers leaves it (users read pipe.scheduler.timesteps)
+        pipe.scheduler.set_timesteps(device=device, **({k: v for k, v in targs.items() if k != "num_inference_steps"}
+                                                       if targs.get("sigmas") is not None else targs))
+        pipe._num_timesteps = tables.steps
+    t1 = _sync(device)
+    out = rt.runner(shape, tables, x_init=lat.float().cpu().numpy(), guidance=g, noise=None, **cond)
+    t2 = time.perf_counter()  # runner() returns the latents on the host: the loop is done
+    with torch.no_grad():
+        res = torch.from_numpy(out).to(device, pe.dtype)
+        if a["output_type"] == "latent":
+            image: Any = res
+        else:
+            if kind == "flux":
+                res = pipe._unpack_latents(res, height, width, f)
+            res = res / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+            image = pipe.vae.decode(res.to(pipe.vae.device), return_dict=False)[0]
+            image = pipe.image_processor.postprocess(image, output_type=a["output_type"])
+    pipe.maybe_free_model_hooks()
+    t3 = _sync(device)
+    object.__setattr__(pipe, "_trtkit_timings_ms", {"encode": (t1 - t0) * 1e3, "denoise": (t2 - t1) * 1e3,
+                                     "decode": (t3 - t2) * 1e3, "total": (t3 - t0) * 1e3})
+    if not a["return_dict"]:
+        return (image,)
+    if kind == "flux":
+        from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
+
+        return FluxPipelineOutput(images=image)
+    from diffusers.pipelines.stable_diffusion_3.pipeline_output import StableDiffusion3PipelineOutput
+
+    return StableDiffusion3PipelineOutput(images=image)

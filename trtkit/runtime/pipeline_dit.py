@@ -1,0 +1,75 @@
+"""`trtkit run` / `trtkit bench` on a FLUX.1 or SD3.x diffusers folder: the folder's pipeline (bf16 on a GPU,
+float32 on a CPU) made to run its denoising loop on the runtime by `trtkit.accelerate`, so run, bench and a
+user's accelerated script give the same image for the same seed (a CPU torch.Generator seeded with --seed, as
+the SD path draws its latents on the CPU).
+
+The transformer runs in torch inside the loop graph; TensorRT transformer engines are refused with one line
+(not wired into the runtime yet), and so is --scheduler (a DiT folder runs its FlowMatchEulerDiscreteScheduler).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from trtkit.errors import TrtkitError
+
+DIT_PIPELINES = ("FluxPipeline", "StableDiffusion3Pipeline")
+
+
+def is_dit_folder(model_dir: Path | str) -> bool:
+    """Whether `model_dir/model_index.json` names a FLUX / SD3 text-to-image pipeline."""
+    index = Path(model_dir) / "model_index.json"
+    try:
+        return json.loads(index.read_text()).get("_class_name") in DIT_PIPELINES
+    except (OSError, ValueError):
+        return False  # the SD path reports a missing or broken folder in its own words
+
+
+class DitPipeline:
+    """A loaded, accelerated FLUX / SD3 pipeline, reusable across calls (the captured graph is kept)."""
+
+    def __init__(self, model_dir: Path, engines: Path | None = None, device: str | None = None,
+                 cuda_graph: bool = True, compile: bool = False) -> None:
+        import torch
+        from diffusers import DiffusionPipeline
+
+        from trtkit._quiet import quiet_loading
+        from trtkit.runtime.accelerate import accelerate
+        from trtkit.runtime.torch_stages import default_device
+
+        if engines is not None:
+            raise TrtkitError("TensorRT engines for FLUX / SD3 transformers are not wired into the runtime yet; "
+                              "run without --engines (the torch transformer in the loop graph)")
+        self.device = device or default_device()
+        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
+        try:
+            with quiet_loading():
+                pipe = DiffusionPipeline.from_pretrained(str(model_dir), torch_dtype=dtype)
+        except Exception as e:
+            raise TrtkitError(f"cannot load the pipeline in {model_dir}: {str(e).splitlines()[0]}") from e
+        pipe.set_progress_bar_config(disable=True)
+        self.pipe = accelerate(pipe.to(self.device), cuda_graph=cuda_graph, compile=compile)
+        self.executor = self.pipe._trtkit.executor
+        self.runner = self.pipe._trtkit.runner
+
+    def __call__(self, cfg: Any) -> Any:
+        import torch
+
+        from trtkit.runtime.pipeline import RunResult
+
+        if cfg.scheduler is not None:
+            raise TrtkitError(f"--scheduler {cfg.scheduler}: a FLUX / SD3 folder runs its own "
+                              "FlowMatchEulerDiscreteScheduler (the runtime's switches are for SD / SDXL)")
+        kw: dict[str, Any] = {"prompt": cfg.prompt, "num_inference_steps": cfg.steps, "guidance_scale": cfg.guidance,
+                              "height": cfg.height, "width": cfg.width,
+                              "generator": torch.Generator("cpu").manual_seed(cfg.seed)}
+        if cfg.negative_prompt and self.pipe._trtkit_kind == "sd3":  # FLUX.1 has no negative prompt without true CFG
+            kw["negative_prompt"] = cfg.negative_prompt
+        image = self.pipe(**kw).images[0]
+        if "_trtkit_timings_ms" not in self.pipe.__dict__:  # pragma: no cover - accelerate fell back
+            raise TrtkitError("the runtime did not run this call (see the warning above)")
+        timings = dict(self.pipe.__dict__.pop("_trtkit_timings_ms"))
+        return RunResult(image=image, latents=self.runner.result(), executor=self.executor.name,
+                         cuda_graph=self.runner.use_graph, timings_ms=timings)
