@@ -352,6 +352,10 @@ def export(config: ExportConfig, progress: Any = None) -> ExportResult:
         result = ExportResult(path=dest, component=config.component, inputs=shapes,
                               external_data=(dest.parent / f"{dest.name}.data") if use_external else None,
                               seconds=0.0, num_params=n_params)
+        if config.component == "controlnet" and len(more := cn.controlnet_folders(config.model_dir)) > 1:
+            result.notes.append(f"this folder has {len(more)} ControlNets; export the others too "
+                                f"({', '.join('-c ' + m for m in more[1:])}): one engine each, the runtime adds "
+                                "their residuals")
         with staged_onnx(model, dest, external=use_external) as staged:
             del model
             if config.check:
