@@ -85,7 +85,9 @@ def unet_config_hash(config: dict[str, Any]) -> str:
 def check_model(cal: Calibration, model_dir: Path | str | None, where: str) -> None:
     """The file's `model.config_hash` against the UNet of `model_dir` (skipped where either is unknown)."""
     want = cal.model.get("config_hash") if isinstance(cal.model, dict) else None
-    cfg_path = Path(model_dir) / "unet" / "config.json" if model_dir else None
+    component = cal.model.get("component") if isinstance(cal.model, dict) else None  # a ControlNet's folder name
+    sub = component if isinstance(component, str) and component.startswith("controlnet") else "unet"
+    cfg_path = Path(model_dir) / sub / "config.json" if model_dir else None
     if not want or cfg_path is None or not cfg_path.is_file():
         return
     try:
