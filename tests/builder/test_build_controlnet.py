@@ -23,7 +23,6 @@ def test_controlnet_and_residual_unet_build(tiny_controlnet_onnx, tmp_path, arch
     pytest.importorskip("tensorrt_rtx")
     from trtkit.builder.build import build
     from trtkit.builder.config import BuildConfig
-
     from trtkit.graph.qdq import QuantizeConfig, quantize
 
     src = tiny_controlnet_onnx(arch)[component].path

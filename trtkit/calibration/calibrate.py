@@ -356,7 +356,7 @@ def calibrate(cfg: CalibrateConfig, progress: Callable[[int, int, str], None] | 
            "negative_prompt": NEGATIVE_PROMPT, "seed": cfg.seed, "device": device, "dtype": str(dtype)}
     cal = build_calibration(stats, unet, recipe, info, run)
     cal.settings["recipe"] = asdict(recipe)  # resolved: the defaults filled in
-    for name, net, (st, _), f in zip(names, cns, cn_rec, cn_sides, strict=True):
+    for name, net, (st, _) in zip(names, cns, cn_rec, strict=True):
         cn_cal = build_calibration(st, net, recipe, cnc.model_info(model_dir, name), run)
         cn_cal.settings["recipe"] = asdict(recipe)
         calibfile.save(cn_cal, cnc.calib_path(out, name))
