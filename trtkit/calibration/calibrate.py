@@ -309,8 +309,11 @@ def calibrate(cfg: CalibrateConfig, progress: Callable[[int, int, str], None] | 
             if meta.get("record") == record:
                 stats, done = old, int(meta["done_batches"])
                 for i, f in enumerate(cn_sides):  # the ControlNets' statistics of the same batches, or start over
-                    cn_old, cn_meta = StepStats.load(f, seed=cfg.seed)
-                    if cn_meta.get("record") != record or int(cn_meta["done_batches"]) != done:
+                    try:
+                        cn_old, cn_meta = StepStats.load(f, seed=cfg.seed)
+                    except Exception:  # noqa: BLE001 - damaged: start over, as for the UNet's
+                        cn_old, cn_meta = None, {}
+                    if cn_meta.get("record") != record or int(cn_meta.get("done_batches", -1)) != done:
                         stats, done = recorder(unet, recipe, cfg.steps, cfg.sample_rows, cfg.seed)[0], 0
                         cn_rec = [recorder(net, recipe, cfg.steps, cfg.sample_rows, cfg.seed) for net in cns]
                         break
