@@ -50,3 +50,38 @@ def test_cli_calibrate_controlnet_then_build(tiny_controlnet_dir, tiny_controlne
     p = run_cli("quantize", str(onnx_path), "--int8", "--calib", str(out), "-o", str(tmp_path / "wrong.onnx"))
     assert p.returncode != 0 and "Traceback" not in p.stderr
     assert len([ln for ln in p.stderr.splitlines() if ln.startswith("error:")]) == 1
+
+
+def test_multi_controlnet_resume_matches_straight_run(tiny_controlnet_dir, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Two ControlNets: interrupted after one prompt batch and resumed, every file equals an uninterrupted run."""
+    from trtkit import calibfile
+    from trtkit.calibration.calibrate import CalibrateConfig, Recipe, calibrate, partial_path
+
+    folder = tiny_controlnet_dir("sdxl", 2)
+
+    def cfg(out: Path) -> CalibrateConfig:
+        return CalibrateConfig(model_dir=folder, out=out, num_prompts=2, steps=2, batch=1, height=64, width=64,
+                               device="cpu", sample_rows=32, recipe=Recipe())
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_first(done: int, total: int, msg: str) -> None:
+        if done == 1:
+            raise Interrupt
+
+    out = tmp_path / "calib.json"
+    with pytest.raises(Interrupt):
+        calibrate(cfg(out), progress=stop_after_first)
+    names = ("controlnet", "controlnet_1")
+    assert all(partial_path(calib_path(out, n)).is_file() for n in names) and not out.exists()
+    calls: list[int] = []
+    calibrate(cfg(out), progress=lambda d, t, m: calls.append(d))
+    assert calls == [1, 2]  # resumed: one batch run, not two
+    straight = calibrate(cfg(tmp_path / "straight.json"))
+    for n in ("", *names):
+        a, b = ((calibfile.load(calib_path(p, n) if n else p)) for p in (out, straight))
+        assert a.activations == pytest.approx(b.activations), n
+    assert calibfile.load(calib_path(out, "controlnet")).activations != \
+        calibfile.load(calib_path(out, "controlnet_1")).activations
+    assert not list(tmp_path.glob("*.partial.npz"))
