@@ -101,6 +101,41 @@ def rtx_unet_builds(tiny_unet_onnx: Path, tmp_path_factory: pytest.TempPathFacto
         out[p] = (cfg, build(cfg))
     return out
 @pytest.fixture(scope="session")
+def tiny_controlnet_dir(tmp_path_factory: pytest.TempPathFactory):
+    """(arch "sd15" | "sdxl", n_controlnets) -> a tiny ControlNet pipeline folder (trtkit/tiny_controlnet.py),
+    made once."""
+    made: dict[tuple[str, int], Path] = {}
+
+    def get(arch: str = "sdxl", n: int = 1) -> Path:
+        if (arch, n) not in made:
+            from trtkit.tiny_controlnet import make_tiny_controlnet_pipeline
+
+            made[arch, n] = make_tiny_controlnet_pipeline(tmp_path_factory.mktemp(f"cn-{arch}-{n}") / "model",
+                                                          arch=arch, n_controlnets=n)
+        return made[arch, n]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_controlnet_onnx(tiny_controlnet_dir, tmp_path_factory: pytest.TempPathFactory):
+    """arch -> {"controlnet": ExportResult, "unet": ExportResult} of the one-ControlNet folder, exported with
+    tiny-256 (each checked against torch on export), made once."""
+    from trtkit.exporter import ExportConfig, export
+
+    made: dict[str, dict] = {}
+
+    def get(arch: str) -> dict:
+        if arch not in made:
+            out = tmp_path_factory.mktemp(f"cn-onnx-{arch}")
+            made[arch] = {c: export(ExportConfig(model_dir=tiny_controlnet_dir(arch), component=c, profile="tiny-256",
+                                                 out_dir=out)) for c in ("controlnet", "unet")}
+        return made[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def tiny_dit_dir(tmp_path_factory: pytest.TempPathFactory):
     """family ("flux" | "sd3") -> a tiny pipeline folder (trtkit/data/tiny-<family>.json), made once."""
     from trtkit.tiny_dit import make_tiny_dit_pipeline

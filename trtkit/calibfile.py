@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,10 +86,13 @@ def unet_config_hash(config: dict[str, Any]) -> str:
 
 def check_model(cal: Calibration, model_dir: Path | str | None, where: str) -> None:
     """The file's `model.config_hash` against the calibrated component of `model_dir` (`model.component`:
-    "unet", or "transformer" for a DiT; skipped where either is unknown)."""
+    "unet", "transformer" for a DiT, or a ControlNet's folder name; skipped where either is unknown)."""
     want = cal.model.get("config_hash") if isinstance(cal.model, dict) else None
-    component = cal.model.get("component") if isinstance(cal.model, dict) else None
-    component = component if component in ("unet", "transformer") else "unet"  # a folder name read from a file
+    component = cal.model.get("component") if isinstance(cal.model, dict) else None  # a folder name read from a file
+    # only folder names we know (the UNet, a DiT's transformer, controlnet / controlnet_<n>): it names a path
+    known = component in ("unet", "transformer") or (
+        isinstance(component, str) and re.fullmatch(r"controlnet(_\d+)?", component) is not None)
+    component = component if known else "unet"
     cfg_path = Path(model_dir) / component / "config.json" if model_dir else None
     if not want or cfg_path is None or not cfg_path.is_file():
         return

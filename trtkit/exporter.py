@@ -76,9 +76,11 @@ def load_component(model_dir: Path | str, component: str, dtype: Any = None) -> 
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
+    if _cn().is_controlnet(component):
+        return _cn().load(model_dir, component, dtype)
     if component not in (*COMPONENTS, *DIT_COMPONENTS):
         raise TrtkitError(f"unknown component {component!r}; expected one of "
-                          f"{', '.join((*COMPONENTS, *DIT_COMPONENTS))}")
+                          f"{', '.join((*COMPONENTS, *DIT_COMPONENTS, 'controlnet'))}")
     root = Path(model_dir)
     if not _is_local(root) and ("/" not in str(model_dir) or str(model_dir).startswith((".", "/"))):
         raise TrtkitError(f"model folder {model_dir} does not exist")
@@ -112,6 +114,12 @@ def load_component(model_dir: Path | str, component: str, dtype: Any = None) -> 
 
 def model_dims(model_dir: Path | str) -> ModelDims:
     return ModelDims.from_folder(model_dir) if _is_local(model_dir) else ModelDims()
+
+
+def _cn() -> Any:
+    from trtkit import exporter_controlnet  # ControlNet components and the residual-input UNet
+
+    return exporter_controlnet
 
 
 def _is_t5(model_dir: Path | str, component: str) -> bool:
@@ -183,6 +191,10 @@ def example_inputs(shapes: InputShapes, corner: str = "opt", seed: int = 0,
             out[name] = rng.integers(0, vocab_size, size=dims).astype(np.int32)
         elif name == "timestep":
             out[name] = np.full(dims, 999.0 * 0.5, dtype=np.float32)
+        elif name == "conditioning_scale":  # a ControlNet's: full strength
+            out[name] = np.ones(dims, dtype=np.float32)
+        elif name == "controlnet_cond":  # a conditioning image, in [0, 1] as diffusers' ControlNet takes it
+            out[name] = rng.uniform(0.0, 1.0, size=dims).astype(np.float32)
         elif name == "time_ids":
             out[name] = np.tile(np.array([1024, 1024, 0, 0, 1024, 1024], np.float32)[: dims[1]], (dims[0], 1))
         else:
@@ -223,6 +235,11 @@ def resolve_shapes(model_dir: Path | str, component: str, profile: str | None, s
 
         dims = DitDims.from_folder(model_dir)
         base = dit_shapes(get_profile(profile), "text_encoder_3" if _is_t5(model_dir, component) else component, dims)
+    elif profile and (spec := _cn().spec_of(model_dir, component)) is not None:
+        from trtkit.profiles_controlnet import shapes as cn_shapes
+
+        comp = "unet" if component == "unet" else "controlnet"
+        base = cn_shapes(get_profile(profile), comp, model_dims(model_dir), spec)
     else:
         base = get_profile(profile).shapes(component, model_dims(model_dir)) if profile else None
     return apply_overrides(base, shapes=shapes, min_shapes=min_shapes, opt_shapes=opt_shapes,
@@ -253,8 +270,13 @@ def export(config: ExportConfig, progress: Any = None) -> ExportResult:
 
     step(f"loading {config.component}")
     module = load_component(config.model_dir, config.component)
-    sdxl = config.component == "unet" and getattr(module.config, "addition_embed_type", None) == "text_time"
-    if config.component == "unet":
+    cn = _cn()
+    cn_spec = cn.spec_of(config.model_dir, config.component)
+    sdxl = (config.component == "unet" or cn_spec is not None) and \
+        getattr(module.config, "addition_embed_type", None) == "text_time"
+    if cn_spec is not None:
+        shapes = cn.check_inputs(shapes, config.component, sdxl, cn_spec)
+    elif config.component == "unet":
         expected = {"sample", "timestep", "encoder_hidden_states"} | ({"text_embeds", "time_ids"} if sdxl else set())
         extra = set(shapes) - expected
         if extra:
@@ -282,6 +304,17 @@ def export(config: ExportConfig, progress: Any = None) -> ExportResult:
             traced.enter_context(exporter_dit.float32_rope(module))
             traced.enter_context(exporter_dit.traceable_rms_norm())
             fold = False  # see exporter_dit.fold_weight_transposes
+    elif cn_spec is not None:  # a ControlNet, or a UNet taking its residuals (trtkit/exporter_controlnet.py)
+        from trtkit.profiles_controlnet import META_CONTROLNET
+
+        meta[META_CONTROLNET] = cn_spec.to_json()
+        if cn.is_controlnet(config.component):
+            outputs, scope = cn_spec.names, "controlnet"
+            wrapper = cn.controlnet_wrapper(module, sdxl)
+        else:
+            outputs, scope = OUTPUT_NAMES["unet"], "unet"
+            wrapper = cn.unet_wrapper(module, sdxl, cn_spec)
+        axes = cn.dynamic_axes(shapes, outputs, config.component)
     else:
         outputs = OUTPUT_NAMES[config.component]
         wrapper, scope = _wrapper(config.component, module, sdxl)
@@ -313,11 +346,16 @@ def export(config: ExportConfig, progress: Any = None) -> ExportResult:
             from trtkit.exporter_dit import fold_weight_transposes
 
             fold_weight_transposes(model)
-        _set_meta(model, {META_COMPONENT: config.component, META_SCOPE: f"/{scope}/",
+        component = "controlnet" if cn.is_controlnet(config.component) else config.component  # shapes by kind
+        _set_meta(model, {META_COMPONENT: component, META_SCOPE: f"/{scope}/",
                           META_PROFILE: config.profile or "", META_SOURCE: str(config.model_dir), **meta})
         result = ExportResult(path=dest, component=config.component, inputs=shapes,
                               external_data=(dest.parent / f"{dest.name}.data") if use_external else None,
                               seconds=0.0, num_params=n_params)
+        if config.component == "controlnet" and len(more := cn.controlnet_folders(config.model_dir)) > 1:
+            result.notes.append(f"this folder has {len(more)} ControlNets; export the others too "
+                                f"({', '.join('-c ' + m for m in more[1:])}): one engine each, the runtime adds "
+                                "their residuals")
         with staged_onnx(model, dest, external=use_external) as staged:
             del model
             if config.check:

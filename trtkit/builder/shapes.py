@@ -75,6 +75,12 @@ def resolve_profiles(config: BuildConfig, source: OnnxSource) -> tuple[list[Prof
 
                 comp = "transformer" if source.component == "transformer" else "text_encoder_3"  # or a T5
                 base = dit_shapes(prof, comp, DitDims.from_json(source.metadata["trtkit.dit_dims"]))
+            elif "trtkit.controlnet" in source.metadata:  # a ControlNet, or a UNet taking its residuals
+                from trtkit.profiles_controlnet import ControlNetSpec
+                from trtkit.profiles_controlnet import shapes as cn_shapes
+
+                base = cn_shapes(prof, source.component, dims,
+                                 ControlNetSpec.from_json(source.metadata["trtkit.controlnet"]))
             else:
                 base = prof.shapes(source.component, dims)
             out.append(ProfileShapes(name, apply_overrides(base, **overrides)))

@@ -263,9 +263,20 @@ def calibrate(cfg: CalibrateConfig, progress: Callable[[int, int, str], None] | 
     from trtkit.calibration import dit
 
     is_dit = dit.component(model_dir) == "transformer"  # FLUX.1 / SD3.x: calibration/dit.py
+    from trtkit.calibration import controlnet as cnc
+    from trtkit.exporter_controlnet import controlnet_folders
+
+    names = controlnet_folders(model_dir)  # each ControlNet: its own file beside the UNet's (calibration/controlnet.py)
+    if is_dit and names:  # the ControlNet taps and inputs are the UNet ControlNet's (calibration/controlnet.py)
+        raise TrtkitError(f"{model_dir} is a DiT pipeline with a ControlNet; `trtkit calibrate` calibrates "
+                          "ControlNets of UNet pipelines only")
+
+    def sidecars(o: Path) -> list[Path]:
+        files = [o, *(cnc.calib_path(o, n) for n in names)]
+        return [*files[1:], *(x for f in files for x in (f.with_suffix(".safetensors"), partial_path(f)))]
+
     out = check_output(cfg.out, default_name="calib.json", what="calibration file",
-                       inputs=[*pipeline_files(model_dir), cfg.prompts],
-                       sidecars=lambda o: [o.with_suffix(".safetensors"), partial_path(o)])
+                       inputs=[*pipeline_files(model_dir), cfg.prompts], sidecars=sidecars)
     prompts = read_prompts(cfg.prompts, cfg.num_prompts)
     batches = [prompts[i: i + cfg.batch] for i in range(0, len(prompts), cfg.batch)]
     import torch  # after the checks above: they fail in a blink, the imports take seconds
@@ -299,12 +310,18 @@ def calibrate(cfg: CalibrateConfig, progress: Callable[[int, int, str], None] | 
     record = {"model": info["config_hash"], "prompts": prompts, "steps": cfg.steps, "batch": cfg.batch,
               "precision": recipe.precision, "level": recipe.level, "height": height, "width": width,
               "guidance_scale": cfg.guidance_scale, "seed": cfg.seed, "sample_rows": cfg.sample_rows,
-              "device_dtype": str(dtype)}
+              "device_dtype": str(dtype), **({"controlnets": names} if names else {})}
 
     side = partial_path(out)
     stats, targets = recorder(unet, recipe, cfg.steps, cfg.sample_rows, cfg.seed, dit=is_dit)
+    cns = cnc.nets(pipe)
+    if len(cns) != len(names):
+        raise TrtkitError(f"{model_dir} has {len(names)} ControlNet folder(s) but its pipeline loads {len(cns)}")
+    cn_rec = [recorder(net, recipe, cfg.steps, cfg.sample_rows, cfg.seed) for net in cns]
+    cn_sides = [partial_path(cnc.calib_path(out, n)) for n in names]
     done = 0
-    if side.is_file():
+    resumable = all(f.is_file() for f in cn_sides)
+    if side.is_file() and resumable:
         try:
             old, meta = StepStats.load(side, seed=cfg.seed)
         except Exception as e:  # noqa: BLE001 - a damaged side file just means starting over
@@ -312,6 +329,16 @@ def calibrate(cfg: CalibrateConfig, progress: Callable[[int, int, str], None] | 
         else:
             if meta.get("record") == record:
                 stats, done = old, int(meta["done_batches"])
+                for i, f in enumerate(cn_sides):  # the ControlNets' statistics of the same batches, or start over
+                    try:
+                        cn_old, cn_meta = StepStats.load(f, seed=cfg.seed)
+                    except Exception:  # noqa: BLE001 - damaged: start over, as for the UNet's
+                        cn_old, cn_meta = None, {}
+                    if cn_meta.get("record") != record or int(cn_meta.get("done_batches", -1)) != done:
+                        stats, done = recorder(unet, recipe, cfg.steps, cfg.sample_rows, cfg.seed, dit=is_dit)[0], 0
+                        cn_rec = [recorder(net, recipe, cfg.steps, cfg.sample_rows, cfg.seed) for net in cns]
+                        break
+                    cn_rec[i] = (cn_old, cn_rec[i][1])
                 log.info("resuming calibration after %d of %d prompt batches", done, len(batches))
             else:
                 log.warning("partial statistics %s are for other settings; starting over", side)
@@ -320,22 +347,31 @@ def calibrate(cfg: CalibrateConfig, progress: Callable[[int, int, str], None] | 
                               "output_type": "latent"}
     if cfg.guidance_scale is not None:
         kwargs["guidance_scale"] = cfg.guidance_scale
+    kwargs.update(cnc.pipeline_kwargs(names, height, width))
 
     def on_step_end(_pipe, i, _t, cb_kwargs):  # type: ignore[no-untyped-def]
-        stats.step = i + 1
+        for st in (stats, *(r[0] for r in cn_rec)):
+            st.step = i + 1
         return cb_kwargs
 
     if progress:
         progress(done, len(batches), "resumed" if done else "started")
-    with torch.no_grad(), tap_context(unet, targets, stats.observe):
+    import contextlib
+
+    with torch.no_grad(), tap_context(unet, targets, stats.observe), contextlib.ExitStack() as taps:
+        for net, (st, tg) in zip(cns, cn_rec, strict=True):
+            taps.enter_context(tapped(net, tg, st.observe))
         for bi in range(done, len(batches)):
             batch = batches[bi]
-            stats.begin_pass()
+            for st in (stats, *(r[0] for r in cn_rec)):
+                st.begin_pass()
             gen = torch.Generator(device="cpu").manual_seed(cfg.seed + bi)
             prompt_kw = (dit.call_kwargs(pipe, batch, NEGATIVE_PROMPT) if is_dit else
                          {"prompt": batch, "negative_prompt": [NEGATIVE_PROMPT] * len(batch)})
             pipe(generator=gen, callback_on_step_end=on_step_end, **prompt_kw, **kwargs)
             stats.save(side, {"record": record, "done_batches": bi + 1})
+            for (st, _), f in zip(cn_rec, cn_sides, strict=True):
+                st.save(f, {"record": record, "done_batches": bi + 1})
             if progress:
                 progress(bi + 1, len(batches), batch[0])
 
@@ -346,6 +382,12 @@ def calibrate(cfg: CalibrateConfig, progress: Callable[[int, int, str], None] | 
            else NEGATIVE_PROMPT, "seed": cfg.seed, "device": device, "dtype": str(dtype)}
     cal = build_calibration(stats, unet, recipe, info, run)
     cal.settings["recipe"] = asdict(recipe)  # resolved: the defaults filled in
+    for name, net, (st, _) in zip(names, cns, cn_rec, strict=True):
+        cn_cal = build_calibration(st, net, recipe, cnc.model_info(model_dir, name), run)
+        cn_cal.settings["recipe"] = asdict(recipe)
+        calibfile.save(cn_cal, cnc.calib_path(out, name))
     calibfile.save(cal, out)
     side.unlink(missing_ok=True)
+    for f in cn_sides:
+        f.unlink(missing_ok=True)
     return out

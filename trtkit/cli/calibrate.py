@@ -94,3 +94,9 @@ def register(app: typer.Typer) -> None:
         extra = f", SmoothQuant on {len(cal.smooth)} linear layers" if cal.smooth else ""
         console.print(f"wrote {path} ({cal.precision}, level {cal.settings.get('level'):g}, "
                       f"{len(cal.activations)} inputs{extra})")
+        from trtkit.calibration.controlnet import calib_path
+        from trtkit.exporter_controlnet import controlnet_folders
+
+        for name in controlnet_folders(model_dir):  # a ControlNet pipeline: one file per ControlNet beside it
+            cn = calibfile.load(calib_path(path, name))
+            console.print(f"wrote {calib_path(path, name)} ({name}: {len(cn.activations)} inputs)")

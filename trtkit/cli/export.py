@@ -47,7 +47,8 @@ def register(app: typer.Typer) -> None:
     def export(
         model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help="A diffusers pipeline folder (or a hub id where a network exists)."),
         component: str = typer.Option("unet", "--component", "-c", help="unet, vae_decoder, text_encoder, text_encoder_2 (CLIP; "
-                                       "T5 in a FLUX folder), transformer (FLUX.1 / SD3.x) or text_encoder_3 (SD3's T5)."),
+                                       "T5 in a FLUX folder), transformer (FLUX.1 / SD3.x), text_encoder_3 (SD3's T5), "
+                                       "controlnet (controlnet_1, ... for further ControlNets of the folder)."),
         profile: str = typer.Option("sdxl-1024", "--profile", "-p", help="Shape profile (see `trtkit profiles`)."),
         shapes: str = typer.Option(None, "--shapes", help="trtexec-style overrides, e.g. sample:2x4x128x128."),
         out_dir: Path = typer.Option(Path("onnx"), "--output", "-o", help="Output folder."),
@@ -71,3 +72,5 @@ def register(app: typer.Typer) -> None:
         if r.max_abs_err is not None:
             console.print(f"check vs torch on opt shapes: max abs error {r.max_abs_err:.3g}, "
                           f"max relative error {r.max_rel_err:.3g}")
+        for note in r.notes:
+            console.print(f"note: {note}")

@@ -23,8 +23,8 @@ def register(app: typer.Typer) -> None:
     def profiles(
         name: str = typer.Argument(None, metavar="PROFILE", help="Show one profile's shapes in full."),
         model: Path = typer.Option(None, "--model", "-m", help="A diffusers folder: shapes from its config."),
-        component: str = typer.Option("unet", "--component", "-c", help="unet, vae_decoder, text_encoder or "
-                                     "text_encoder_2."),
+        component: str = typer.Option("unet", "--component", "-c", help="unet, vae_decoder, text_encoder, "
+                                     "text_encoder_2 or controlnet (controlnet_1, ...)."),
         static: bool = typer.Option(False, "--static", help="Fix resolution and batch at the opt values."),
         as_json: bool = typer.Option(False, "--json", help="Print the profiles or shapes as JSON."),
     ) -> None:
@@ -48,7 +48,17 @@ def register(app: typer.Typer) -> None:
             {"in_channels": 4, "cross_attention_dim": 2048, "addition_embed_type": "text_time",
              "projection_class_embeddings_input_dim": 2816, "addition_time_embed_dim": 256,
              "down_block_types": [0, 0, 0]}, {"block_out_channels": [0, 0, 0, 0]})
-        shapes = prof.shapes(component, dims)
+        from trtkit.exporter_controlnet import is_controlnet, spec_of
+        from trtkit.profiles_controlnet import ControlNetSpec
+        from trtkit.profiles_controlnet import shapes as cn_shapes
+
+        # a ControlNet, or the UNet of a ControlNet folder (residual inputs); without a model, SDXL base's layout
+        spec = spec_of(model, component) if model else (
+            ControlNetSpec.from_unet_config({"block_out_channels": [320, 640, 1280]}) if is_controlnet(component) else None)
+        if spec is not None:
+            shapes = cn_shapes(prof, "controlnet" if is_controlnet(component) else "unet", dims, spec)
+        else:
+            shapes = prof.shapes(component, dims)
         warning = family_mismatch(prof.name, dims.text_embeds_dim is not None) if model else None
         if warning:
             err_console.print(f"warning: {warning}", markup=False)

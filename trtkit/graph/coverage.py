@@ -108,9 +108,10 @@ def coverage(onnx_path: Path | str) -> CoverageReport:
         graph = gs.import_onnx(model)
     m = patterns.find(graph, patterns.scope_of(meta))
     report.notes.extend(m.notes)
-    from trtkit.graph import patterns_dit
+    from trtkit.graph import patterns_controlnet, patterns_dit
 
-    block_of = patterns_dit.block_kind if patterns_dit.is_dit(meta) else patterns.block_of  # DiT: per block kind
+    block_of = patterns_dit.block_kind if patterns_dit.is_dit(meta) else (  # DiT, ControlNet: per block kind
+        patterns_controlnet.block_kind if patterns_controlnet.is_controlnet(meta) else patterns.block_of)
     has_qdq = any(n.op in ("QuantizeLinear", "DequantizeLinear") for n in graph.nodes)
 
     def why(module: str, fallback: str) -> str:

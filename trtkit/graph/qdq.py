@@ -34,7 +34,7 @@ import onnx_graphsurgeon as gs
 
 from trtkit._files import check_output
 from trtkit.errors import TrtkitError
-from trtkit.graph import patterns, patterns_dit
+from trtkit.graph import patterns, patterns_controlnet, patterns_dit
 from trtkit.graph.choice import (
     DEFAULT_EXCLUDE,
     LEVELS,
@@ -138,6 +138,8 @@ def _quantize(cfg: QuantizeConfig) -> QuantizeResult:
     if patterns_dit.is_dit(meta):  # FLUX / SD3 transformer: its own levels and exclusions
         matches = patterns_dit.refine(matches, meta)
         rules = Rules(patterns_dit.exclusion, patterns_dit.level_admits)
+    elif patterns_controlnet.is_controlnet(meta):  # its zero convs and conditioning embedding stay high precision
+        rules = patterns_controlnet.RULES
     if matches.empty:
         raise TrtkitError(f"nothing matched in {src.name}: no linear (MatMul/Gemm with a constant weight), "
                           "conv or attention (MatMul-Softmax-MatMul) pattern; nothing to quantize")

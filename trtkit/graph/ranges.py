@@ -97,7 +97,7 @@ def sample_feeds(model: onnx.ModelProto, profile: str, seed: int) -> dict[str, n
         if downs:
             kw["down_levels"] = len(downs)
         try:
-            shapes = get_profile(profile).shapes(component, ModelDims(**kw))
+            shapes = _shapes(get_profile(profile), component, ModelDims(**kw), model)
         except TrtkitError:
             shapes = None
         if shapes is not None and set(shapes) != set(ins):
@@ -112,6 +112,17 @@ def sample_feeds(model: onnx.ModelProto, profile: str, seed: int) -> dict[str, n
         np_t = onnx.helper.tensor_dtype_to_np_dtype(want[k]) if k in want else v.dtype
         feeds[k] = v.astype(np_t)
     return feeds
+
+
+def _shapes(prof: Any, component: str, dims: Any, model: onnx.ModelProto) -> Any:
+    """The profile's shapes; a ControlNet or a residual-input UNet adds its residual layout (from its export)."""
+    from trtkit.profiles_controlnet import META_CONTROLNET, ControlNetSpec
+    from trtkit.profiles_controlnet import shapes as cn_shapes
+
+    spec = next((p.value for p in model.metadata_props if p.key == META_CONTROLNET), None)
+    if spec is None:
+        return prof.shapes(component, dims)
+    return cn_shapes(prof, component, dims, ControlNetSpec.from_json(spec))
 
 
 def _dit_feeds(model: onnx.ModelProto, dims_json: str, component: str, profile: str, seed: int,
