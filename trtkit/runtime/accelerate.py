@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from trtkit.errors import TrtkitError
+from trtkit.runtime.controlnet import CONTROL_ARGS
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +38,14 @@ class _Runtime:
     signature: inspect.Signature
     options: dict[str, Any]  # accelerate()'s arguments, to rebuild the executor for a replaced pipe.unet
     unet_key: tuple  # _unet_key(pipe) when the executor was built
+    control: bool = False  # a ControlNet pipeline: runtime/controlnet.py's executor and call arguments
 
 
 def _unet_key(pipe: Any) -> tuple:
     """What the executor baked in: the UNet object (the torch executor holds it), its dtype (the loop's I/O dtype)
     and device (CPU loop or CUDA graph)."""
-    return id(pipe.unet), pipe.unet.dtype, pipe.unet.device.type
+    cn = getattr(pipe, "controlnet", None)  # a ControlNet pipeline's nets are held by its executor too
+    return id(pipe.unet), pipe.unet.dtype, pipe.unet.device.type, id(cn), cn is not None and cn.dtype
 
 
 class _Fallback(Exception):
@@ -82,15 +85,26 @@ def accelerate(pipe: Any, engines: Path | str | None = None, cuda_graph: bool = 
     device = pipe.unet.device.type
     if backend not in (None, "trt", "rtx"):
         raise TrtkitError(f"backend must be 'trt' or 'rtx', got {backend!r}")
-    executor = make_executor(pipe, Path(engines) if engines else None, trust_engine, compile, device, kernels,
-                             backend)
+    control = getattr(pipe, "controlnet", None) is not None
+    if control:  # ControlNets + UNet in torch (runtime/controlnet.py); no TensorRT ControlNet executor yet
+        if engines is not None:
+            raise TrtkitError(f"{base.__name__}: accelerate runs ControlNet pipelines with the torch UNet only; "
+                              "leave engines unset")
+        from trtkit.runtime.controlnet import ControlNetExecutor, controlnets
+        from trtkit.runtime.executors import kernel_options
+
+        executor: Any = ControlNetExecutor(pipe.unet, controlnets(pipe.controlnet), compile=compile,
+                                           **kernel_options(kernels, device, compile))
+    else:
+        executor = make_executor(pipe, Path(engines) if engines else None, trust_engine, compile, device, kernels,
+                                 backend)
     runner = LoopRunner(executor, device=device, use_graph=cuda_graph)
     sig = inspect.signature(base.__call__)
     defaults = {k: p.default for k, p in sig.parameters.items() if p.default is not inspect.Parameter.empty}
     rt = _Runtime(runner, executor, base.__call__, defaults, sig, dict(
         engines=engines, cuda_graph=cuda_graph, trust_engine=trust_engine, compile=compile, kernels=kernels,
         backend=backend),
-        _unet_key(pipe))
+        _unet_key(pipe), control)
     if getattr(pipe, "_trtkit", None) is None:
         pipe.__class__ = type(f"Accelerated{base.__name__}", (base,), {"__call__": _call})
     object.__setattr__(pipe, "_trtkit", rt)
@@ -99,10 +113,16 @@ def accelerate(pipe: Any, engines: Path | str | None = None, cuda_graph: bool = 
 
 def _reproduced(cls: type) -> bool:
     """Whether `cls.__call__` is the text-to-image call _accelerated reproduces (the class or a subclass that
-    keeps it; AutoPipelineForText2Image gives these classes)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    keeps it; AutoPipelineForText2Image gives these classes), ControlNet's included."""
+    from diffusers import (
+        StableDiffusionControlNetPipeline,
+        StableDiffusionPipeline,
+        StableDiffusionXLControlNetPipeline,
+        StableDiffusionXLPipeline,
+    )
 
-    return cls.__call__ in (StableDiffusionPipeline.__call__, StableDiffusionXLPipeline.__call__)
+    return cls.__call__ in (StableDiffusionPipeline.__call__, StableDiffusionXLPipeline.__call__,
+                            StableDiffusionControlNetPipeline.__call__, StableDiffusionXLControlNetPipeline.__call__)
 
 
 def _call(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -121,7 +141,8 @@ def _call(self: Any, *args: Any, **kwargs: Any) -> Any:
         except TypeError:  # diffusers' own call gives its own error
             return rt.original_call(self, *args, **kwargs)
         kwargs = {k: v for k, v in bound.items() if k != "self" and k != "kwargs"} | bound.get("kwargs", {})
-    extra = {k: v for k, v in kwargs.items() if k not in HANDLED and v is not None
+    handled = HANDLED | set(CONTROL_ARGS) if rt.control else HANDLED
+    extra = {k: v for k, v in kwargs.items() if k not in handled and v is not None
              and not (k in rt.defaults and _same(v, rt.defaults[k]))}
     if extra:
         log.warning("trtkit.accelerate: %s not handled by the runtime; running diffusers' own loop",
@@ -150,7 +171,7 @@ def _accelerated(pipe: Any, rt: _Runtime, prompt: Any = None, negative_prompt: A
                  height: int | None = None, width: int | None = None, generator: Any = None, latents: Any = None,
                  output_type: str = "pil", return_dict: bool = True, num_images_per_prompt: int = 1,
                  prompt_embeds: Any = None, negative_prompt_embeds: Any = None, pooled_prompt_embeds: Any = None,
-                 negative_pooled_prompt_embeds: Any = None) -> Any:
+                 negative_pooled_prompt_embeds: Any = None, **control: Any) -> Any:
     import torch
     from diffusers.utils.torch_utils import randn_tensor
 
@@ -161,14 +182,21 @@ def _accelerated(pipe: Any, rt: _Runtime, prompt: Any = None, negative_prompt: A
     steps = num_inference_steps or rt.defaults.get("num_inference_steps", 50)
     g = rt.defaults.get("guidance_scale", 7.5) if guidance_scale is None else guidance_scale
     f = pipe.vae_scale_factor
-    height = height or pipe.unet.config.sample_size * f
-    width = width or pipe.unet.config.sample_size * f
+    cn = None
+    if rt.control:  # the size comes from the control image unless given (diffusers' prepare_image)
+        from trtkit.runtime.controlnet import ControlCall
+
+        cn = ControlCall(pipe, **{**{k: rt.defaults.get(k) for k in CONTROL_ARGS}, **control})
+    else:
+        height = height or pipe.unet.config.sample_size * f
+        width = width or pipe.unet.config.sample_size * f
     cfg = g > 1.0
     device = pipe._execution_device
     sdxl = is_sdxl(pipe)
     _check_inputs(pipe, prompt=prompt, height=height, width=width, negative_prompt=negative_prompt,
                   prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-                  pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
+                  pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+                  **(cn.check_kwargs() if cn else {}))
     with torch.no_grad():
         if sdxl:
             pe, npe, pooled, npooled = pipe.encode_prompt(
@@ -180,6 +208,8 @@ def _accelerated(pipe: Any, rt: _Runtime, prompt: Any = None, negative_prompt: A
             pe, npe = pipe.encode_prompt(prompt, device, num_images_per_prompt, cfg, negative_prompt,
                                          prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds)
         b = pe.shape[0]
+        if cn is not None:
+            height, width = cn.prepare(height, width, b, num_images_per_prompt, device, cfg)
         cond = {"encoder_hidden_states": torch.cat([npe, pe]) if cfg else pe}
         if sdxl:
             tid = torch.tensor([[height, width, 0, 0, height, width]] * b, dtype=pe.dtype, device=device)
@@ -201,6 +231,8 @@ def _accelerated(pipe: Any, rt: _Runtime, prompt: Any = None, negative_prompt: A
         if tables.uses_noise:  # the draws scheduler.step() would make, in the same order, from the same generator
             noise = torch.stack([randn_tensor(lat.shape, generator=generator, device=lat.device, dtype=lat.dtype)
                                  for _ in range(steps)]).float().cpu().numpy()
+    if cn is not None:
+        cond.update(cn.inputs(rt.executor, steps, cfg))
     out = rt.runner(shape, tables, x_init=lat.float().cpu().numpy(), guidance=g, noise=noise, **cond)
     if hasattr(rt.executor, "engine"):  # TensorRT-RTX: keep the kernels this first run compiled (x.runtime_cache)
         rt.executor.engine.save_runtime_cache()
