@@ -192,15 +192,15 @@ def test_pil_output(mods, caplog) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_unhandled_argument_runs_diffusers(mods, caplog) -> None:  # type: ignore[no-untyped-def]
-    """An argument the runtime does not reproduce (clip_skip) runs diffusers' own loop, with a warning: the same
+    """An argument the runtime does not reproduce (eta) runs diffusers' own loop, with a warning: the same
     image, never a different one."""
     plain, acc = pair("sd15", mods)
-    kw: dict[str, Any] = dict(prompt="a red cube", image=pil_image(11), num_inference_steps=2, clip_skip=1,
+    kw: dict[str, Any] = dict(prompt="a red cube", image=pil_image(11), num_inference_steps=2, eta=0.5,
                               output_type="latent")
     want = latents(plain(**kw, generator=gen()))
     with caplog.at_level(logging.WARNING):
         got = latents(acc(**kw, generator=gen()))
-    assert "clip_skip not handled by the runtime" in caplog.text
+    assert "eta not handled by the runtime" in caplog.text
     np.testing.assert_array_equal(got, want)
 
 
