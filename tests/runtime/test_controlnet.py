@@ -47,7 +47,7 @@ def mods(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
     tok = tmp_path_factory.mktemp("tok")
     _write_tokenizer(tok)
     out = {arch: tiny_modules(arch, tok) for arch in ("sd15", "sdxl")}
-    for arch, m in out.items():
+    for m in out.values():
         m["nets"] = [tiny_controlnet(m["unet"], seed) for seed in (10, 11)]
         m["pooled_net"] = tiny_controlnet(m["unet"], 12, global_pool_conditions=True)
     return out

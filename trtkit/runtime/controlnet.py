@@ -185,7 +185,6 @@ class ControlCall:
         diffusers does not repeat it for CFG, and the executor then reads only its second half. Returns the size
         the images give the call (diffusers' height and width from here on)."""
         import torch
-
         from diffusers.pipelines.controlnet.pipeline_controlnet import StableDiffusionControlNetPipeline
 
         images = self.image if self.multi else [self.image]
