@@ -220,3 +220,40 @@ def test_engines_refused(mods, tmp_path) -> None:  # type: ignore[no-untyped-def
     pipe = make_cn_pipeline("sd15", mods["sd15"], mods["sd15"]["nets"][0], EulerDiscreteScheduler(**SD_BETAS))
     with pytest.raises(TrtkitError, match="ControlNet pipelines with the torch UNet only"):
         trtkit.accelerate(pipe, engines=tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_kernel_options_apply_to_the_controlnets(mods, arch: str) -> None:  # type: ignore[no-untyped-def]
+    """The UNet's kernel choices that run without triton on the CPU (fused q/k/v, channels-last weights, the
+    channels-last Transformer2D) are applied to each ControlNet too (ControlNetModel has fuse_qkv_projections), and
+    the loop gives the plain executor's latents (deep copies: the options change the modules in place)."""
+    import copy
+
+    from diffusers import EulerDiscreteScheduler
+
+    from trtkit.runtime.controlnet import ControlNetExecutor
+    from trtkit.runtime.executors import LoopShape
+    from trtkit.runtime.graph_runner import LoopRunner
+    from trtkit.runtime.pipeline import initial_latents
+    from trtkit.runtime.schedulers import make_tables
+
+    m = mods[arch]
+    opts = {"channels_last": True, "fuse_qkv": True, "nhwc_transformer": True}
+    sdxl = arch == "sdxl"
+    tab = make_tables(EulerDiscreteScheduler(**SD_BETAS), 3)
+    shape = LoopShape(1, 4, 8, 8, True, 77, 16, 16 if sdxl else None, 6 if sdxl else None)
+    g = torch.Generator().manual_seed(0)
+    inputs: dict[str, Any] = {"x_init": initial_latents(shape, tab, 0), "guidance": 6.0,
+                              "encoder_hidden_states": torch.randn(2, 77, 16, generator=g),
+                              "controlnet_cond_0": torch.rand(2, 3, 64, 64, generator=g),
+                              "controlnet_cond_1": torch.rand(2, 3, 64, 64, generator=g),
+                              "controlnet_scale": np.array([[1.0, 0.5], [0.7, 0.0], [1.2, 0.9]], np.float32)}
+    if sdxl:
+        inputs.update(text_embeds=torch.randn(2, 16, generator=g), time_ids=torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2))
+    out = {}
+    for name, kw in {"plain": {}, "tuned": opts}.items():
+        ex = ControlNetExecutor(copy.deepcopy(m["unet"]), [copy.deepcopy(n) for n in m["nets"]], **kw)
+        out[name] = LoopRunner(ex, device="cpu")(shape, tab, **inputs)
+    fused = [mod for n in ex.nets for mod in n.modules() if getattr(mod, "fused_projections", False)]
+    assert fused and ex.nets[0].conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert np.abs(out["tuned"] - out["plain"]).max() / np.abs(out["plain"]).max() < 1e-4

@@ -9,8 +9,9 @@ scale table are loop buffers (device values on a GPU): a new image or scale is a
 table is indexed on the device by the loop's step counter (StepExecutor.reads_step).
 
 The ControlNets get the UNet's kernel choices (TorchExecutor options: channels-last, fused q/k/v, NHWC GroupNorm
-and Transformer2D, fused GEGLU): ControlNetModel is built from the same diffusers blocks and has
-fuse_qkv_projections, so each net is tuned by a TorchExecutor of its own whose module (compiled or not) is called.
+and Transformer2D, fused GEGLU): ControlNetModel is built from the same diffusers blocks, so each net is tuned by a
+TorchExecutor of its own whose module (compiled or not) is called; its q/k/v are fused by the UNet's method
+(_fuse_like_the_unet).
 """
 
 from __future__ import annotations
@@ -39,6 +40,21 @@ def controlnets(module: Any) -> list[Any]:
     return list(module.nets) if hasattr(module, "nets") else [module]
 
 
+def _fuse_like_the_unet(net: Any) -> None:
+    """Give `net` the UNet's fuse/unfuse_qkv_projections. ControlNetModel's own (diffusers' AttentionMixin) fuses
+    only AttentionModuleMixin modules, which its blocks' Attention is not (diffusers 0.42: nothing fused); the UNet's
+    fuses every Attention and sets the fused processor, and runs unchanged on ControlNetModel (same blocks, same
+    attn_processors / set_attn_processor)."""
+    import types
+
+    from diffusers import UNet2DConditionModel
+
+    if type(net).fuse_qkv_projections is UNet2DConditionModel.fuse_qkv_projections:
+        return
+    net.fuse_qkv_projections = types.MethodType(UNet2DConditionModel.fuse_qkv_projections, net)
+    net.unfuse_qkv_projections = types.MethodType(UNet2DConditionModel.unfuse_qkv_projections, net)
+
+
 class ControlNetExecutor(StepExecutor):
     """ControlNets + UNet in torch on the loop's buffers: a TorchExecutor for the UNet and one per ControlNet (the
     same kernel options); this class calls their modules in diffusers' order."""
@@ -56,6 +72,9 @@ class ControlNetExecutor(StepExecutor):
             if getattr(n.config, "time_cond_proj_dim", None) is not None or n.config.class_embed_type is not None:
                 raise TrtkitError("ControlNets with class or guidance embeddings are not supported by the runtime")
         self.unet_ex = TorchExecutor(unet, compile=compile, **options)
+        if options.get("fuse_qkv"):
+            for n in nets:
+                _fuse_like_the_unet(n)
         self.net_exs = [TorchExecutor(n, compile=compile, **options) for n in nets]
         self.io_dtype = self.unet_ex.io_dtype
         self.uses_torch_stream = self.unet_ex.uses_torch_stream
