@@ -257,3 +257,15 @@ def test_kernel_options_apply_to_the_controlnets(mods, arch: str) -> None:  # ty
     fused = [mod for n in ex.nets for mod in n.modules() if getattr(mod, "fused_projections", False)]
     assert fused and ex.nets[0].conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert np.abs(out["tuned"] - out["plain"]).max() / np.abs(out["plain"]).max() < 1e-4
+
+
+def test_controlnet_img2img_refused(mods) -> None:  # type: ignore[no-untyped-def]
+    """ControlNet img2img runs another __call__ (strength, init image): refused in one line, not a wrong image."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionControlNetImg2ImgPipeline
+
+    m = {k: v for k, v in mods["sd15"].items() if k not in ("nets", "pooled_net")}
+    pipe = StableDiffusionControlNetImg2ImgPipeline(scheduler=EulerDiscreteScheduler(**SD_BETAS),
+                                                    controlnet=mods["sd15"]["nets"][0], safety_checker=None,
+                                                    feature_extractor=None, requires_safety_checker=False, **m)
+    with pytest.raises(TrtkitError, match="StableDiffusionControlNetImg2ImgPipeline runs its own __call__"):
+        trtkit.accelerate(pipe)

@@ -54,7 +54,8 @@ class _Fallback(Exception):
 
 def accelerate(pipe: Any, engines: Path | str | None = None, cuda_graph: bool = True, trust_engine: bool = False,
                compile: bool = False, kernels: str = "tuned", backend: str | None = None) -> Any:
-    """Make `pipe` (StableDiffusionPipeline / StableDiffusionXLPipeline) use the runtime; returns `pipe`.
+    """Make `pipe` (StableDiffusionPipeline / StableDiffusionXLPipeline, or their ControlNet pipelines with one
+    ControlNet or a MultiControlNetModel: runtime/controlnet.py) use the runtime; returns `pipe`.
 
     With the torch UNet on a GPU, `kernels="tuned"` changes `pipe.unet` in place: channels-last weights, q/k/v
     fused (diffusers' fuse_qkv_projections; `pipe.unet.unfuse_qkv_projections()` undoes it), and GroupNorm,
@@ -72,9 +73,10 @@ def accelerate(pipe: Any, engines: Path | str | None = None, cuda_graph: bool = 
         raise TrtkitError(f"{type(pipe).__name__} is not a Stable Diffusion / SDXL text-to-image pipeline")
     base = type(pipe).__mro__[1] if getattr(pipe, "_trtkit", None) is not None else type(pipe)
     if not _reproduced(base):
-        # img2img, inpaint, ControlNet, PAG (pag_scale=3 by default), SAG ...: another __call__, another image
+        # img2img, inpaint, ControlNet img2img / union, PAG (pag_scale=3 by default), SAG ...: another __call__
         raise TrtkitError(f"{base.__name__} runs its own __call__; accelerate reproduces only diffusers' "
-                          "StableDiffusionPipeline and StableDiffusionXLPipeline text-to-image calls")
+                          "StableDiffusionPipeline and StableDiffusionXLPipeline text-to-image calls and their "
+                          "ControlNet pipelines")
     reason = unsupported_reason(pipe.scheduler)
     if reason is not None:  # a one-line error now rather than a slow fallback at every call
         raise TrtkitError(reason, hint="use euler, euler_a, ddim or dpmpp_2m with a supported config (docs/runtime.md)")
