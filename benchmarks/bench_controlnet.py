@@ -13,7 +13,8 @@ so the residuals are not zero, fp16 on the GPU, batch 1, guidance on, Euler, and
 Both rows time the whole call: prompt embeddings in, control image preprocessing, latents out. Text encoders and
 the VAE are left out of both (embeddings in, latents out), as benchmarks/bench_loop.py does. Reported: medians,
 speedup (target >= 1.5x for SDXL 1024, 30 steps), trtkit vs diffusers latents (max rel diff), whether trtkit
-re-captured when the scale and image changed (it must not).
+re-captured when the scale and image changed (it must not). Peak memory of the trtkit rows includes the modules
+kept as built for the diffusers rows (two copies of the UNet and ControlNets on the GPU).
 
 Usage:  python benchmarks/bench_controlnet.py --arch sdxl --steps 30 --out cn.json
         python benchmarks/bench_controlnet.py --size tiny --device cpu --steps 2   (CPU smoke)
@@ -112,6 +113,9 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--kernels", default="tuned", help="trtkit.accelerate kernels preset")
+    ap.add_argument("--compile", action="store_true",
+                    help="an extra row: accelerate(compile=True) on its own copies (torch.compile of the UNet and "
+                         "the ControlNets; adds minutes of compilation on SDXL)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -160,18 +164,37 @@ def main() -> int:
     other_in = other if args.controlnets > 1 else other[0]
     got2 = call(acc, other_in, 0.5).float().cpu().numpy()
     want2 = call(plain, other_in, 0.5).float().cpu().numpy()
+    captures_after = runner.captures
+    extra: dict[str, Any] = {}
+    if args.compile:
+        del acc, runner  # one tuned copy of the modules at a time
+        import gc
+
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        accc = trtkit.accelerate(pipeline(copy.deepcopy(unet), copy.deepcopy(cn), sdxl), kernels=args.kernels,
+                                 compile=True)
+        t = time.perf_counter()
+        call(accc)
+        print(f"  trtkit compiled, first call (compile + warm-up + capture): {time.perf_counter() - t:.1f} s", flush=True)
+        r_c = bench.time(f"trtkit accelerate ({args.kernels}, compiled, loop graph)", lambda: call(accc))
+        extra = {"compiled_vs_diffusers_rel": rel(call(accc).float().cpu().numpy(), want), "compiled_row": r_c["name"]}
+        del accc
     r_diff2 = bench.time("diffusers (again, last)", lambda: call(plain))
     base = min(r_diff["median_ms"], r_diff2["median_ms"])
     for r in bench.rows:
         r["speedup_vs_diffusers"] = base / r["median_ms"]
+    if args.compile:
+        extra["compiled_speedup"] = base / next(r["median_ms"] for r in bench.rows if r["name"] == extra["compiled_row"])
     results = {
         "speedup": base / r_trt["median_ms"], "baseline_ms": base,
         "baseline_rule": "the lower of the two diffusers medians (first and last row)",
         "trtkit_vs_diffusers_rel": rel(got, want), "trtkit_vs_diffusers_rel_new_image_scale": rel(got2, want2),
         "finite": bool(np.isfinite(got).all() and np.isfinite(want).all()),
-        "captures_before_new_image_scale": captures, "captures_after": runner.captures,
-        "recaptured_on_new_image_scale": runner.captures != captures,
-        "controlnet_effect_rel": rel(got2, got),
+        "captures_before_new_image_scale": captures, "captures_after": captures_after,
+        "recaptured_on_new_image_scale": captures_after != captures,
+        "controlnet_effect_rel": rel(got2, got), **extra,
     }
     env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
            "gpu": torch.cuda.get_device_name() if device == "cuda" else platform.processor()}
