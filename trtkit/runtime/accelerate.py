@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from trtkit.errors import TrtkitError
+from trtkit.runtime.controlnet import CONTROL_ARGS
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +38,14 @@ class _Runtime:
     signature: inspect.Signature
     options: dict[str, Any]  # accelerate()'s arguments, to rebuild the executor for a replaced pipe.unet
     unet_key: tuple  # _unet_key(pipe) when the executor was built
+    control: bool = False  # a ControlNet pipeline: runtime/controlnet.py's executor and call arguments
 
 
 def _unet_key(pipe: Any) -> tuple:
     """What the executor baked in: the UNet object (the torch executor holds it), its dtype (the loop's I/O dtype)
     and device (CPU loop or CUDA graph)."""
-    return id(pipe.unet), pipe.unet.dtype, pipe.unet.device.type
+    cn = getattr(pipe, "controlnet", None)  # a ControlNet pipeline's nets are held by its executor too
+    return id(pipe.unet), pipe.unet.dtype, pipe.unet.device.type, id(cn), cn is not None and cn.dtype
 
 
 class _Fallback(Exception):
@@ -51,8 +54,9 @@ class _Fallback(Exception):
 
 def accelerate(pipe: Any, engines: Path | str | None = None, cuda_graph: bool = True, trust_engine: bool = False,
                compile: bool = False, kernels: str = "tuned", backend: str | None = None) -> Any:
-    """Make `pipe` (StableDiffusionPipeline / StableDiffusionXLPipeline; FluxPipeline / StableDiffusion3Pipeline
-    through accelerate_dit.py) use the runtime; returns `pipe`.
+    """Make `pipe` (StableDiffusionPipeline / StableDiffusionXLPipeline, or their ControlNet pipelines with one
+    ControlNet or a MultiControlNetModel: runtime/controlnet.py; FluxPipeline / StableDiffusion3Pipeline through
+    accelerate_dit.py) use the runtime; returns `pipe`.
 
     With the torch UNet on a GPU, `kernels="tuned"` changes `pipe.unet` in place: channels-last weights, q/k/v
     fused (diffusers' fuse_qkv_projections; `pipe.unet.unfuse_qkv_projections()` undoes it), and GroupNorm,
@@ -74,9 +78,10 @@ def accelerate(pipe: Any, engines: Path | str | None = None, cuda_graph: bool = 
         raise TrtkitError(f"{type(pipe).__name__} is not a Stable Diffusion / SDXL text-to-image pipeline")
     base = type(pipe).__mro__[1] if getattr(pipe, "_trtkit", None) is not None else type(pipe)
     if not _reproduced(base):
-        # img2img, inpaint, ControlNet, PAG (pag_scale=3 by default), SAG ...: another __call__, another image
+        # img2img, inpaint, ControlNet img2img / union, PAG (pag_scale=3 by default), SAG ...: another __call__
         raise TrtkitError(f"{base.__name__} runs its own __call__; accelerate reproduces only diffusers' "
-                          "StableDiffusionPipeline and StableDiffusionXLPipeline text-to-image calls")
+                          "StableDiffusionPipeline and StableDiffusionXLPipeline text-to-image calls and their "
+                          "ControlNet pipelines")
     reason = unsupported_reason(pipe.scheduler)
     if reason is not None:  # a one-line error now rather than a slow fallback at every call
         raise TrtkitError(reason, hint="use euler, euler_a, ddim or dpmpp_2m with a supported config (docs/runtime.md)")
@@ -87,15 +92,26 @@ def accelerate(pipe: Any, engines: Path | str | None = None, cuda_graph: bool = 
     device = pipe.unet.device.type
     if backend not in (None, "trt", "rtx"):
         raise TrtkitError(f"backend must be 'trt' or 'rtx', got {backend!r}")
-    executor = make_executor(pipe, Path(engines) if engines else None, trust_engine, compile, device, kernels,
-                             backend)
+    control = getattr(pipe, "controlnet", None) is not None
+    if control:  # ControlNets + UNet in torch (runtime/controlnet.py); no TensorRT ControlNet executor yet
+        if engines is not None:
+            raise TrtkitError(f"{base.__name__}: accelerate runs ControlNet pipelines with the torch UNet only; "
+                              "leave engines unset")
+        from trtkit.runtime.controlnet import ControlNetExecutor, controlnets
+        from trtkit.runtime.executors import kernel_options
+
+        executor: Any = ControlNetExecutor(pipe.unet, controlnets(pipe.controlnet), compile=compile,
+                                           **kernel_options(kernels, device, compile))
+    else:
+        executor = make_executor(pipe, Path(engines) if engines else None, trust_engine, compile, device, kernels,
+                                 backend)
     runner = LoopRunner(executor, device=device, use_graph=cuda_graph)
     sig = inspect.signature(base.__call__)
     defaults = {k: p.default for k, p in sig.parameters.items() if p.default is not inspect.Parameter.empty}
     rt = _Runtime(runner, executor, base.__call__, defaults, sig, dict(
         engines=engines, cuda_graph=cuda_graph, trust_engine=trust_engine, compile=compile, kernels=kernels,
         backend=backend),
-        _unet_key(pipe))
+        _unet_key(pipe), control)
     if getattr(pipe, "_trtkit", None) is None:
         pipe.__class__ = type(f"Accelerated{base.__name__}", (base,), {"__call__": _call})
     object.__setattr__(pipe, "_trtkit", rt)
@@ -104,10 +120,16 @@ def accelerate(pipe: Any, engines: Path | str | None = None, cuda_graph: bool = 
 
 def _reproduced(cls: type) -> bool:
     """Whether `cls.__call__` is the text-to-image call _accelerated reproduces (the class or a subclass that
-    keeps it; AutoPipelineForText2Image gives these classes)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    keeps it; AutoPipelineForText2Image gives these classes), ControlNet's included."""
+    from diffusers import (
+        StableDiffusionControlNetPipeline,
+        StableDiffusionPipeline,
+        StableDiffusionXLControlNetPipeline,
+        StableDiffusionXLPipeline,
+    )
 
-    return cls.__call__ in (StableDiffusionPipeline.__call__, StableDiffusionXLPipeline.__call__)
+    return cls.__call__ in (StableDiffusionPipeline.__call__, StableDiffusionXLPipeline.__call__,
+                            StableDiffusionControlNetPipeline.__call__, StableDiffusionXLControlNetPipeline.__call__)
 
 
 def _call(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -131,7 +153,8 @@ def _call(self: Any, *args: Any, **kwargs: Any) -> Any:
     if isinstance(cak, dict) and set(cak) == {"scale"}:  # diffusers' LoRA scale: applied around the loop below
         lora_scale = float(cak["scale"])
         kwargs = {k: v for k, v in kwargs.items() if k != "cross_attention_kwargs"}
-    extra = {k: v for k, v in kwargs.items() if k not in HANDLED and v is not None
+    handled = HANDLED | set(CONTROL_ARGS) if rt.control else HANDLED
+    extra = {k: v for k, v in kwargs.items() if k not in handled and v is not None
              and not (k in rt.defaults and _same(v, rt.defaults[k]))}
     if not extra and hasattr(rt.executor, "engine") and _lora_active(self.unet):
         extra = {"a LoRA loaded into pipe.unet (a TensorRT UNet has its own weights: `trtkit refit`)": 1}
@@ -172,7 +195,7 @@ def _accelerated(pipe: Any, rt: _Runtime, prompt: Any = None, negative_prompt: A
                  height: int | None = None, width: int | None = None, generator: Any = None, latents: Any = None,
                  output_type: str = "pil", return_dict: bool = True, num_images_per_prompt: int = 1,
                  prompt_embeds: Any = None, negative_prompt_embeds: Any = None, pooled_prompt_embeds: Any = None,
-                 negative_pooled_prompt_embeds: Any = None, lora_scale: float | None = None) -> Any:
+                 negative_pooled_prompt_embeds: Any = None, lora_scale: float | None = None, **control: Any) -> Any:
     """`lora_scale`: diffusers' `cross_attention_kwargs={"scale": s}`, the strength of unfused PEFT adapters: the
     text encoders get it through diffusers' encode_prompt, the UNet's PEFT layers are scaled around the loop as
     diffusers' UNet scales them around each step (a new scale is a new graph key: runtime/lora.py)."""
@@ -186,14 +209,21 @@ def _accelerated(pipe: Any, rt: _Runtime, prompt: Any = None, negative_prompt: A
     steps = num_inference_steps or rt.defaults.get("num_inference_steps", 50)
     g = rt.defaults.get("guidance_scale", 7.5) if guidance_scale is None else guidance_scale
     f = pipe.vae_scale_factor
-    height = height or pipe.unet.config.sample_size * f
-    width = width or pipe.unet.config.sample_size * f
+    cn = None
+    if rt.control:  # the size comes from the control image unless given (diffusers' prepare_image)
+        from trtkit.runtime.controlnet import ControlCall
+
+        cn = ControlCall(pipe, **{**{k: rt.defaults.get(k) for k in CONTROL_ARGS}, **control})
+    else:
+        height = height or pipe.unet.config.sample_size * f
+        width = width or pipe.unet.config.sample_size * f
     cfg = g > 1.0
     device = pipe._execution_device
     sdxl = is_sdxl(pipe)
     _check_inputs(pipe, prompt=prompt, height=height, width=width, negative_prompt=negative_prompt,
                   prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-                  pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
+                  pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+                  **(cn.check_kwargs() if cn else {}))
     with torch.no_grad():
         if sdxl:
             pe, npe, pooled, npooled = pipe.encode_prompt(
@@ -206,6 +236,8 @@ def _accelerated(pipe: Any, rt: _Runtime, prompt: Any = None, negative_prompt: A
                                          prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
                                          lora_scale=lora_scale)
         b = pe.shape[0]
+        if cn is not None:
+            height, width = cn.prepare(height, width, b, num_images_per_prompt, device, cfg)
         cond = {"encoder_hidden_states": torch.cat([npe, pe]) if cfg else pe}
         if sdxl:
             tid = torch.tensor([[height, width, 0, 0, height, width]] * b, dtype=pe.dtype, device=device)
@@ -227,6 +259,8 @@ def _accelerated(pipe: Any, rt: _Runtime, prompt: Any = None, negative_prompt: A
         if tables.uses_noise:  # the draws scheduler.step() would make, in the same order, from the same generator
             noise = torch.stack([randn_tensor(lat.shape, generator=generator, device=lat.device, dtype=lat.dtype)
                                  for _ in range(steps)]).float().cpu().numpy()
+    if cn is not None:
+        cond.update(cn.inputs(rt.executor, steps, cfg))
     saved = []
     if lora_scale is not None and lora_scale != 1.0 and _lora_active(pipe.unet):
         from diffusers.utils import scale_lora_layers

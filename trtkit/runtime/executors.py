@@ -86,6 +86,17 @@ class StepExecutor(ABC):
     def capturable(self, stream: int) -> bool:
         """Whether a call on `stream` may be stream-captured (TensorRT-RTX can say no)."""
         return True
+
+    # Inputs besides the UNet's that the loop allocates and binds for this executor (e.g. ControlNet images and a
+    # per-step scale table): name -> (shape, kind) as LoopShape.unet_io gives them. They are device values: set
+    # through LoopRunner.set_inputs, changed without a new capture.
+    def extra_io(self, shape: LoopShape, steps: int) -> dict[str, tuple[tuple[int, ...], str]]:
+        return {}
+
+    # True: bind() also gets "step", the loop's int32 step counter (the index of the step being run), so a
+    # per-step table can be read on the device.
+    reads_step: bool = False
+
     def refresh(self) -> None:
         """Called before every loop: adapt to what the user changed on the model since (e.g. LoRA loaded)."""
         return None

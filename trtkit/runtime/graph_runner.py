@@ -57,12 +57,14 @@ class _CpuLoop:
     def __init__(self, executor: StepExecutor, shape: LoopShape, tables: StepTables) -> None:
         self.executor, self.shape, self.tables = executor, shape, tables
         dt = np.dtype(executor.io_dtype)
-        self.io = {k: np.zeros(s, np.float32 if kind == "f32" else dt) for k, (s, kind) in shape.unet_io().items()}
+        self.spec = loop_io(executor, shape, tables.steps)
+        self.io = {k: np.zeros(s, np.float32 if kind == "f32" else dt) for k, (s, kind) in self.spec.items()}
+        self.step = np.zeros(1, np.int32)
         self.x_init = np.zeros(shape.latent, np.float32)
         self.x = np.zeros(shape.latent, np.float32)
         self.noise: np.ndarray | None = None
         self.guidance = 1.0
-        executor.bind(self.io)
+        executor.bind({**self.io, "step": self.step} if executor.reads_step else self.io)
 
     def set(self, name: str, value: Any) -> None:
         if name == "x_init":
@@ -81,6 +83,7 @@ class _CpuLoop:
         for i in range(tab.steps):
             self.io["sample"][...] = np.concatenate([state.x * tab.in_scale[i]] * reps)
             self.io["timestep"][0] = tab.timesteps[i]
+            self.step[0] = i
             self.executor(0)
             reference_step(tab, i, state, self.io[UNET_OUTPUT], self.guidance, sh.cfg,
                            None if self.noise is None else self.noise[i])
@@ -88,6 +91,11 @@ class _CpuLoop:
 
     def result(self) -> np.ndarray:
         return self.x.copy()
+
+
+def loop_io(executor: StepExecutor, shape: LoopShape, steps: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The buffers a loop binds: the UNet's, then what the executor reads besides (StepExecutor.extra_io)."""
+    return {**shape.unet_io(), **executor.extra_io(shape, steps)}
 
 
 def _host(value: Any) -> np.ndarray:
@@ -107,7 +115,8 @@ class _DeviceLoop:
         io_dt = storage_dtype(executor.io_dtype)  # bfloat16 lives in uint16 buffers
         n = int(np.prod(shape.latent))
         E = cuda.DeviceArray.empty
-        self.io = {k: E(s, np.float32 if kind == "f32" else io_dt) for k, (s, kind) in shape.unet_io().items()}
+        self.spec = loop_io(executor, shape, tables.steps)
+        self.io = {k: E(s, np.float32 if kind == "f32" else io_dt) for k, (s, kind) in self.spec.items()}
         self.x_init = E(shape.latent, np.float32)
         self.x = E(shape.latent, np.float32)
         self.x0_prev = E(shape.latent, np.float32)
@@ -124,7 +133,7 @@ class _DeviceLoop:
             cfg=int(shape.cfg))
         self.bytes = sum(a.nbytes for a in self.arrays().values())
         self.noise_ready = not tables.uses_noise  # an ancestral loop must never read an unwritten noise table
-        executor.bind(self.io)
+        executor.bind({**self.io, "step": self.counter} if executor.reads_step else self.io)
 
     @property
     def handle(self) -> int:
@@ -151,7 +160,7 @@ class _DeviceLoop:
             v = _host(value)
             if tuple(v.shape) != arr.shape:
                 raise TrtkitError(f"{name}: got shape {tuple(v.shape)}, the loop was set up for {arr.shape}")
-            kind = self.shape.unet_io()[name][1]
+            kind = self.spec[name][1]
             arr.upload(encode(v, "float32" if kind == "f32" else self.executor.io_dtype), self.handle)
 
     def body(self) -> None:
