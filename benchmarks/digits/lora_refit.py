@@ -34,8 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import classifier, ddim, record_stats  # noqa: E402
-from quality_modes import restrict  # noqa: E402  (bench.py put benchmarks/ on sys.path)
 from model import NULL_CLASS, SIZE, digits_images, load_model, make_scheduler  # noqa: E402
+from quality_modes import restrict  # noqa: E402  (bench.py put benchmarks/ on sys.path)
 
 from trtkit import calibfile  # noqa: E402
 from trtkit.calibration import fakequant, levels  # noqa: E402
