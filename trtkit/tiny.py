@@ -57,6 +57,16 @@ def clip_tokenizer(folder: Path) -> tuple[Any, dict[str, int]]:
     return tok, dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
 
 
+def save_into(pipe: Any, folder: Path) -> None:
+    """Save `pipe` as a diffusers folder whose files sit directly in `folder` (the atomic_dir being built):
+    save_pretrained wants a fresh folder, so it writes one level down and the entries move up."""
+    with quiet_loading():
+        pipe.save_pretrained(folder / "pipe", safe_serialization=True)
+    for p in (folder / "pipe").iterdir():
+        p.rename(folder / p.name)
+    (folder / "pipe").rmdir()
+
+
 def make_tiny_pipeline(out_dir: Path | str, seed: int = 0) -> Path:
     """Write a tiny SDXL pipeline folder (diffusers layout) with weights drawn from `seed`."""
     import torch
@@ -82,11 +92,7 @@ def make_tiny_pipeline(out_dir: Path | str, seed: int = 0) -> Path:
             vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=tokenizer, tokenizer_2=tokenizer,
             unet=unet, scheduler=EulerDiscreteScheduler(**cfg["scheduler"]),
         )
-        with quiet_loading():
-            pipe.save_pretrained(tmp / "pipe", safe_serialization=True)
-        for p in (tmp / "pipe").iterdir():
-            p.rename(tmp / p.name)
-        (tmp / "pipe").rmdir()
+        save_into(pipe, tmp)
         import shutil
 
         shutil.rmtree(tok_dir)

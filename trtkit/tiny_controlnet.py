@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from trtkit._files import atomic_dir
-from trtkit._quiet import quiet_loading
 from trtkit.errors import TrtkitError
-from trtkit.tiny import clip_tokenizer, tiny_config
+from trtkit.tiny import clip_tokenizer, save_into, tiny_config
 
 ARCHS = ("sd15", "sdxl")
 # 4 widths: three stride-2 convs take the image to the latent size (the VAE factor 8).
@@ -89,10 +88,6 @@ def make_tiny_controlnet_pipeline(out_dir: Path | str, arch: str = "sdxl", n_con
             pipe = StableDiffusionControlNetPipeline(
                 vae=vae, text_encoder=te, tokenizer=tokenizer, unet=unet, controlnet=controlnet,
                 scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        with quiet_loading():
-            pipe.save_pretrained(tmp / "pipe", safe_serialization=True)
-        for p in (tmp / "pipe").iterdir():
-            p.rename(tmp / p.name)
-        (tmp / "pipe").rmdir()
+        save_into(pipe, tmp)
         shutil.rmtree(tok_dir)
     return out_dir

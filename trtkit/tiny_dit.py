@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from trtkit._files import atomic_dir
-from trtkit._quiet import quiet_loading
 from trtkit.errors import TrtkitError
 
 FAMILIES = ("flux", "sd3")
@@ -57,7 +56,7 @@ def make_tiny_dit_pipeline(family: str, out_dir: Path | str, seed: int = 0) -> P
         T5EncoderModel,
     )
 
-    from trtkit.tiny import clip_tokenizer
+    from trtkit.tiny import clip_tokenizer, save_into
 
     cfg = tiny_dit_config(family)
     out_dir = Path(out_dir)
@@ -84,10 +83,6 @@ def make_tiny_dit_pipeline(family: str, out_dir: Path | str, seed: int = 0) -> P
                 text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder_2"], **ids)),
                 tokenizer_2=clip_tok,
                 text_encoder_3=T5EncoderModel(T5Config(**cfg["text_encoder_3"])), tokenizer_3=_t5_tokenizer(256))
-        with quiet_loading():
-            pipe.save_pretrained(tmp / "pipe", safe_serialization=True)
-        for p in (tmp / "pipe").iterdir():
-            p.rename(tmp / p.name)
-        (tmp / "pipe").rmdir()
+        save_into(pipe, tmp)
         shutil.rmtree(tok_dir)
     return out_dir
