@@ -75,6 +75,42 @@ def test_fingerprint_follows_compile_and_swaps(dit_dirs: dict[str, Path]) -> Non
     assert ex.fingerprint() != fp1
 
 
+def test_compile_scopes(dit_dirs: dict[str, Path]) -> None:
+    """blocks: each block compiled, not the model; whole: the model itself; anything else: a one-line error.
+    The eager backend: the plumbing, not Inductor, on the CPU."""
+    tf = _transformer(dit_dirs["flux"])
+    assert compile_blocks(tf, scope="whole", backend="eager") == "torch.compile of the whole transformer"
+    assert getattr(tf, "_compiled_call_impl", None) is not None
+    assert all(getattr(b, "_compiled_call_impl", None) is None for b in tf.transformer_blocks)
+    with pytest.raises(TrtkitError, match="unknown compile scope 'model'"):
+        compile_blocks(_transformer(dit_dirs["flux"]), scope="model")
+
+
+def test_flux_fused_qkv_same_output_no_copy(dit_dirs: dict[str, Path]) -> None:
+    """fuse_qkv_shared on FLUX (both streams of the joint blocks, and the single blocks): the same output as
+    unfused, and the unfused projections become views of the fused weights (no second copy of them)."""
+    from trtkit.runtime.dit_executor import plain_linears
+    from trtkit.runtime.executors import fuse_qkv_shared
+
+    tf = _transformer(dit_dirs["flux"])
+    g = torch.Generator().manual_seed(0)
+    c = tf.config
+    kw = dict(hidden_states=torch.randn(1, 24, c.in_channels, generator=g),
+              encoder_hidden_states=torch.randn(1, 7, c.joint_attention_dim, generator=g),
+              pooled_projections=torch.randn(1, c.pooled_projection_dim, generator=g),
+              timestep=torch.tensor([0.5]), img_ids=torch.zeros(24, 3), txt_ids=torch.zeros(7, 3),
+              guidance=torch.tensor([3.5]), return_dict=False)
+    with torch.no_grad():
+        ref = tf(**kw)[0]
+        assert plain_linears(tf)
+        fuse_qkv_shared(tf)
+        out = tf(**kw)[0]
+    attn = tf.transformer_blocks[0].attn
+    assert attn.fused_projections and attn.to_qkv.weight.data_ptr() == attn.to_q.weight.data_ptr()
+    assert attn.to_added_qkv.weight.data_ptr() == attn.add_q_proj.weight.data_ptr()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
 def _loop_inputs(shape: DitLoopShape, seed: int = 0) -> dict[str, Any]:
     g = np.random.default_rng(seed)
     b = shape.unet_batch

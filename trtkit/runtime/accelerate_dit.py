@@ -41,10 +41,11 @@ def _key(pipe: Any) -> tuple:
     return id(pipe.transformer), pipe.transformer.dtype, pipe.transformer.device.type
 
 
-def accelerate_dit(pipe: Any, engines: Any = None, cuda_graph: bool = True, compile: bool = False,
+def accelerate_dit(pipe: Any, engines: Any = None, cuda_graph: bool = True, compile: bool | str = False,
                    **ignored: Any) -> Any:
-    """accelerate() for a FLUX / SD3 pipeline (see trtkit.runtime.accelerate.accelerate). `compile=True` compiles
-    the transformer's repeated blocks in place (dit_executor.compile_blocks)."""
+    """accelerate() for a FLUX / SD3 pipeline (see trtkit.runtime.accelerate.accelerate). `compile=True` (or
+    "blocks") compiles the transformer's repeated blocks in place, "whole" the whole transformer
+    (dit_executor.compile_blocks); FLUX's q/k/v are fused first."""
     from trtkit.runtime.dit_executor import DitTorchExecutor
     from trtkit.runtime.flow_tables import flow_unsupported_reason
     from trtkit.runtime.graph_runner import LoopRunner

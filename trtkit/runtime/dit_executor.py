@@ -70,13 +70,40 @@ def family_of(transformer: Any) -> str:
     raise TrtkitError(f"{type(base).__name__} is neither a FluxTransformer2DModel nor an SD3Transformer2DModel")
 
 
-def compile_blocks(transformer: Any, **compile_kw: Any) -> str:
-    """torch.compile of the repeated blocks only, in place (regional compilation: one compiled graph per block
-    class, reused by every block; fp8.regional_compile), fullgraph unless told otherwise. No CUDA graphs of
-    torch's own: the runner captures the whole loop. Returns how it compiled."""
+COMPILE_SCOPES = ("blocks", "whole")
+
+
+def compile_blocks(transformer: Any, scope: str = "blocks", **compile_kw: Any) -> str:
+    """torch.compile of the transformer in place, fullgraph unless told otherwise; returns how it compiled.
+
+    scope "blocks": the repeated blocks only (regional compilation: one compiled graph per block class, reused
+    by every block; fp8.regional_compile). Compiles in seconds, and is the one that stays usable once the
+    linears are FP8 (a whole-model compile of FP8 FLUX ran past 8 minutes).
+    scope "whole": the whole transformer as one graph, so Inductor also fuses across block boundaries and the
+    embedders and final layer; longer to compile (FLUX.1-size bf16: see docs/benchmarks.md).
+    No CUDA graphs of torch's own either way: the runner captures the whole loop."""
+    if scope not in COMPILE_SCOPES:
+        raise TrtkitError(f"unknown compile scope {scope!r}; expected one of {', '.join(COMPILE_SCOPES)}")
+    kw = {"fullgraph": True, "dynamic": False, **compile_kw}
+    if scope == "whole":
+        transformer.compile(**kw)
+        return "torch.compile of the whole transformer"
     from trtkit.runtime.fp8 import regional_compile
 
-    return regional_compile(transformer, **{"fullgraph": True, **compile_kw})
+    return regional_compile(transformer, **kw)
+
+
+def plain_linears(transformer: Any) -> bool:
+    """True when every attention projection holds a plain floating-point weight: neither swapped to FP8
+    (torchao's tensor subclasses cannot be concatenated by fuse_qkv_projections) nor wrapped by PEFT."""
+    import torch
+
+    for name, m in transformer.named_modules():
+        if name.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"):
+            w = getattr(m, "weight", None)
+            if not isinstance(m, torch.nn.Linear) or type(w.data) is not torch.Tensor or not w.is_floating_point():
+                return False
+    return True
 
 
 def compiled_state(module: Any) -> tuple:
@@ -91,7 +118,7 @@ class DitTorchExecutor(StepExecutor):
     name = "torch"
     uses_torch_stream = True
 
-    def __init__(self, transformer: Any, family: str | None = None, compile: bool = False) -> None:
+    def __init__(self, transformer: Any, family: str | None = None, compile: bool | str = False) -> None:
         import torch
 
         self.transformer = transformer
@@ -105,10 +132,20 @@ class DitTorchExecutor(StepExecutor):
         if self.io_dtype not in ("float32", "float16", "bfloat16"):  # e.g. an FP8 swap whose first weight is fp8
             self.io_dtype = str(getattr(transformer, "dtype", torch.bfloat16)).replace("torch.", "")
         self.uses_torch_stream = self.device.type == "cuda"
-        self.compiled = compile
-        if compile:
-            compile_blocks(transformer)
-        self.options: dict[str, Any] = {"compile_blocks": compile}
+        # compile: False, True (= "blocks") or a scope of compile_blocks
+        scope = "blocks" if compile is True else compile or None
+        self.compiled = scope is not None
+        fused = False
+        if scope is not None and self.family == "flux" and plain_linears(transformer):
+            # one GEMM for q/k/v of each stream (diffusers' fuse_qkv_projections, the unfused weights made views of
+            # the fused ones); with the compiled blocks it is part of the FLUX row in docs/benchmarks.md
+            from trtkit.runtime.executors import fuse_qkv_shared
+
+            fuse_qkv_shared(transformer)
+            fused = True
+        if scope is not None:
+            compile_blocks(transformer, scope=str(scope))
+        self.options: dict[str, Any] = {"compile": scope or False, "fuse_qkv": fused}
         self.shape: DitLoopShape | None = None
         self.t: dict[str, Any] = {}
 

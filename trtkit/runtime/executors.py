@@ -190,7 +190,7 @@ def fuse_qkv_shared(unet: Any) -> None:
     from torch import nn
 
     if not hasattr(unet, "fuse_qkv_projections"):
-        raise TrtkitError("fuse_qkv needs a diffusers UNet with fuse_qkv_projections()")
+        raise TrtkitError("fuse_qkv needs a diffusers model with fuse_qkv_projections()")
     unet.fuse_qkv_projections()
     from trtkit.runtime.lora import unfuse_wrapped
 
@@ -199,18 +199,21 @@ def fuse_qkv_shared(unet: Any) -> None:
         if not getattr(m, "fused_projections", False):
             continue
         if getattr(m, "to_qkv", None) is not None:
-            fused, parts = m.to_qkv, [m.to_q, m.to_k, m.to_v]
+            pairs = [(m.to_qkv, [m.to_q, m.to_k, m.to_v])]
         else:
-            fused, parts = m.to_kv, [m.to_k, m.to_v]
-        for attr in ("weight", "bias"):
-            whole = getattr(fused, attr, None)
-            if whole is None:
-                continue
-            start = 0
-            for lin in parts:
-                n = lin.out_features
-                setattr(lin, attr, nn.Parameter(whole.data[start:start + n], requires_grad=False))
-                start += n
+            pairs = [(m.to_kv, [m.to_k, m.to_v])]
+        if getattr(m, "to_added_qkv", None) is not None:  # MM-DiT (FLUX) context stream
+            pairs.append((m.to_added_qkv, [m.add_q_proj, m.add_k_proj, m.add_v_proj]))
+        for fused, parts in pairs:
+            for attr in ("weight", "bias"):
+                whole = getattr(fused, attr, None)
+                if whole is None:
+                    continue
+                start = 0
+                for lin in parts:
+                    n = lin.out_features
+                    setattr(lin, attr, nn.Parameter(whole.data[start:start + n], requires_grad=False))
+                    start += n
 
 
 def describe_options(options: dict[str, Any], sep: str = ",") -> str:
