@@ -23,6 +23,8 @@ Targets: trtkit graph+compile >= 1.33x diffusers, trtkit graph+fp8 >= 1.6x.
 
 Usage:  python benchmarks/bench_dit.py --model flux --out flux.json [--fp8 auto]
         python benchmarks/bench_dit.py --model flux --size tiny --device cpu --no-compile --out t.json  (CPU check)
+        --compile-scope whole|blocks, --attention cudnn|flash|efficient, --inductor-tuning: the compiled row's
+        variants (docs/benchmarks.md, "FLUX compiled-row variants")
 """
 
 from __future__ import annotations
@@ -196,6 +198,10 @@ def main() -> int:
                     help="FLUX: keep q/k/v unfused in the compiled row (default: diffusers' fuse_qkv_projections)")
     ap.add_argument("--compile-scope", choices=["blocks", "whole"], default="blocks",
                     help="what torch.compile takes: the repeated blocks (seconds) or the whole transformer")
+    ap.add_argument("--attention", choices=["flash", "efficient", "cudnn"], default=None,
+                    help="SDPA backend for the trtkit rows (default: torch's choice, as diffusers)")
+    ap.add_argument("--inductor-tuning", action="store_true",
+                    help="Inductor's coordinate-descent tuning of its own kernels (longer compile)")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode for the blocks, e.g. "
                     "max-autotune-no-cudagraphs (longer compile); default: torch's default")
     ap.add_argument("--fp8", choices=["none", "auto"], default="none")
@@ -206,7 +212,7 @@ def main() -> int:
 
     import trtkit
     from trtkit.runtime.dit_executor import compile_blocks
-    from trtkit.runtime.executors import fuse_qkv_shared
+    from trtkit.runtime.executors import fuse_qkv_shared, sdpa_choice
 
     dev = args.device
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
@@ -229,6 +235,11 @@ def main() -> int:
 
     timer = Timer(dev, args.warmup, args.repeats)
     ref_pipe, acc_pipe = make(), trtkit.accelerate(make())  # two pipelines over the one transformer
+    if args.attention:  # DitTorchExecutor's option, read at each call (before the first capture here)
+        sdpa_choice(args.attention)
+        acc_pipe._trtkit.executor.options["attention"] = args.attention
+    if args.inductor_tuning:
+        torch._inductor.config.coordinate_descent_tuning = True
     res: dict[str, Any] = {"rel_err_vs_diffusers": {}}
 
     def save() -> dict[str, Any]:
@@ -267,7 +278,8 @@ def main() -> int:
             # lazy: Inductor compiles in the row's warm-up
             compiled = compile_blocks(tf, scope=args.compile_scope, mode=args.compile_mode)
             comp = timer.row("trtkit graph+compile", lambda: call(acc_pipe), compiled=compiled, fuse_qkv=fused,
-                             compile_mode=args.compile_mode, compile_scope=args.compile_scope)
+                             compile_mode=args.compile_mode, compile_scope=args.compile_scope,
+                             attention=args.attention, inductor_tuning=args.inductor_tuning)
             # the warm-up call: compile, eager loop, capture, first replay (the graph runs twice as long as a loop)
             res["compile_and_capture_s"] = timer.rows["trtkit graph+compile"]["warmup_s"]
             res["rel_err_vs_diffusers"]["trtkit graph+compile"] = rel_err(comp, base)

@@ -118,7 +118,8 @@ class DitTorchExecutor(StepExecutor):
     name = "torch"
     uses_torch_stream = True
 
-    def __init__(self, transformer: Any, family: str | None = None, compile: bool | str = False) -> None:
+    def __init__(self, transformer: Any, family: str | None = None, compile: bool | str = False,
+                 attention: str | None = None) -> None:
         import torch
 
         self.transformer = transformer
@@ -145,7 +146,10 @@ class DitTorchExecutor(StepExecutor):
             fused = True
         if scope is not None:
             compile_blocks(transformer, scope=str(scope))
-        self.options: dict[str, Any] = {"compile": scope or False, "fuse_qkv": fused}
+        from trtkit.runtime.executors import sdpa_choice
+
+        sdpa_choice(attention)  # checks the name now, not at the first call
+        self.options: dict[str, Any] = {"compile": scope or False, "fuse_qkv": fused, "attention": attention}
         self.shape: DitLoopShape | None = None
         self.t: dict[str, Any] = {}
 
@@ -188,7 +192,9 @@ class DitTorchExecutor(StepExecutor):
         t, b = self.t, self.shape.unet_batch  # type: ignore[union-attr]
         if self.uses_torch_stream and torch.cuda.current_stream().cuda_stream != stream:  # pragma: no cover
             raise RuntimeError("DitTorchExecutor called outside the loop's torch stream")
-        with torch.no_grad():
+        from trtkit.runtime.executors import sdpa_choice
+
+        with torch.no_grad(), sdpa_choice(self.options["attention"]):
             if self.family == "flux":
                 # FluxPipeline: t.expand(B).to(latents.dtype) / 1000, guidance float32 expanded to B
                 ts = t["timestep"].expand(b).to(t["sample"].dtype) / 1000

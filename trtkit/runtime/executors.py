@@ -216,6 +216,21 @@ def fuse_qkv_shared(unet: Any) -> None:
                     start += n
 
 
+def sdpa_choice(attention: str | None) -> Any:
+    """A context that makes torch's scaled_dot_product_attention use one backend (ATTENTION_BACKENDS), or
+    torch's own choice for None."""
+    import contextlib
+
+    if not attention:
+        return contextlib.nullcontext()
+    if attention not in ATTENTION_BACKENDS:
+        raise TrtkitError(f"unknown attention backend {attention!r}; expected one of {', '.join(ATTENTION_BACKENDS)}")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                        "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[attention])
+
+
 def describe_options(options: dict[str, Any], sep: str = ",") -> str:
     """TorchExecutor options as one label: the choices in effect, `name=value` where the value is not True,
     Inductor settings flattened in ("channels_last,attention=cudnn,conv_1x1_as_mm"); "" for none."""
@@ -318,12 +333,7 @@ class TorchExecutor(StepExecutor):
             # only this flag: cudnn.flags() would also reset the others, and its signature varies by version
             torch.backends.cudnn.benchmark = True
             stack.callback(setattr, torch.backends.cudnn, "benchmark", False)
-        if self.options["attention"]:
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
-            backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                       "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[self.options["attention"]]
-            stack.enter_context(sdpa_kernel(backend))
+        stack.enter_context(sdpa_choice(self.options["attention"]))
         return stack
 
     def check_shape(self, shape: LoopShape) -> None:
