@@ -62,7 +62,9 @@ def test_flux_demo_image_is_diffusers(flux_demo: tuple[Path, list]) -> None:
 
     from trtkit.demo import DemoConfig
 
-    workdir, _ = flux_demo
+    workdir, results = flux_demo
+    if "on cuda" in results[-1].message:
+        pytest.skip("the run stage ran bf16 in one CUDA graph here; test_flux_demo_on_gpu covers that path")
     cfg = DemoConfig()
     pipe = FluxPipeline.from_pretrained(workdir / "model")
     pipe.set_progress_bar_config(disable=True)
@@ -81,6 +83,17 @@ def test_flux_demo_builds_an_fp8_plan(flux_demo: tuple[Path, list]) -> None:
     assert build.status == "done" and build.files[:2] == [plan, plan.with_suffix(".json")]
     doc = json.loads(plan.with_suffix(".json").read_text())
     assert doc["precision"]["engine"] == "fp8" and [p["name"] for p in doc["profiles"]] == ["tiny-256"]
+
+
+@pytest.mark.gpu
+def test_flux_demo_on_gpu(flux_demo: tuple[Path, list]) -> None:
+    """On a GPU the run stage is `trtkit run` in bf16 as one CUDA graph (its equality with an accelerated
+    script: tests/runtime/test_pipeline_dit.py::test_run_on_gpu_equals_accelerate)."""
+    from PIL import Image
+
+    workdir, results = flux_demo
+    assert "torch FLUX transformer, one CUDA graph on cuda" in results[-1].message
+    assert Image.open(workdir / "image.png").size == (256, 256)
 
 
 def test_unknown_demo_model_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

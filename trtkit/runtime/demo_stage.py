@@ -43,5 +43,6 @@ def demo_stage(state: Any) -> tuple[str, list[Path]]:
     state.image = out
     how = "one CUDA graph" if res.cuda_graph else "eager loop"
     t = res.timings_ms
+    unused = "; the plan is not used: the runtime does not take DiT engines yet" if dit_engine and state.engine and device == "cuda" else ""
     return (f"{h}x{w}, {cfg.steps} steps, {res.executor} {m.label}, {how} on {device}: denoise {t['denoise']:.0f} ms, "
-            f"total {t['total']:.0f} ms", [out])
+            f"total {t['total']:.0f} ms{unused}", [out])
