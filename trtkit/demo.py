@@ -1,5 +1,6 @@
 """`trtkit demo`: the embedded default. Chains every stage that exists on a tiny SDXL-architecture
-model, on whatever this machine has (CPU only is enough), and says what it did and where the files are.
+model (or, `--model flux`, a tiny guidance-distilled FLUX.1-dev-architecture one), on whatever this machine
+has (CPU only is enough), and says what it did and where the files are.
 """
 
 from __future__ import annotations
@@ -18,8 +19,30 @@ class Skipped(Exception):
 
 
 @dataclass(frozen=True)
+class DemoModel:
+    """What differs between the demo's models; every stage is the same product function for both."""
+
+    label: str  # in the stage lines: "UNet" | "FLUX transformer"
+    component: str  # the denoiser's folder, ONNX and plan name: "unet" | "transformer"
+    # The UNet demo quantizes INT8 (trtkit's default, any TensorRT GPU). FLUX takes FP8 level 4: the
+    # precision NVIDIA ships FLUX.1 in, it quantizes the fused attention too (where a DiT spends its time),
+    # and its max calibration needs no SmoothQuant (docs/quantization.md, "DiT transformers").
+    precision: str
+    guidance: float  # FLUX.1-dev's embedded guidance is its pipeline's default, 3.5; the UNet's CFG scale 7.5
+    description: str
+
+
+MODELS: dict[str, DemoModel] = {
+    "unet": DemoModel("UNet", "unet", "int8", 7.5, "tiny SDXL-architecture pipeline"),
+    "flux": DemoModel("FLUX transformer", "transformer", "fp8", 3.5,
+                      "tiny guidance-distilled FLUX.1-dev-architecture pipeline"),
+}
+
+
+@dataclass(frozen=True)
 class DemoConfig:
     workdir: Path = Path("trtkit-demo")
+    model: str = "unet"  # a key of MODELS
     seed: int = 0
     profile: str = "tiny-256"
     prompt: str = "a photo of an astronaut riding a horse"
@@ -46,22 +69,32 @@ class DemoState:
     image: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def model(self) -> DemoModel:
+        return MODELS[self.config.model]
+
 
 def _stage_model(s: DemoState) -> tuple[str, list[Path]]:
-    from trtkit.tiny import make_tiny_pipeline
+    out = s.config.workdir / "model"
+    if s.config.model == "flux":
+        from trtkit.tiny_dit import make_tiny_dit_pipeline
 
-    s.model_dir = make_tiny_pipeline(s.config.workdir / "model", seed=s.config.seed)
-    return "tiny SDXL-architecture pipeline (seeded random weights) saved with save_pretrained", [s.model_dir]
+        s.model_dir = make_tiny_dit_pipeline("flux", out, seed=s.config.seed)
+    else:
+        from trtkit.tiny import make_tiny_pipeline
+
+        s.model_dir = make_tiny_pipeline(out, seed=s.config.seed)
+    return f"{s.model.description} (seeded random weights) saved with save_pretrained", [s.model_dir]
 
 
 def _stage_export(s: DemoState) -> tuple[str, list[Path]]:
     from trtkit.exporter import ExportConfig, export
 
     assert s.model_dir is not None
-    r = export(ExportConfig(model_dir=s.model_dir, component="unet", profile=s.config.profile,
+    r = export(ExportConfig(model_dir=s.model_dir, component=s.model.component, profile=s.config.profile,
                             out_dir=s.config.workdir / "onnx"))
     s.onnx = r.path
-    return (f"UNet to ONNX ({r.num_params / 1e6:.1f} M parameters), onnxruntime vs torch max abs error "
+    return (f"{s.model.label} to ONNX ({r.num_params / 1e6:.1f} M parameters), onnxruntime vs torch max abs error "
             f"{r.max_abs_err:.2g}", [r.path])
 
 
@@ -92,6 +125,8 @@ def _resolve(fn: StageFn | str) -> StageFn:
 def run_demo(config: DemoConfig, on_stage: Callable[[StageResult], None] | None = None) -> list[StageResult]:
     from trtkit._files import check_output_dir
 
+    if config.model not in MODELS:
+        raise TrtkitError(f"unknown demo model {config.model!r}; expected one of {', '.join(MODELS)}")
     check_output_dir(config.workdir, what="demo folder")  # before the first stage, not 4 s into it
     state = DemoState(config)
     results: list[StageResult] = []

@@ -1,4 +1,4 @@
-"""The demo's build stage: the quantized (or plain) tiny UNet to a plan with whatever backend is here."""
+"""The demo's build stage: the quantized (or plain) tiny UNet or FLUX transformer to a plan with whatever backend is here."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def demo_stage(state: Any) -> tuple[str, list[Path]]:
             precision = "fp32"
     from trtkit.builder.progress import quiet_tensorrt_log
 
-    out = Path(state.config.workdir) / "engines" / "unet.plan"
+    out = Path(state.config.workdir) / "engines" / f"{state.model.component}.plan"
     with quiet_tensorrt_log():  # the demo shows one line per stage, not TensorRT's per-layer warnings
         r = build(BuildConfig(onnx=onnx, output=out, profiles=(state.config.profile,), precision=precision,
                               backend=backend.name, target_cc=_target(backend), progress=False))

@@ -15,8 +15,13 @@ def register(app: typer.Typer) -> None:
     def demo(
         workdir: Path = typer.Option(Path("trtkit-demo"), "--workdir", "-o", help="Where the demo writes its files."),
         seed: int = typer.Option(0, "--seed", help="Seed of the tiny model's random weights and of the image."),
+        # a plain string checked by run_demo, not a typer choice: a bad name is then trtkit's one-line error
+        # (click's usage errors print three)
+        model: str = typer.Option("unet", "--model", "-m", metavar="[unet|flux]",
+                                  help="unet: a tiny SDXL-architecture pipeline; flux: a tiny "
+                                       "guidance-distilled FLUX.1-dev-architecture one."),
     ) -> None:
-        """Run every stage on an embedded tiny SDXL-architecture model: no download, no GPU needed."""
+        """Run every stage on an embedded tiny SDXL (or FLUX) model: no download, no GPU needed."""
         import time
 
         from trtkit.demo import DemoConfig, run_demo
@@ -29,5 +34,5 @@ def register(app: typer.Typer) -> None:
                 console.print(f"{'':>26}-> {f}" + (NOISE if Path(f).suffix == ".png" else ""))
 
         t0 = time.perf_counter()
-        run_demo(DemoConfig(workdir=workdir, seed=seed), on_stage=show)
+        run_demo(DemoConfig(workdir=workdir, seed=seed, model=model), on_stage=show)
         console.print(f"demo finished in {time.perf_counter() - t0:.1f} s; files under {workdir}/")
