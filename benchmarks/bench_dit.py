@@ -202,6 +202,8 @@ def main() -> int:
                     help="SDPA backend for the trtkit rows (default: torch's choice, as diffusers)")
     ap.add_argument("--inductor-tuning", action="store_true",
                     help="Inductor's coordinate-descent tuning of its own kernels (longer compile)")
+    ap.add_argument("--freezing", action="store_true",
+                    help="Inductor freezing: the weights become constants of the compiled graph (inference only)")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode for the blocks, e.g. "
                     "max-autotune-no-cudagraphs (longer compile); default: torch's default")
     ap.add_argument("--fp8", choices=["none", "auto"], default="none")
@@ -240,6 +242,8 @@ def main() -> int:
         acc_pipe._trtkit.executor.options["attention"] = args.attention
     if args.inductor_tuning:
         torch._inductor.config.coordinate_descent_tuning = True
+    if args.freezing:
+        torch._inductor.config.freezing = True
     res: dict[str, Any] = {"rel_err_vs_diffusers": {}}
 
     def save() -> dict[str, Any]:
@@ -279,7 +283,8 @@ def main() -> int:
             compiled = compile_blocks(tf, scope=args.compile_scope, mode=args.compile_mode)
             comp = timer.row("trtkit graph+compile", lambda: call(acc_pipe), compiled=compiled, fuse_qkv=fused,
                              compile_mode=args.compile_mode, compile_scope=args.compile_scope,
-                             attention=args.attention, inductor_tuning=args.inductor_tuning)
+                             attention=args.attention, inductor_tuning=args.inductor_tuning,
+                             freezing=args.freezing)
             # the warm-up call: compile, eager loop, capture, first replay (the graph runs twice as long as a loop)
             res["compile_and_capture_s"] = timer.rows["trtkit graph+compile"]["warmup_s"]
             res["rel_err_vs_diffusers"]["trtkit graph+compile"] = rel_err(comp, base)
