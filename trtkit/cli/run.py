@@ -38,6 +38,11 @@ def _config(model_dir: Path, engines: Path | None, prompt: str, negative_prompt:
         from trtkit._files import check_input
 
         check_input(lora, "LoRA file")
+        from trtkit.runtime.pipeline_dit import is_dit_folder
+
+        if is_dit_folder(model_dir):  # before --engines reads a UNet plan's metadata
+            raise TrtkitError("--lora is for SD/SDXL UNet folders; FLUX/SD3 folders do not take it yet "
+                              "(with or without --engines)")
         if engines is not None:  # before the (slow) pipeline load
             weights = _engine_lora(engines, lora, lora_scale)
     return RunConfig(model_dir=model_dir, prompt=prompt, negative_prompt=negative_prompt, steps=steps,
