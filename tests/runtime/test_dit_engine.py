@@ -283,3 +283,69 @@ def test_accelerate_with_engine_close_to_torch(family: str, tiny_dit_onnx: Any, 
     b2 = eng(**kw, generator=torch.Generator().manual_seed(0)).images.float()
     assert "_trtkit_timings_ms" in eng.__dict__ and eng._trtkit.runner.captures == 1 and torch.equal(b, b2)
     assert float((a - b).abs().max() / a.abs().max()) < 1e-3
+
+
+def test_accelerate_with_engines_refusals(tiny_dit_dir: Any, tmp_path: Path) -> None:
+    """One line each, before any engine is read: compile with an engine, the pipeline on the CPU, a bad backend."""
+    from diffusers import DiffusionPipeline
+
+    import trtkit
+
+    p = DiffusionPipeline.from_pretrained(tiny_dit_dir("flux"))
+    (tmp_path / "transformer.plan").write_bytes(b"x")
+    for kw, match in (({"compile": True}, "compile is for the torch transformer"), ({}, "need a CUDA GPU"),
+                      ({"backend": "x"}, "backend must be")):
+        with pytest.raises(TrtkitError, match=match) as e:
+            trtkit.accelerate(p, engines=tmp_path, **kw)
+        assert "\n" not in str(e.value)
+    assert getattr(p, "_trtkit", None) is None  # nothing half-done: the pipeline is left as it was
+
+
+class DeviceCopyEngine:
+    """engine.Engine's calls on a GPU without TensorRT: noise_pred = hidden_states (one device copy on the loop's
+    stream), so the loop's result is known (runtime_fakes.reference_copy_loop); what the executor adds around
+    the engine (the (B,) timestep and guidance buffers, filled by device copies inside the captured graph) is
+    read back after the loop."""
+
+    def __init__(self, desc: EngineDesc) -> None:
+        self.desc, self.arrays = desc, {}
+
+    def bind(self, arrays: dict[str, Any]) -> None:
+        self.arrays = dict(arrays)
+
+    def execute(self, stream: int) -> None:
+        from trtkit.runtime.cuda import copy_bytes
+
+        src, dst = self.arrays["hidden_states"], self.arrays["noise_pred"]
+        copy_bytes(dst.ptr, src.ptr, src.nbytes, stream)
+
+    def fingerprint(self) -> tuple:
+        return ()
+
+    def capturable(self, stream: int) -> bool:
+        return True
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("use_graph", [False, True])
+def test_device_loop_fills_the_engine_buffers(use_graph: bool, tiny_dit_onnx: Any, tiny_dit_dir: Any) -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from runtime_fakes import reference_copy_loop
+
+    from trtkit.runtime.flow_tables import make_flow_tables, pipeline_timestep_args
+    from trtkit.runtime.graph_runner import LoopRunner
+
+    desc = onnx_desc(tiny_dit_onnx("flux"), tiny_dit_dir("flux"))
+    sch = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    tables = make_flow_tables(sch, pipeline_timestep_args("flux", sch, 5, 256))
+    shape = flux_shape(batch=3)
+    inp = _inputs(shape)
+    runner = LoopRunner(DitEngineExecutor(DeviceCopyEngine(desc), "flux", True), device="cuda", use_graph=use_graph)
+    out = runner(shape, tables, guidance=1.0, **inp)
+    ref = reference_copy_loop(tables, inp["x_init"], 1.0, False, None)
+    assert np.abs(out - ref).max() <= 1e-6 * np.abs(ref).max()
+    h = runner.loop.handle
+    assert runner.loop.io["engine_timestep"].download(h).tolist() == [engine_timesteps(tables.timesteps, "flux",
+                                                                                        "float32")[-1]] * 3
+    assert runner.loop.io["engine_guidance"].download(h).tolist() == [3.5] * 3
+    assert runner.captures == int(use_graph)

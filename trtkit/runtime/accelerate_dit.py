@@ -59,14 +59,17 @@ def accelerate_dit(pipe: Any, engines: Any = None, cuda_graph: bool = True, comp
                           "FluxPipeline and StableDiffusion3Pipeline text-to-image calls among DiT pipelines")
     if backend not in (None, "trt", "rtx"):
         raise TrtkitError(f"backend must be 'trt' or 'rtx', got {backend!r}")
+    if engines is not None:
+        from trtkit.runtime.dit_engine import plan_path
+
+        plan_path(engines)  # a missing plan is named first
     reason = flow_unsupported_reason(pipe.scheduler)
     if reason is not None:
         raise TrtkitError(reason)
     executor: Any
     if engines is not None:
-        from trtkit.runtime.dit_engine import load_executor, plan_path
+        from trtkit.runtime.dit_engine import load_executor
 
-        plan_path(engines)  # a missing plan is named before the GPU is
         if compile:
             raise TrtkitError("compile is for the torch transformer; a TensorRT engine is compiled already")
         device = pipe._execution_device.type  # the text encoders' device: the loop's buffers live there

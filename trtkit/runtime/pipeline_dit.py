@@ -47,11 +47,12 @@ class DitPipeline:
             from trtkit.runtime.dit_engine import plan_path
             from trtkit.runtime.engine import plan_backend
 
-            plan_backend(plan_path(engines), backend)
+            plan = plan_path(engines)
             if compile:
                 raise TrtkitError("--compile is for the torch transformer; a TensorRT engine is compiled already")
             if self.device != "cuda":
                 raise TrtkitError("TensorRT engines need a CUDA GPU; none found")
+            plan_backend(plan, backend)
         dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
         try:
             with quiet_loading():
