@@ -205,6 +205,9 @@ def _accelerated(pipe: Any, rt: _Runtime, **kw: Any) -> Any:
         try:  # a shape the executor refuses is diffusers' to run, not an error
             rt.executor.check_shape(shape)
         except TrtkitError as e:
+            if pipe.transformer.device.type != torch.device(device).type:  # an engine's profile, and no torch module to run
+                raise TrtkitError(f"{e} (the torch transformer is on {pipe.transformer.device}, so diffusers' own "
+                                  "loop cannot run it instead)") from None
             raise _Fallback(str(e)) from None
         tables = make_flow_tables(pipe.scheduler, targs)
         # the pipeline's own scheduler ends set up as diffusers leaves it (users read pipe.scheduler.timesteps)
