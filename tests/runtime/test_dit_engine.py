@@ -167,14 +167,28 @@ def test_plan_path_refusals(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------------ conventions
 
 
+def _torch_flux_timesteps(t: np.ndarray, dtype: str, device: str) -> np.ndarray:
+    """FluxPipeline / DitTorchExecutor: `t.expand(B).to(dtype) / 1000`, in torch on `device`."""
+    return (torch.from_numpy(t).to(device, getattr(torch, dtype)) / 1000).float().cpu().numpy()
+
+
+T_GRID = np.arange(8, 8001, dtype=np.float32) / 8  # 1..1000 in steps of 1/8: flow timesteps are sigma * 1000
+
+
 def test_flux_timestep_rounding_is_torchs() -> None:
-    """FluxPipeline / DitTorchExecutor: `t.expand(B).to(dtype) / 1000` in torch, for every t of 1..1000 in
-    steps of 1/8 (flow-matching timesteps are sigma * 1000, not integers); SD3 passes t unchanged."""
-    t = np.arange(8, 8001, dtype=np.float32) / 8
+    """For every t of T_GRID and each I/O dtype, equal to torch's on the CPU; SD3 passes t unchanged. The CUDA
+    form (times the float32 reciprocal) differs from exact division for some t in float32."""
     for dt in ("float32", "float16", "bfloat16"):
-        ref = (torch.from_numpy(t).to(getattr(torch, dt)) / 1000).float().numpy()
-        assert np.array_equal(engine_timesteps(t, "flux", dt), ref), dt
-    assert np.array_equal(engine_timesteps(t, "sd3", "bfloat16"), t)
+        assert np.array_equal(engine_timesteps(T_GRID, "flux", dt, "cpu"), _torch_flux_timesteps(T_GRID, dt, "cpu"))
+    assert np.array_equal(engine_timesteps(T_GRID, "sd3", "bfloat16"), T_GRID)
+    assert not np.array_equal(engine_timesteps(T_GRID, "flux", "float32"), engine_timesteps(T_GRID, "flux",
+                                                                                            "float32", "cpu"))
+
+
+@pytest.mark.gpu
+def test_flux_timestep_rounding_is_torchs_on_cuda() -> None:
+    for dt in ("float32", "float16", "bfloat16"):
+        assert np.array_equal(engine_timesteps(T_GRID, "flux", dt), _torch_flux_timesteps(T_GRID, dt, "cuda")), dt
 
 
 class OnnxEngine:
@@ -241,7 +255,7 @@ def test_loop_over_the_exported_onnx_equals_the_torch_loop(family: str, tiny_dit
     inp = _inputs(shape)
     ref = LoopRunner(DitTorchExecutor(pipe.transformer), device="cpu")(shape, tables, guidance=4.0, **inp)
     engine = OnnxEngine(tiny_dit_onnx(family), onnx_desc(tiny_dit_onnx(family), tiny_dit_dir(family)))
-    runner = LoopRunner(DitEngineExecutor(engine, family, family == "flux"), device="cpu")
+    runner = LoopRunner(DitEngineExecutor(engine, family, family == "flux", device="cpu"), device="cpu")
     ours = runner(shape, tables, guidance=4.0, **inp)
     assert len(engine.fed) == len(seen) == 3
     for fed, torch_kw in zip(engine.fed, seen, strict=True):

@@ -13,7 +13,7 @@ and TensorRT-RTX plan metadata; `DitEngineExecutor` only applies them on engine.
     loop graph captures like the engine's own launches (no kernel of ours).
   * `engine_timesteps`: the exporter's wrapper hands the engine's inputs to the transformer's forward as they
     are, so the engine takes what diffusers' pipeline passes: FLUX's t cast to the latents' dtype, divided by
-    1000 in that dtype (the model multiplies by 1000 inside); SD3's t as float32. The loop writes its table's
+    1000 in that dtype, rounded as torch rounds it on CUDA (the model multiplies by 1000 inside); SD3's t as float32. The loop writes its table's
     timestep row into the timestep buffer, so for FLUX that row holds the already-divided values, rounded as
     DitTorchExecutor rounds them (`adapt_tables`).
 """
@@ -122,18 +122,22 @@ def round_to(values: np.ndarray, dtype: str) -> np.ndarray:
     return v
 
 
-def engine_timesteps(timesteps: np.ndarray, family: str, io_dtype: str) -> np.ndarray:
+def engine_timesteps(timesteps: np.ndarray, family: str, io_dtype: str, device: str = "cuda") -> np.ndarray:
     """The transformer's timestep argument per step, as float32: FLUX `t.to(dtype) / 1000` in `io_dtype`
-    (FluxPipeline and DitTorchExecutor), SD3 `t` itself."""
+    (FluxPipeline and DitTorchExecutor), SD3 `t` itself. torch divides by a Python number exactly on the CPU, but
+    on CUDA multiplies by the float32 reciprocal (ATen's div_true_kernel_cuda), which can differ in the last bit;
+    `device` names the torch run to match (an engine runs beside the CUDA one)."""
     t = np.asarray(timesteps, np.float32)
     if family != "flux":
         return t
-    return round_to(round_to(t, io_dtype) / np.float32(1000), io_dtype)
+    r = round_to(t, io_dtype)
+    q = r / np.float32(1000) if device == "cpu" else r * (np.float32(1) / np.float32(1000))
+    return round_to(q, io_dtype)
 
 
-def engine_tables(tables: StepTables, family: str, io_dtype: str) -> StepTables:
+def engine_tables(tables: StepTables, family: str, io_dtype: str, device: str = "cuda") -> StepTables:
     """`tables` whose timestep row holds the engine's timestep input (the scheduler's coefficients unchanged)."""
-    return dataclasses.replace(tables, timesteps=engine_timesteps(tables.timesteps, family, io_dtype))
+    return dataclasses.replace(tables, timesteps=engine_timesteps(tables.timesteps, family, io_dtype, device))
 
 
 def plan_path(engines: Path | str) -> Path:
@@ -172,8 +176,8 @@ class DitEngineExecutor(StepExecutor):
     name = "tensorrt"
     uses_torch_stream = False
 
-    def __init__(self, engine: Any, family: str, guidance_embed: bool = False) -> None:
-        self.engine, self.family = engine, family
+    def __init__(self, engine: Any, family: str, guidance_embed: bool = False, device: str = "cuda") -> None:
+        self.engine, self.family, self.device = engine, family, device  # device: the loop's (tests run "cpu")
         self.io_dtype = check_engine(engine.desc, family, guidance_embed)
         self.plan: tuple[Binding, ...] = ()
         self.fills: list[tuple[Any, Any]] = []
@@ -187,7 +191,7 @@ class DitEngineExecutor(StepExecutor):
         return owned_buffers(self.plan)
 
     def adapt_tables(self, tables: StepTables) -> StepTables:
-        return engine_tables(tables, self.family, self.io_dtype)
+        return engine_tables(tables, self.family, self.io_dtype, self.device)
 
     def bind(self, arrays: dict[str, Any]) -> None:
         for x in self.plan:  # the loop allocated every buffer at these shapes; a mismatch is a bug here
