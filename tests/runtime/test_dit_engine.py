@@ -94,6 +94,36 @@ def test_every_engine_tensor_is_bound_at_the_profile(family: str, tiny_dit_onnx:
         assert [x.source for x in plan if x.engine == "timestep"] == ["timestep"]
 
 
+@pytest.mark.parametrize("family,images,guidance", [("flux", 1, 3.5), ("flux", 2, 3.5), ("sd3", 1, 7.0),
+                                                     ("sd3", 3, 7.0), ("sd3", 1, 1.0)])
+def test_the_pipelines_own_loop_shape_binds_at_the_profile(family: str, images: int, guidance: float,
+                                                            tiny_dit_onnx: Any, tiny_dit_dir: Any,
+                                                            one_torch_thread: None) -> None:
+    """The DitLoopShape an accelerated diffusers pipeline builds for a 256x256 call (its T5 length, packing, CFG
+    batch) against the exported engine's profile: bound at opt x images, or refused in one line where the
+    profile has no such batch (SD3 without CFG: batch 1, the tiny-256 profile starts at the CFG batch 2)."""
+    from diffusers import DiffusionPipeline
+
+    import trtkit
+
+    pipe = trtkit.accelerate(DiffusionPipeline.from_pretrained(tiny_dit_dir(family)))
+    pipe.set_progress_bar_config(disable=True)
+    pipe("a cat", height=256, width=256, num_inference_steps=1, guidance_scale=guidance,
+         num_images_per_prompt=images, output_type="latent", generator=torch.Generator().manual_seed(0))
+    shape = pipe._trtkit.runner.loop.shape
+    desc = onnx_desc(tiny_dit_onnx(family), tiny_dit_dir(family))
+    if family == "sd3" and guidance <= 1:
+        with pytest.raises(EngineError, match="no optimization profile covers .*hidden_states min 2x4x32x32"):
+            bindings(desc, shape)
+        return
+    plan = {x.engine: x.shape for x in bindings(desc, shape)}
+    b = images * (2 if family == "sd3" else 1)
+    for n, (lo, opt, hi) in desc.profiles[0].ranges.items():
+        want = (b,) + opt[1:] if lo[0] != hi[0] or n in ("timestep", "guidance") else opt
+        assert plan[n] == want, (n, plan[n], want)
+    assert plan["noise_pred"] == plan["hidden_states"]
+
+
 def test_batches_and_refusals(tiny_dit_onnx: Any, tiny_dit_dir: Any) -> None:
     flux = onnx_desc(tiny_dit_onnx("flux"), tiny_dit_dir("flux"))
     plan = bindings(flux, flux_shape(batch=3))
