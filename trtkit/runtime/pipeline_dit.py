@@ -4,8 +4,10 @@ user's accelerated script give the same image for the same seed (a CPU torch.Gen
 the SD path draws its latents on the CPU).
 
 The transformer runs in torch inside the loop graph, or with --engines as a TensorRT engine (`transformer.plan`
-of the folder, or the plan given; runtime/dit_engine.py): then the torch transformer is loaded but stays on the
-CPU (diffusers' pipeline reads its config), the text encoders and VAE run in torch on the GPU. --scheduler is
+of the folder, or the plan given; runtime/dit_engine.py): then the torch transformer is loaded (diffusers' pipeline
+reads its config) and stays on the CPU, except where diffusers takes the pipeline's device from its first module
+(versions before its split-device rule: SD3's transformer), which then goes to the GPU too. The text encoders and
+VAE run in torch on the GPU. --scheduler is
 refused with one line (a DiT folder runs its FlowMatchEulerDiscreteScheduler).
 """
 
@@ -62,10 +64,13 @@ class DitPipeline:
         pipe.set_progress_bar_config(disable=True)
         if engines is None:
             pipe.to(self.device)
-        else:  # the engine replaces the transformer in the loop: its weights stay on the CPU
+        else:  # the engine replaces the transformer in the loop: its weights stay on the CPU where they can
             for name, module in pipe.components.items():
                 if name != "transformer" and isinstance(module, torch.nn.Module):
                     module.to(self.device)
+            if pipe._execution_device.type != self.device:
+                # diffusers before the split-device rule took it from the first module of __init__: SD3's transformer
+                pipe.transformer.to(self.device)
         self.pipe = accelerate(pipe, engines=engines, cuda_graph=cuda_graph, compile=compile,
                                trust_engine=trust_engine, backend=backend)
         self.executor = self.pipe._trtkit.executor
