@@ -178,7 +178,7 @@ def test_stochastic_scheduler_refused_then_falls_back(dit_dirs: dict[str, Path],
     with caplog.at_level(logging.WARNING):
         p("a", height=64, width=64, num_inference_steps=1, output_type="latent")
     assert "running diffusers' own loop" in caplog.text
-    with pytest.raises(TrtkitError, match="not wired"):
+    with pytest.raises(TrtkitError, match="somewhere has no transformer.plan"):
         trtkit.accelerate(p, engines="somewhere")
 
 

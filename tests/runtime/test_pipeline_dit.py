@@ -1,6 +1,7 @@
 """`trtkit run` / `trtkit bench` on tiny FLUX and SD3 folders: the image and latents are those of
 `trtkit.accelerate(pipe)` with a CPU generator seeded the same (float32 on the CPU: equal), and what the
-runtime does not do for DiT folders (TensorRT transformer engines, --scheduler) is one line."""
+runtime does not do for DiT folders (--scheduler, --lora) and a missing or unusable transformer engine are one
+line."""
 
 from __future__ import annotations
 
@@ -59,10 +60,15 @@ def test_cli_run_and_bench(dit_dirs: dict[str, Path], tmp_path: Path, capsys: py
 
 
 @pytest.mark.parametrize("args,match", [(["--scheduler", "euler"], "FlowMatchEulerDiscreteScheduler"),
-                                        (["--engines", "{tmp}"], "not wired into the runtime")])
+                                        (["--engines", "{tmp}"], "has no transformer.plan"),
+                                        (["--engines", "{tmp}/transformer.plan"], "TensorRT engines need a CUDA GPU"),
+                                        (["--engines", "{tmp}", "--compile"], "--compile is for the torch"),
+                                        (["--engines", "{tmp}", "--lora", "{tmp}/unet.plan"], "--lora is for SD")])
 def test_dit_refusals_are_one_line(dit_dirs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture,
                                    args: list[str], match: str) -> None:
-    (tmp_path / "unet.plan").write_bytes(b"x")  # passes the CLI's own existence check: the DiT path refuses
+    (tmp_path / "unet.plan").write_bytes(b"x")  # a UNet plan is not a transformer's
+    if "transformer.plan" in " ".join(args) or "--compile" in args:  # found; refused before it is read
+        (tmp_path / "transformer.plan").write_bytes(b"x")
     out = tmp_path / "b.png"
     rc = main(["run", str(dit_dirs["sd3"]), "--prompt", "x", "--steps", "1", "--device", "cpu", "-o", str(out),
                *[a.format(tmp=tmp_path) for a in args]])

@@ -38,6 +38,11 @@ def _config(model_dir: Path, engines: Path | None, prompt: str, negative_prompt:
         from trtkit._files import check_input
 
         check_input(lora, "LoRA file")
+        from trtkit.runtime.pipeline_dit import is_dit_folder
+
+        if is_dit_folder(model_dir):  # before --engines reads a UNet plan's metadata
+            raise TrtkitError("--lora is for SD/SDXL UNet folders; FLUX/SD3 folders do not take it yet "
+                              "(with or without --engines)")
         if engines is not None:  # before the (slow) pipeline load
             weights = _engine_lora(engines, lora, lora_scale)
     return RunConfig(model_dir=model_dir, prompt=prompt, negative_prompt=negative_prompt, steps=steps,
@@ -119,7 +124,7 @@ def register(app: typer.Typer) -> None:
         model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help=common_help),
         prompt: str = typer.Option(..., "--prompt", help="What to draw."),
         negative_prompt: str = typer.Option("", "--negative-prompt", help="What not to draw."),
-        engines: Path = typer.Option(None, "--engines", help="Folder with unet.plan (TensorRT); else the torch UNet."),
+        engines: Path = typer.Option(None, "--engines", help="Folder with unet.plan (SD/SDXL) or transformer.plan (FLUX/SD3), TensorRT; else torch."),
         steps: int = typer.Option(30, "--steps", help="Denoising steps."),
         guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale (<= 1: off)."),
         scheduler: str = typer.Option(None, "--scheduler", help="euler | euler_a | ddim | dpmpp_2m "
@@ -165,7 +170,7 @@ def register(app: typer.Typer) -> None:
     def bench(
         model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help=common_help),
         prompt: str = typer.Option("a photo of an astronaut riding a horse", "--prompt", help="What to draw."),
-        engines: Path = typer.Option(None, "--engines", help="Folder with unet.plan (TensorRT); else the torch UNet."),
+        engines: Path = typer.Option(None, "--engines", help="Folder with unet.plan (SD/SDXL) or transformer.plan (FLUX/SD3), TensorRT; else torch."),
         steps: int = typer.Option(30, "--steps", help="Denoising steps per run."),
         guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale (<= 1: off)."),
         scheduler: str = typer.Option(None, "--scheduler", help="euler | euler_a | ddim | dpmpp_2m (default: the "

@@ -73,7 +73,8 @@ def accelerate(pipe: Any, engines: Path | str | None = None, cuda_graph: bool = 
     if hasattr(pipe, "transformer") and not hasattr(pipe, "unet"):  # FLUX / SD3: their I/O and tables
         from trtkit.runtime.accelerate_dit import accelerate_dit
 
-        return accelerate_dit(pipe, engines=engines, cuda_graph=cuda_graph, compile=compile)
+        return accelerate_dit(pipe, engines=engines, cuda_graph=cuda_graph, compile=compile,
+                              trust_engine=trust_engine, backend=backend)
     if not hasattr(pipe, "unet") or not hasattr(pipe, "encode_prompt"):
         raise TrtkitError(f"{type(pipe).__name__} is not a Stable Diffusion / SDXL text-to-image pipeline")
     base = type(pipe).__mro__[1] if getattr(pipe, "_trtkit", None) is not None else type(pipe)

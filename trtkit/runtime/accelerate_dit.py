@@ -1,5 +1,6 @@
 """`trtkit.accelerate(pipe)` for FluxPipeline and StableDiffusion3Pipeline: the denoising loop on the runtime
-(one CUDA graph on a GPU over the torch transformer, the numpy-reference loop on a CPU), the rest diffusers'.
+(one CUDA graph on a GPU over the torch transformer or a TensorRT transformer engine, dit_engine.py; the
+numpy-reference loop on a CPU), the rest diffusers'.
 
 As for SD/SDXL (accelerate.py), the pipeline's class is swapped for a subclass whose `__call__` does what
 diffusers' does around the loop with diffusers' own methods: `check_inputs`, `encode_prompt` (CLIP + T5 in
@@ -42,10 +43,12 @@ def _key(pipe: Any) -> tuple:
 
 
 def accelerate_dit(pipe: Any, engines: Any = None, cuda_graph: bool = True, compile: bool | str = False,
-                   **ignored: Any) -> Any:
+                   trust_engine: bool = False, backend: str | None = None, **ignored: Any) -> Any:
     """accelerate() for a FLUX / SD3 pipeline (see trtkit.runtime.accelerate.accelerate). `compile=True` (or
     "blocks") compiles the transformer's repeated blocks in place, "whole" the whole transformer
-    (dit_executor.compile_blocks); FLUX's q/k/v are fused first."""
+    (dit_executor.compile_blocks); FLUX's q/k/v are fused first. `engines`: a transformer plan, or a
+    folder holding transformer.plan, run by dit_engine.DitEngineExecutor in the loop instead of the torch module
+    (which stays where it is: its config is read, and diffusers' own loop uses it when the runtime falls back)."""
     from trtkit.runtime.dit_executor import DitTorchExecutor
     from trtkit.runtime.flow_tables import flow_unsupported_reason
     from trtkit.runtime.graph_runner import LoopRunner
@@ -55,18 +58,36 @@ def accelerate_dit(pipe: Any, engines: Any = None, cuda_graph: bool = True, comp
     if kind is None:
         raise TrtkitError(f"{base.__name__} runs its own __call__; accelerate reproduces only diffusers' "
                           "FluxPipeline and StableDiffusion3Pipeline text-to-image calls among DiT pipelines")
+    if backend not in (None, "trt", "rtx"):
+        raise TrtkitError(f"backend must be 'trt' or 'rtx', got {backend!r}")
     if engines is not None:
-        raise TrtkitError("TensorRT engines for DiT transformers are not wired into the runtime yet; "
-                          "accelerate a FLUX / SD3 pipeline without engines (torch transformer in the loop graph)")
+        from trtkit.runtime.dit_engine import plan_path
+
+        plan_path(engines)  # a missing plan is named first
     reason = flow_unsupported_reason(pipe.scheduler)
     if reason is not None:
         raise TrtkitError(reason)
-    device = pipe.transformer.device.type
-    executor = DitTorchExecutor(pipe.transformer, family=kind, compile=compile)
+    executor: Any
+    if engines is not None:
+        from trtkit.runtime.dit_engine import load_executor
+
+        if compile:
+            raise TrtkitError("compile is for the torch transformer; a TensorRT engine is compiled already")
+        device = pipe._execution_device.type  # the text encoders' device: the loop's buffers live there
+        if device != "cuda":
+            raise TrtkitError("TensorRT engines need a CUDA GPU; move the pipeline to cuda (the transformer may "
+                              "stay on the CPU)")
+        executor = load_executor(engines, kind, bool(getattr(pipe.transformer.config, "guidance_embeds", False)),
+                                 trust_engine, backend)
+    else:
+        device = pipe.transformer.device.type
+        executor = DitTorchExecutor(pipe.transformer, family=kind, compile=compile)
     runner = LoopRunner(executor, device=device, use_graph=cuda_graph)
     sig = inspect.signature(base.__call__)
     defaults = {k: p.default for k, p in sig.parameters.items() if p.default is not inspect.Parameter.empty}
-    rt = _Runtime(runner, executor, base.__call__, defaults, sig, dict(cuda_graph=cuda_graph, compile=compile),
+    rt = _Runtime(runner, executor, base.__call__, defaults, sig,
+                  dict(engines=engines, cuda_graph=cuda_graph, compile=compile, trust_engine=trust_engine,
+                       backend=backend),
                   _key(pipe))
     if getattr(pipe, "_trtkit", None) is None:
         pipe.__class__ = type(f"Accelerated{base.__name__}", (base,), {"__call__": _call})
@@ -185,6 +206,9 @@ def _accelerated(pipe: Any, rt: _Runtime, **kw: Any) -> Any:
         try:  # a shape the executor refuses is diffusers' to run, not an error
             rt.executor.check_shape(shape)
         except TrtkitError as e:
+            if pipe.transformer.device.type != torch.device(device).type:  # an engine's profile, and no torch module to run
+                raise TrtkitError(f"{e} (the torch transformer is on {pipe.transformer.device}, so diffusers' own "
+                                  "loop cannot run it instead)") from None
             raise _Fallback(str(e)) from None
         tables = make_flow_tables(pipe.scheduler, targs)
         # the pipeline's own scheduler ends set up as diffusers leaves it (users read pipe.scheduler.timesteps)

@@ -176,6 +176,11 @@ class DeviceArray:
         check(_driver().cuMemcpyDtoDAsync(self.ptr, src.ptr, self.nbytes, stream), "cuMemcpyDtoDAsync")
 
 
+def copy_bytes(dst: int, src: int, nbytes: int, stream: int) -> None:
+    """`nbytes` from device address `src` to `dst`, enqueued on `stream` (capturable into a graph)."""
+    check(_driver().cuMemcpyDtoDAsync(dst, src, nbytes, stream), "cuMemcpyDtoDAsync")
+
+
 class Stream:
     """A non-blocking stream (the legacy default stream would serialize with everything)."""
 

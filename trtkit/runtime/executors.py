@@ -101,6 +101,11 @@ class StepExecutor(ABC):
         """Called before every loop: adapt to what the user changed on the model since (e.g. LoRA loaded)."""
         return None
 
+    def adapt_tables(self, tables: Any) -> Any:
+        """The scheduler's StepTables as this executor's model wants its timestep row (the loop writes that row
+        into the timestep buffer): unchanged, except for inputs in another convention (dit_engine.py)."""
+        return tables
+
 
 # ------------------------------------------------------------------------------------------------
 # torch

@@ -211,6 +211,7 @@ class LoopRunner:
         """(Re)allocate the buffers when the shape or the number of steps / family changes."""
         self.executor.refresh()
         self.executor.check_shape(shape)
+        tables = self.executor.adapt_tables(tables)
         cur = self.loop
         if cur is not None and cur.shape == shape and cur.tables.steps == tables.steps \
                 and cur.tables.family == tables.family and cur.tables.clip == tables.clip:

@@ -258,10 +258,11 @@ def _open(cfg: RunConfig) -> Any:
     from trtkit.runtime.pipeline_dit import DitPipeline, is_dit_folder
 
     if is_dit_folder(cfg.model_dir):
-        if cfg.lora is not None:
-            raise TrtkitError("--lora is for SD/SDXL UNet folders; FLUX/SD3 folders do not take it yet")
+        if cfg.lora is not None or cfg.unet_weights is not None:
+            raise TrtkitError("--lora is for SD/SDXL UNet folders; FLUX/SD3 folders do not take it yet "
+                              "(with or without --engines)")
         return DitPipeline(cfg.model_dir, engines=cfg.engines, device=cfg.device, cuda_graph=cfg.cuda_graph,
-                           compile=cfg.compile)
+                           compile=cfg.compile, trust_engine=cfg.trust_engine, backend=cfg.backend)
     return Pipeline(cfg.model_dir, engines=cfg.engines, device=cfg.device, cuda_graph=cfg.cuda_graph,
                     trust_engine=cfg.trust_engine, compile=cfg.compile, kernels=cfg.kernels, backend=cfg.backend,
                     lora=cfg.lora, lora_scale=cfg.lora_scale, unet_weights=cfg.unet_weights)

@@ -3,8 +3,12 @@ float32 on a CPU) made to run its denoising loop on the runtime by `trtkit.accel
 user's accelerated script give the same image for the same seed (a CPU torch.Generator seeded with --seed, as
 the SD path draws its latents on the CPU).
 
-The transformer runs in torch inside the loop graph; TensorRT transformer engines are refused with one line
-(not wired into the runtime yet), and so is --scheduler (a DiT folder runs its FlowMatchEulerDiscreteScheduler).
+The transformer runs in torch inside the loop graph, or with --engines as a TensorRT engine (`transformer.plan`
+of the folder, or the plan given; runtime/dit_engine.py): then the torch transformer is loaded (diffusers' pipeline
+reads its config) and stays on the CPU, except where diffusers takes the pipeline's device from its first module
+(versions before its split-device rule: SD3's transformer), which then goes to the GPU too. The text encoders and
+VAE run in torch on the GPU. --scheduler is
+refused with one line (a DiT folder runs its FlowMatchEulerDiscreteScheduler).
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ class DitPipeline:
     """A loaded, accelerated FLUX / SD3 pipeline, reusable across calls (the captured graph is kept)."""
 
     def __init__(self, model_dir: Path, engines: Path | None = None, device: str | None = None,
-                 cuda_graph: bool = True, compile: bool = False) -> None:
+                 cuda_graph: bool = True, compile: bool = False, trust_engine: bool = False,
+                 backend: str | None = None) -> None:
         import torch
         from diffusers import DiffusionPipeline
 
@@ -39,10 +44,17 @@ class DitPipeline:
         from trtkit.runtime.accelerate import accelerate
         from trtkit.runtime.torch_stages import default_device
 
-        if engines is not None:
-            raise TrtkitError("TensorRT engines for FLUX / SD3 transformers are not wired into the runtime yet; "
-                              "run without --engines (the torch transformer in the loop graph)")
         self.device = device or default_device()
+        if engines is not None:  # one-line errors before the (slow) pipeline load
+            from trtkit.runtime.dit_engine import plan_path
+            from trtkit.runtime.engine import plan_backend
+
+            plan = plan_path(engines)
+            if compile:
+                raise TrtkitError("--compile is for the torch transformer; a TensorRT engine is compiled already")
+            if self.device != "cuda":
+                raise TrtkitError("TensorRT engines need a CUDA GPU; none found")
+            plan_backend(plan, backend)
         dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
         try:
             with quiet_loading():
@@ -50,7 +62,17 @@ class DitPipeline:
         except Exception as e:
             raise TrtkitError(f"cannot load the pipeline in {model_dir}: {str(e).splitlines()[0]}") from e
         pipe.set_progress_bar_config(disable=True)
-        self.pipe = accelerate(pipe.to(self.device), cuda_graph=cuda_graph, compile=compile)
+        if engines is None:
+            pipe.to(self.device)
+        else:  # the engine replaces the transformer in the loop: its weights stay on the CPU where they can
+            for name, module in pipe.components.items():
+                if name != "transformer" and isinstance(module, torch.nn.Module):
+                    module.to(self.device)
+            if pipe._execution_device.type != self.device:
+                # diffusers before the split-device rule took it from the first module of __init__: SD3's transformer
+                pipe.transformer.to(self.device)
+        self.pipe = accelerate(pipe, engines=engines, cuda_graph=cuda_graph, compile=compile,
+                               trust_engine=trust_engine, backend=backend)
         self.executor = self.pipe._trtkit.executor
         self.runner = self.pipe._trtkit.runner
 
