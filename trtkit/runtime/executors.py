@@ -220,11 +220,6 @@ def describe_options(options: dict[str, Any], sep: str = ",") -> str:
     return sep.join(k if v is True else f"{k}={v}" for k, v in flat.items() if v)
 
 
-# Latent sizes the GPU path (tuned kernels, loop graph) has been run at: multiples of 8 (images of 64). Set to
-# 1 by the GPU test that checks the other sizes; once that test has passed on a GPU, this rule can go.
-GPU_CHECKED_LATENT_MULTIPLE = 8
-
-
 class TorchExecutor(StepExecutor):
     """The diffusers UNet in torch. `compile=True` wraps it in torch.compile (no CUDA graphs of its own:
     the runner captures the whole loop).
@@ -339,17 +334,10 @@ class TorchExecutor(StepExecutor):
             if want != got:
                 raise TrtkitError(f"text_embeds {shape.pooled_dim} + time_ids give {got} added features, "
                                   f"the UNet expects {want}")
-        # On the CPU no size rule beyond the pipeline's multiple of 8: diffusers' UNet passes the skip connections'
-        # sizes to its upsamplers when the latent is not a multiple of 2**upsamplers (520x512: latent 65x64), and
-        # test_accelerate_calls.py::test_size_not_a_multiple_of_64 matches diffusers' latents there. On a GPU the
-        # tuned kernels and the loop graph have not yet run at such a size (the GPU test with latent 65x64,
-        # test_executors.py::test_tuned_executor_graph_equals_eager_and_plain, is written but unrun), so there
-        # they stay refused: accelerate() then runs diffusers' loop with a warning, `trtkit run` says so.
-        m = GPU_CHECKED_LATENT_MULTIPLE
-        if self.device.type == "cuda" and (shape.latent_height % m or shape.latent_width % m):
-            raise TrtkitError(f"on a GPU the runtime's torch UNet takes image sizes that are multiples of {8 * m} "
-                              f"(latent {shape.latent_height}x{shape.latent_width}); other multiples of 8, which "
-                              "diffusers accepts, run on the CPU but have not been checked on a GPU yet")
+        # No size rule beyond the pipeline's multiple of 8: diffusers' UNet passes the skip connections' sizes to
+        # its upsamplers when the latent is not a multiple of 2**upsamplers (520x512: latent 65x64), and the tuned
+        # kernels and the loop graph mask every edge (test_accelerate_calls.py::test_size_not_a_multiple_of_64 on
+        # the CPU, test_executors.py::test_tuned_executor_graph_equals_eager_and_plain[hw1] on a GPU).
 
     def bind(self, arrays: dict[str, Any]) -> None:
         t = {}
