@@ -11,13 +11,8 @@ import pytest
 import torch
 
 from trtkit.errors import TrtkitError
-from trtkit.runtime.executors import (
-    KERNEL_PRESETS,
-    LoopShape,
-    TorchExecutor,
-    describe_options,
-    kernel_options,
-)
+from trtkit.runtime.executors import LoopShape, TorchExecutor
+from trtkit.runtime.kernel_choices import KERNEL_PRESETS, describe_options, kernel_options
 
 SHAPE = LoopShape(1, 4, 16, 16, True, 77, 64, 32, 6)
 

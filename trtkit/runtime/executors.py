@@ -17,6 +17,12 @@ from typing import Any
 import numpy as np
 
 from trtkit.errors import TrtkitError
+from trtkit.runtime.kernel_choices import ATTENTION_BACKENDS, fuse_qkv_shared, triton_available
+from trtkit.runtime.kernel_choices import KERNEL_PRESETS as KERNEL_PRESETS
+from trtkit.runtime.kernel_choices import describe_options as describe_options
+from trtkit.runtime.kernel_choices import kernel_options as kernel_options
+
+# (The three `x as x` imports above re-export the kernel choices from their old home here.)
 
 # The UNet's I/O names, as the exporter writes them (foundation contract).
 UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids")
@@ -146,80 +152,6 @@ def as_torch(arr: Any, dtype: str) -> Any:
     return t
 
 
-ATTENTION_BACKENDS = ("flash", "efficient", "cudnn", "math")
-
-# What `--kernels` picks for the torch UNet on a GPU, for the eager UNet and under torch.compile. Measured on an
-# H200 with benchmarks/bench_kernels.py and bench_loop.py (docs/benchmarks.md), loop graph per step against plain:
-#   eager "tuned": SD 1.5 -37%, SDXL -18%. channels_last + cudnn_benchmark alone: SD 1.5 -14%, SDXL +5% (layout
-#     copies around torch's NCHW-only GroupNorm and diffusers' NCHW transformer outputs), then nhwc_group_norm,
-#     nhwc_transformer, fused_geglu (-8% on SDXL) and fuse_qkv (-1.4%; no extra weights since its views). The
-#     attention backend stays torch's: none was faster.
-#   compiled "tuned": channels_last, nhwc_transformer and fuse_qkv (SDXL -3.4%); Inductor fuses GroupNorm and
-#     GEGLU itself, and cudnn_benchmark and conv_1x1_as_mm gained nothing on top.
-KERNEL_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "plain": {"eager": {}, "compiled": {}},
-    "tuned": {"eager": {"channels_last": True, "cudnn_benchmark": True, "nhwc_group_norm": True,
-                        "nhwc_transformer": True, "fused_geglu": True, "fuse_qkv": True},
-              "compiled": {"channels_last": True, "nhwc_transformer": True, "fuse_qkv": True}},
-}
-
-
-def kernel_options(preset: str, device: str, compile: bool) -> dict[str, Any]:
-    """TorchExecutor options for a preset on this device and UNet (eager or torch.compile'd). The choices are
-    for a GPU: on the CPU every preset is plain."""
-    if preset not in KERNEL_PRESETS:
-        raise TrtkitError(f"unknown kernel preset {preset!r}; choose one of {', '.join(KERNEL_PRESETS)}")
-    if device != "cuda":
-        return {}
-    opts = dict(KERNEL_PRESETS[preset]["compiled" if compile else "eager"])
-    if not _triton_available():  # a torch build without triton: the rest still helps
-        opts.pop("nhwc_group_norm", None)
-        opts.pop("fused_geglu", None)
-    return opts
-
-
-def _triton_available() -> bool:
-    from trtkit.runtime import nhwc
-
-    return nhwc.available()
-
-
-def fuse_qkv_shared(unet: Any) -> None:
-    """diffusers' fuse_qkv_projections(), then each unfused projection's weight and bias made a view of its rows
-    of the fused ones: diffusers keeps both copies (about 1 GiB more for SDXL), and unfuse still works."""
-    from torch import nn
-
-    if not hasattr(unet, "fuse_qkv_projections"):
-        raise TrtkitError("fuse_qkv needs a diffusers UNet with fuse_qkv_projections()")
-    unet.fuse_qkv_projections()
-    from trtkit.runtime.lora import unfuse_wrapped
-
-    unfuse_wrapped(unet)  # attentions whose q/k/v carry PEFT LoRA layers stay unfused
-    for m in unet.modules():
-        if not getattr(m, "fused_projections", False):
-            continue
-        if getattr(m, "to_qkv", None) is not None:
-            fused, parts = m.to_qkv, [m.to_q, m.to_k, m.to_v]
-        else:
-            fused, parts = m.to_kv, [m.to_k, m.to_v]
-        for attr in ("weight", "bias"):
-            whole = getattr(fused, attr, None)
-            if whole is None:
-                continue
-            start = 0
-            for lin in parts:
-                n = lin.out_features
-                setattr(lin, attr, nn.Parameter(whole.data[start:start + n], requires_grad=False))
-                start += n
-
-
-def describe_options(options: dict[str, Any], sep: str = ",") -> str:
-    """TorchExecutor options as one label: the choices in effect, `name=value` where the value is not True,
-    Inductor settings flattened in ("channels_last,attention=cudnn,conv_1x1_as_mm"); "" for none."""
-    flat = {k: v for k, v in options.items() if k != "compile_options"} | dict(options.get("compile_options") or {})
-    return sep.join(k if v is True else f"{k}={v}" for k, v in flat.items() if v)
-
-
 class TorchExecutor(StepExecutor):
     """The diffusers UNet in torch. `compile=True` wraps it in torch.compile (no CUDA graphs of its own:
     the runner captures the whole loop).
@@ -269,7 +201,7 @@ class TorchExecutor(StepExecutor):
         self.io_dtype = str(p.dtype).replace("torch.", "")
         self.uses_torch_stream = self.device.type == "cuda"
         self.sdxl = getattr(unet.config, "addition_embed_type", None) == "text_time"
-        if (nhwc_group_norm or fused_geglu) and not _triton_available():
+        if (nhwc_group_norm or fused_geglu) and not triton_available():
             raise TrtkitError("nhwc_group_norm and fused_geglu need triton (it ships with torch's CUDA builds)")
         if fuse_qkv:
             fuse_qkv_shared(unet)
