@@ -24,16 +24,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import platform
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import _bench_common as common  # benchmarks/ is on sys.path when run as a script
 import numpy as np
-from _configs import SD15_UNET, SDXL_UNET  # benchmarks/ is on sys.path when run as a script
-from bench_loop import SCHEDULER, Bench
+from _configs import SD15_UNET, SDXL_UNET
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -50,31 +48,21 @@ TINY = {
 def build(arch: str, size: str, device: str, dtype: Any, seed: int, n_nets: int) -> tuple[Any, Any, dict, int]:
     """(unet, controlnet (one, or a MultiControlNetModel), prompt embeddings, resolution)."""
     import torch
-    from diffusers import ControlNetModel, MultiControlNetModel, UNet2DConditionModel
+    from diffusers import ControlNetModel, MultiControlNetModel
 
     if size == "tiny":
         cfg, res = TINY[arch], 64
     else:
         cfg, res = (SDXL_UNET, 1024) if arch == "sdxl" else (SD15_UNET, 512)
-    torch.manual_seed(seed)
-    with torch.device(device):  # random init on the GPU: seconds, not minutes, for 2.6 B parameters
-        unet = UNet2DConditionModel(**cfg)
+    unet = common.random_unet(cfg, device, seed)
+    with torch.device(device):
         nets = [ControlNetModel.from_unet(unet) for _ in range(n_nets)]
         for net in nets:  # zero convolutions as any other conv, so the residuals count
             for conv in [*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out]:
                 conv.reset_parameters()
-    unet = unet.to(dtype).eval().requires_grad_(False)
-    nets = [n.to(dtype).eval().requires_grad_(False) for n in nets]
-    g = torch.Generator("cpu").manual_seed(seed + 1)
-    d = cfg["cross_attention_dim"]
-
-    def rnd(*shape: int) -> Any:
-        return torch.randn(shape, generator=g).to(device, dtype)
-
-    emb = {"prompt_embeds": rnd(1, 77, d), "negative_prompt_embeds": rnd(1, 77, d)}
-    if cfg.get("addition_embed_type") == "text_time":
-        pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
-        emb.update(pooled_prompt_embeds=rnd(1, pooled), negative_pooled_prompt_embeds=rnd(1, pooled))
+    unet = common.frozen(unet, dtype)
+    nets = [common.frozen(n, dtype) for n in nets]
+    emb = common.prompt_embeds(cfg, device, dtype, seed + 1)
     return unet, nets[0] if n_nets == 1 else MultiControlNetModel(nets), emb, res
 
 
@@ -85,7 +73,7 @@ def pipeline(unet: Any, controlnet: Any, sdxl: bool) -> Any:
         StableDiffusionXLControlNetPipeline,
     )
 
-    sched = EulerDiscreteScheduler(**SCHEDULER)
+    sched = EulerDiscreteScheduler(**common.SCHEDULER)
     if sdxl:
         pipe = StableDiffusionXLControlNetPipeline(vae=None, text_encoder=None, text_encoder_2=None, tokenizer=None,
                                                    tokenizer_2=None, unet=unet, controlnet=controlnet, scheduler=sched,
@@ -107,25 +95,19 @@ def main() -> int:
     ap.add_argument("--arch", choices=["sdxl", "sd15"], default="sdxl")
     ap.add_argument("--size", choices=["full", "tiny"], default="full")
     ap.add_argument("--controlnets", type=int, default=1, help="2: a MultiControlNetModel of two nets")
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--scale", type=float, default=0.8, help="controlnet_conditioning_scale")
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=3)
+    common.add_run_args(ap, repeats=3)
     ap.add_argument("--kernels", default="tuned", help="trtkit.accelerate kernels preset")
     ap.add_argument("--compile", action="store_true",
                     help="an extra row: accelerate(compile=True) on its own copies (torch.compile of the UNet and "
                          "the ControlNets; adds minutes of compilation on SDXL)")
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
     import torch
 
     import trtkit
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.float16 if device == "cuda" else torch.float32
+    device, dtype = common.device_and_dtype(args.device)
     t0 = time.perf_counter()
     unet, cn, emb, res = build(args.arch, args.size, device, dtype, 0, args.controlnets)
     sdxl = args.arch == "sdxl"
@@ -149,7 +131,7 @@ def main() -> int:
 
     print(f"{args.arch} {res}x{res}, {args.steps} steps, guidance {args.guidance}, {args.controlnets} ControlNet(s), "
           f"batch 1, {dtype}, {device}", flush=True)
-    bench = Bench(device, args.warmup, args.repeats)
+    bench = common.Bench(device, args.warmup, args.repeats)
     r_diff = bench.time("diffusers", lambda: call(plain))
     want = call(plain).float().cpu().numpy()
     t = time.perf_counter()
@@ -181,38 +163,23 @@ def main() -> int:
         r_c = bench.time(f"trtkit accelerate ({args.kernels}, compiled, loop graph)", lambda: call(accc))
         extra = {"compiled_vs_diffusers_rel": rel(call(accc).float().cpu().numpy(), want), "compiled_row": r_c["name"]}
         del accc
-    r_diff2 = bench.time("diffusers (again, last)", lambda: call(plain))
-    base = min(r_diff["median_ms"], r_diff2["median_ms"])
-    for r in bench.rows:
-        r["speedup_vs_diffusers"] = base / r["median_ms"]
+    base = bench.baseline(r_diff, lambda: call(plain))
     if args.compile:
         extra["compiled_speedup"] = base / next(r["median_ms"] for r in bench.rows if r["name"] == extra["compiled_row"])
     results = {
         "speedup": base / r_trt["median_ms"], "baseline_ms": base,
-        "baseline_rule": "the lower of the two diffusers medians (first and last row)",
+        "baseline_rule": common.BASELINE_RULE,
         "trtkit_vs_diffusers_rel": rel(got, want), "trtkit_vs_diffusers_rel_new_image_scale": rel(got2, want2),
         "finite": bool(np.isfinite(got).all() and np.isfinite(want).all()),
         "captures_before_new_image_scale": captures, "captures_after": captures_after,
         "recaptured_on_new_image_scale": captures_after != captures,
         "controlnet_effect_rel": rel(got2, got), **extra,
     }
-    env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-           "gpu": torch.cuda.get_device_name() if device == "cuda" else platform.processor()}
-    try:
-        import diffusers
-
-        env["diffusers"] = diffusers.__version__
-    except Exception:  # pragma: no cover
-        pass
     summary = {"arch": args.arch, "size": args.size, "resolution": res, "steps": args.steps, "guidance": args.guidance,
-               "controlnets": args.controlnets, "scale": args.scale, "dtype": str(dtype), "argv": sys.argv, "env": env,
+               "controlnets": args.controlnets, "scale": args.scale, "dtype": str(dtype), "argv": sys.argv,
+               "env": common.environment(device),
                "params_b": {"unet": n_unet, "controlnet": n_cn}, "rows": bench.rows, **results}
-    print("\n| row | median ms | speedup vs diffusers | peak GiB |\n|---|---|---|---|")
-    for r in bench.rows:
-        print(f"| {r['name']} | {r['median_ms']:.1f} | {r['speedup_vs_diffusers']:.2f}x | {r['peak_gib']:.2f} |")
-    print(json.dumps({k: v for k, v in summary.items() if k != "rows"}, indent=1))
-    if args.out:
-        args.out.write_text(json.dumps(summary, indent=1))
+    common.report(summary, args.out)
     return 0
 
 

@@ -214,7 +214,7 @@ def main() -> int:
 
     import trtkit
     from trtkit.runtime.dit_executor import compile_blocks
-    from trtkit.runtime.executors import fuse_qkv_shared, sdpa_choice
+    from trtkit.runtime.kernel_choices import fuse_qkv_shared, sdpa_choice
 
     dev = args.device
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32

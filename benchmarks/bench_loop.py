@@ -33,8 +33,6 @@ import ast
 import contextlib
 import copy
 import inspect
-import json
-import platform
 import statistics
 import sys
 import time
@@ -42,25 +40,18 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import _bench_common as common  # benchmarks/ is on sys.path when run as a script
 import numpy as np
-from _configs import SD15_UNET, SDXL_UNET  # benchmarks/ is on sys.path when run as a script
+from _configs import SD15_UNET, SDXL_UNET
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SCHEDULER = {  # both models' training betas; Euler with SDXL's scheduler config
-    "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "interpolation_type": "linear",
-    "num_train_timesteps": 1000, "prediction_type": "epsilon", "steps_offset": 1, "timestep_spacing": "leading",
-    "use_karras_sigmas": False,
-}
-
 
 def build(arch: str, device: str, dtype: Any, seed: int) -> tuple[Any, Any, dict[str, Any], int]:
-    import torch
     from diffusers import (
         EulerDiscreteScheduler,
         StableDiffusionPipeline,
         StableDiffusionXLPipeline,
-        UNet2DConditionModel,
     )
 
     if arch == "tiny":
@@ -69,21 +60,10 @@ def build(arch: str, device: str, dtype: Any, seed: int) -> tuple[Any, Any, dict
         cfg, res = tiny_config()["unet"], 256
     else:
         cfg, res = (SDXL_UNET, 1024) if arch == "sdxl" else (SD15_UNET, 512)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        unet = UNet2DConditionModel(**cfg)
-    unet = unet.to(dtype).eval().requires_grad_(False)
-    sched = EulerDiscreteScheduler(**SCHEDULER)
-    g = torch.Generator("cpu").manual_seed(seed + 1)
-    d = cfg["cross_attention_dim"]
-
-    def rnd(*shape: int) -> Any:
-        return torch.randn(shape, generator=g).to(device, dtype)
-
-    emb = {"prompt_embeds": rnd(1, 77, d), "negative_prompt_embeds": rnd(1, 77, d)}
+    unet = common.frozen(common.random_unet(cfg, device, seed), dtype)
+    sched = EulerDiscreteScheduler(**common.SCHEDULER)
+    emb = common.prompt_embeds(cfg, device, dtype, seed + 1)
     if cfg.get("addition_embed_type") == "text_time":
-        pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
-        emb.update(pooled_prompt_embeds=rnd(1, pooled), negative_pooled_prompt_embeds=rnd(1, pooled))
         pipe = StableDiffusionXLPipeline(vae=None, text_encoder=None, text_encoder_2=None, tokenizer=None,
                                          tokenizer_2=None, unet=unet, scheduler=sched, add_watermarker=False)
     else:
@@ -91,43 +71,6 @@ def build(arch: str, device: str, dtype: Any, seed: int) -> tuple[Any, Any, dict
                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe, unet, emb, res
-
-
-class Bench:
-    def __init__(self, device: str, warmup: int, repeats: int) -> None:
-        self.device, self.warmup, self.repeats = device, warmup, repeats
-        self.rows: list[dict[str, Any]] = []
-
-    def sync(self) -> None:
-        import torch
-
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-
-    def time(self, name: str, fn: Callable[[], Any], extra_bytes: int = 0, **info: Any) -> dict[str, Any]:
-        import torch
-
-        t0 = time.perf_counter()
-        for _ in range(self.warmup):
-            fn()
-        self.sync()
-        first = time.perf_counter() - t0
-        if self.device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        ms = []
-        for _ in range(self.repeats):
-            self.sync()
-            t = time.perf_counter()
-            fn()
-            self.sync()
-            ms.append((time.perf_counter() - t) * 1e3)
-        peak = (torch.cuda.max_memory_allocated() if self.device == "cuda" else 0) + extra_bytes
-        row = {"name": name, "median_ms": statistics.median(ms), "min_ms": min(ms), "all_ms": ms,
-               "warmup_s": first, "peak_gib": peak / 2**30, **info}
-        self.rows.append(row)
-        print(f"  {name:28s} {row['median_ms']:9.1f} ms  (min {row['min_ms']:.1f}, warm-up {first:.1f} s, "
-              f"peak {row['peak_gib']:.2f} GiB)", flush=True)
-        return row
 
 
 def event_ms(stream: Any, fn: Callable[[], None], repeats: int) -> float:
@@ -175,7 +118,7 @@ def loop_inputs(emb: dict[str, Any], res: int) -> tuple[Any, dict[str, Any]]:
     return shape, cond
 
 
-def graph_row(bench: Bench, label: str, ex: Any, shape: Any, tables: Any, guidance: float, cond: dict[str, Any],
+def graph_row(bench: common.Bench, label: str, ex: Any, shape: Any, tables: Any, guidance: float, cond: dict[str, Any],
               x: np.ndarray, prefix: str = "", **info: Any) -> tuple[np.ndarray, dict[str, float]]:
     """One timed row of the loop as one CUDA graph over executor `ex`: the first call (warm-up, compilation,
     capture) timed apart as setup_s, then the row; returns its latents and its device time against N replays
@@ -274,10 +217,7 @@ def alone_on_device(unet: Any, device: str) -> Iterator[Any]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", choices=["sdxl", "sd15", "tiny"], default="sdxl")
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--guidance", type=float, default=7.5)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=5)
+    common.add_run_args(ap, repeats=5)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--no-parity", action="store_true",
                     help="skip the graph-vs-eager latents check for every scheduler on this UNet")
@@ -287,25 +227,23 @@ def main() -> int:
     ap.add_argument("--compile-options", default="",
                     help="options for an extra pair of compiled rows (trtkit graph and diffusers over one module): "
                          "TorchExecutor options and Inductor settings, e.g. channels_last,fuse_qkv,conv_1x1_as_mm")
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
     import torch
 
-    from trtkit.runtime.executors import TorchExecutor, describe_options
+    from trtkit.runtime.executors import TorchExecutor
     from trtkit.runtime.graph_runner import LoopRunner
+    from trtkit.runtime.kernel_choices import describe_options
     from trtkit.runtime.pipeline import initial_latents
     from trtkit.runtime.schedulers import make_tables
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.float16 if device == "cuda" else torch.float32
+    device, dtype = common.device_and_dtype(args.device)
     t_build = time.perf_counter()
     pipe, unet, emb, res = build(args.arch, device, dtype, seed=0)
     print(f"built {args.arch} UNet ({sum(p.numel() for p in unet.parameters()) / 1e9:.3f} B params) in "
           f"{time.perf_counter() - t_build:.1f} s", flush=True)
     N, g = args.steps, args.guidance
-    bench = Bench(device, args.warmup, args.repeats)
+    bench = common.Bench(device, args.warmup, args.repeats)
     gen_seed = 123
 
     tables = make_tables(pipe.scheduler, N, "euler")
@@ -380,32 +318,11 @@ def main() -> int:
         results["compile_options"] = opts
         results["compiled_opts_vs_diffusers_rel"] = float(
             np.abs(out_o - ref_latents).max() / np.abs(ref_latents).max())
-    # the host-bound diffusers row drifts with the host's load: time it again last, report both
-    r_diff2 = bench.time("diffusers (again, last)", diffusers_call)
-    base = min(r_diff["median_ms"], r_diff2["median_ms"])
-    results["baseline_ms"] = base
-    results["baseline_rule"] = "the lower of the two diffusers medians (first and last row)"
-    for r in bench.rows:
-        r["speedup_vs_diffusers"] = base / r["median_ms"]
-    env = {"python": platform.python_version(), "torch": torch.__version__,
-           "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name() if device == "cuda" else platform.processor()}
-    try:
-        import diffusers
-
-        env["diffusers"] = diffusers.__version__
-        from cuda import bindings
-
-        env["cuda-bindings"] = bindings.__version__
-    except Exception:
-        pass
+    results["baseline_ms"] = bench.baseline(r_diff, diffusers_call)
+    results["baseline_rule"] = common.BASELINE_RULE
     summary = {"arch": args.arch, "resolution": res, "steps": N, "guidance": g, "dtype": str(dtype),
-               "argv": sys.argv, "env": env, "rows": bench.rows, **results}
-    print("\n| row | median ms | speedup vs diffusers | peak GiB |\n|---|---|---|---|")
-    for r in bench.rows:
-        print(f"| {r['name']} | {r['median_ms']:.1f} | {r['speedup_vs_diffusers']:.2f}x | {r['peak_gib']:.2f} |")
-    print(json.dumps({k: v for k, v in summary.items() if k != "rows"}, indent=1))
-    if args.out:
-        args.out.write_text(json.dumps(summary, indent=1))
+               "argv": sys.argv, "env": common.environment(device), "rows": bench.rows, **results}
+    common.report(summary, args.out)
     return 0
 
 

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_loop import Bench, build  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from _bench_common import Bench  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from bench_loop import build  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 

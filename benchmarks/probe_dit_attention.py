@@ -26,7 +26,7 @@ def main() -> int:
     from diffusers import FluxTransformer2DModel
 
     from benchmarks.bench_dit import FLUX_DEV
-    from trtkit.runtime.executors import fuse_qkv_shared, sdpa_choice
+    from trtkit.runtime.kernel_choices import fuse_qkv_shared, sdpa_choice
 
     torch.manual_seed(0)
     with torch.device("cuda"):

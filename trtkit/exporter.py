@@ -20,7 +20,10 @@ from typing import Any
 from trtkit._files import ONNX_PROTO_LIMIT, check_output, check_output_dir, made_dir, staged_onnx
 from trtkit._quiet import quiet_loading
 from trtkit.errors import TrtkitError
-from trtkit.profiles import COMPONENTS, DIT_COMPONENTS, InputShapes, ModelDims, apply_overrides, get_profile
+
+# load_component stays importable from here, where tests and users take it
+from trtkit.exporter_load import controlnet_exporter, is_dit, is_local, is_t5, load_component, model_dims
+from trtkit.profiles import InputShapes, apply_overrides, get_profile
 
 log = logging.getLogger(__name__)
 
@@ -63,74 +66,6 @@ class ExportResult:
     max_rel_err: float | None = None
     num_params: int = 0
     notes: list[str] = field(default_factory=list)
-
-
-# --------------------------------------------------------------------------- loading
-
-def _is_local(model_dir: Path | str) -> bool:
-    return Path(model_dir).exists()
-
-
-def load_component(model_dir: Path | str, component: str, dtype: Any = None) -> Any:
-    """Load one diffusers/transformers component from a folder (or a hub id where a network exists)."""
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    if _cn().is_controlnet(component):
-        return _cn().load(model_dir, component, dtype)
-    if component not in (*COMPONENTS, *DIT_COMPONENTS):
-        raise TrtkitError(f"unknown component {component!r}; expected one of "
-                          f"{', '.join((*COMPONENTS, *DIT_COMPONENTS, 'controlnet'))}")
-    root = Path(model_dir)
-    if not _is_local(root) and ("/" not in str(model_dir) or str(model_dir).startswith((".", "/"))):
-        raise TrtkitError(f"model folder {model_dir} does not exist")
-    if _is_dit(model_dir, component):
-        from trtkit import exporter_dit
-
-        return exporter_dit.load(model_dir, component, _is_t5(model_dir, component), dtype)
-    dtype = dtype or torch.float32
-    sub = {"unet": "unet", "vae_decoder": "vae", "text_encoder": "text_encoder",
-           "text_encoder_2": "text_encoder_2"}[component]
-    if _is_local(root) and not (root / sub).is_dir():
-        if component == "unet" and (root / "config.json").is_file():
-            sub = ""  # a lone UNet folder
-        else:
-            raise TrtkitError(f"{root} has no {sub}/ folder: is it a diffusers pipeline folder?")
-    kw = {"subfolder": sub} if sub else {}
-    try:
-        with quiet_loading():
-            if component == "unet":
-                return UNet2DConditionModel.from_pretrained(str(model_dir), torch_dtype=dtype, **kw).eval()
-            if component == "vae_decoder":
-                return AutoencoderKL.from_pretrained(str(model_dir), torch_dtype=dtype, **kw).eval()
-            from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-            cls = CLIPTextModelWithProjection if component == "text_encoder_2" else CLIPTextModel
-            return cls.from_pretrained(str(model_dir), torch_dtype=dtype, **kw).eval()
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TrtkitError(f"cannot load {component} from {model_dir}: {first}") from e
-
-
-def model_dims(model_dir: Path | str) -> ModelDims:
-    return ModelDims.from_folder(model_dir) if _is_local(model_dir) else ModelDims()
-
-
-def _cn() -> Any:
-    from trtkit import exporter_controlnet  # ControlNet components and the residual-input UNet
-
-    return exporter_controlnet
-
-
-def _is_t5(model_dir: Path | str, component: str) -> bool:
-    from trtkit.profiles_dit import is_t5
-
-    return component == "text_encoder_3" or (component.startswith("text_encoder") and is_t5(model_dir, component))
-
-
-def _is_dit(model_dir: Path | str, component: str) -> bool:
-    """Components whose shapes, wrapper and loading live in trtkit/exporter_dit.py and profiles_dit.py."""
-    return component in DIT_COMPONENTS or _is_t5(model_dir, component)
 
 
 # --------------------------------------------------------------------------- export wrappers
@@ -229,13 +164,13 @@ def resolve_shapes(model_dir: Path | str, component: str, profile: str | None, s
                    min_shapes: str | None = None, opt_shapes: str | None = None,
                    max_shapes: str | None = None) -> InputShapes:
     base: InputShapes | None
-    if profile and _is_dit(model_dir, component):
+    if profile and is_dit(model_dir, component):
         from trtkit.profiles_dit import DitDims
         from trtkit.profiles_dit import shapes as dit_shapes
 
         dims = DitDims.from_folder(model_dir)
-        base = dit_shapes(get_profile(profile), "text_encoder_3" if _is_t5(model_dir, component) else component, dims)
-    elif profile and (spec := _cn().spec_of(model_dir, component)) is not None:
+        base = dit_shapes(get_profile(profile), "text_encoder_3" if is_t5(model_dir, component) else component, dims)
+    elif profile and (spec := controlnet_exporter().spec_of(model_dir, component)) is not None:
         from trtkit.profiles_controlnet import shapes as cn_shapes
 
         comp = "unet" if component == "unet" else "controlnet"
@@ -259,7 +194,7 @@ def export(config: ExportConfig, progress: Any = None) -> ExportResult:
     import torch
 
     t0 = time.perf_counter()
-    if not _is_local(config.model_dir) and not str(config.model_dir).count("/") == 1:
+    if not is_local(config.model_dir) and not str(config.model_dir).count("/") == 1:
         raise TrtkitError(f"model folder {config.model_dir} does not exist")
     shapes = resolve_shapes(config.model_dir, config.component, config.profile, config.shapes)
     # Checked now, created only when there is something to write (a failed export leaves no empty folder).
@@ -270,7 +205,7 @@ def export(config: ExportConfig, progress: Any = None) -> ExportResult:
 
     step(f"loading {config.component}")
     module = load_component(config.model_dir, config.component)
-    cn = _cn()
+    cn = controlnet_exporter()
     cn_spec = cn.spec_of(config.model_dir, config.component)
     sdxl = (config.component == "unet" or cn_spec is not None) and \
         getattr(module.config, "addition_embed_type", None) == "text_time"
@@ -288,11 +223,11 @@ def export(config: ExportConfig, progress: Any = None) -> ExportResult:
     fill = None
     traced: Any = contextlib.nullcontext()
     fold = True
-    if _is_dit(config.model_dir, config.component):
+    if is_dit(config.model_dir, config.component):
         from trtkit import exporter_dit
         from trtkit.profiles_dit import DitDims, sample_values
 
-        t5 = _is_t5(config.model_dir, config.component)
+        t5 = is_t5(config.model_dir, config.component)
         outputs = exporter_dit.OUTPUT_NAMES["t5" if t5 else "transformer"]
         wrapper, scope = exporter_dit.wrapper(module, t5, shapes)
         axes = exporter_dit.dynamic_axes(shapes, outputs, t5)

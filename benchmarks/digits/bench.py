@@ -66,6 +66,26 @@ def ddim(unet, emb, labels: torch.Tensor, noise: torch.Tensor, steps: int, guida
     return x
 
 
+def add_sampling_args(ap: argparse.ArgumentParser, per_digit: int | None) -> None:
+    """The options the digits scripts share: what record_stats reads, and (unless per_digit is None) how many
+    evaluation samples eval_samples draws."""
+    if per_digit is not None:
+        ap.add_argument("--per-digit", type=int, default=per_digit, help="evaluation samples per digit")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--guidance", type=float, default=1.5)
+    ap.add_argument("--calib-prompts", type=int, default=32)
+    ap.add_argument("--calib-batch", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+
+
+def eval_samples(per_digit: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(labels, noise): `per_digit` of each digit and one fixed noise tensor, shared by every mode compared."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(10).repeat_interleave(per_digit)
+    return labels, torch.randn(len(labels), 1, SIZE, SIZE, generator=g)
+
+
 def record_stats(unet, emb, args) -> StepStats:  # type: ignore[no-untyped-def]
     """One recording over level-4 targets (a superset of every mode's); each mode reduces its own part."""
     g = torch.Generator().manual_seed(10_000 + args.seed)  # calibration noise differs from evaluation noise
@@ -99,14 +119,8 @@ def classifier():  # type: ignore[no-untyped-def]
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--per-digit", type=int, default=100)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--guidance", type=float, default=1.5)
-    ap.add_argument("--calib-prompts", type=int, default=32)
-    ap.add_argument("--calib-batch", type=int, default=2)
+    add_sampling_args(ap, per_digit=100)
     ap.add_argument("--chunk", type=int, default=500)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--modes", default="all", help="mode names separated by ';', or all")
     ap.add_argument("--out", type=Path, default=Path("/tmp/trtkit-digits"))
     args = ap.parse_args()
@@ -121,9 +135,7 @@ def main() -> None:
     print(f"calibration statistics: {stats.passes} passes x {stats.steps} steps, {len(stats.amax)} inputs, "
           f"{time.time() - t0:.1f} s", flush=True)
 
-    g = torch.Generator().manual_seed(args.seed)
-    labels = torch.arange(10).repeat_interleave(args.per_digit)
-    noise = torch.randn(len(labels), 1, SIZE, SIZE, generator=g)
+    labels, noise = eval_samples(args.per_digit, args.seed)
     modes = list(MODES) if args.modes == "all" else [m.strip() for m in args.modes.split(";")]
     unknown = [m for m in modes if m not in MODES]
     if unknown:

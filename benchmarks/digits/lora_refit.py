@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import classifier, ddim, record_stats  # noqa: E402
-from model import NULL_CLASS, SIZE, digits_images, load_model, make_scheduler  # noqa: E402
+from bench import add_sampling_args, classifier, ddim, eval_samples, record_stats  # noqa: E402
+from model import NULL_CLASS, digits_images, load_model, make_scheduler  # noqa: E402
 from quality_modes import restrict  # noqa: E402  (bench.py put benchmarks/ on sys.path)
 
 from trtkit import calibfile  # noqa: E402
@@ -130,14 +130,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--random-std", type=float, default=1.5, help="--lora random: delta size relative to the weights")
     ap.add_argument("--scale", type=float, default=0.8)
-    ap.add_argument("--per-digit", type=int, default=26)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--guidance", type=float, default=1.5)
-    ap.add_argument("--calib-prompts", type=int, default=32)
-    ap.add_argument("--calib-batch", type=int, default=2)
+    add_sampling_args(ap, per_digit=26)
     ap.add_argument("--precisions", default="INT8,FP8")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path("/tmp/trtkit-lora-refit"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -162,9 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           + ", ".join(f"{k} {v:.1e}" for k, v in agree.items()))
 
     clf, _, _ = classifier()
-    g = torch.Generator().manual_seed(args.seed)
-    labels = torch.arange(10).repeat_interleave(args.per_digit)
-    noise = torch.randn(len(labels), 1, SIZE, SIZE, generator=g)
+    labels, noise = eval_samples(args.per_digit, args.seed)
 
     def sample(model: Any, ctx: Any = None) -> torch.Tensor:
         with ctx or contextlib.nullcontext():

@@ -9,7 +9,7 @@ import argparse
 
 import numpy as np
 import torch
-from bench import record_stats
+from bench import add_sampling_args, record_stats
 from model import load_model
 
 from trtkit.calibration import levels
@@ -17,13 +17,9 @@ from trtkit.calibration import levels
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--calib-prompts", type=int, default=32)
-    ap.add_argument("--calib-batch", type=int, default=2)
-    ap.add_argument("--guidance", type=float, default=1.5)
+    add_sampling_args(ap, per_digit=None)  # calibration statistics only, no evaluation samples
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     unet, emb = load_model()
     stats = record_stats(unet, emb, args)
     keys = set(levels.targets(unet, 3.0))

@@ -37,20 +37,6 @@ def test_tiny_unet_matches(tiny_unet_onnx: Path) -> None:
     assert {a.module.rsplit(".", 1)[1] for a in m.attention} == {"attn1", "attn2"}
 
 
-def test_module_names() -> None:
-    f = patterns.module_from_node
-    assert f("/unet/down_blocks.1/attentions.0/transformer_blocks.0/attn1/to_q/MatMul", "/unet/") == \
-        "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
-    assert f("/unet/conv_in/Conv", "/unet/") == "conv_in"
-    assert f("/unet/mid_block/resnets.0/conv1/Conv", None) == "mid_block.resnets.0.conv1"  # root found without scope
-    assert f("MatMul_12", None) is None
-    assert patterns.module_from_initializer("unet.up_blocks.1.resnets.0.conv1.weight") == "up_blocks.1.resnets.0.conv1"
-    assert patterns.module_from_initializer("onnx::MatMul_3773") is None
-    assert patterns.block_of("up_blocks.0.attentions.1.proj_in") == "up_blocks.0"
-    assert patterns.block_of("mid_block.resnets.1.conv2") == "mid_block"
-    assert patterns.block_of("time_embedding.linear_1") == "other"
-
-
 def test_unscoped_graph_falls_back_to_initializer_names(tiny_unet_onnx: Path) -> None:
     model = onnx.load(str(tiny_unet_onnx))
     for i, n in enumerate(model.graph.node):

@@ -52,8 +52,8 @@ def _controls(seed: int, scales: list[float], steps: int) -> dict[str, Any]:
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
 def test_graph_equals_eager_new_image_and_scale_without_capture(mods, arch: str) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
     from trtkit.runtime.controlnet import ControlNetExecutor
-    from trtkit.runtime.executors import kernel_options
     from trtkit.runtime.graph_runner import LoopRunner
+    from trtkit.runtime.kernel_choices import kernel_options
 
     m = _on_gpu(mods[arch])
     ex = ControlNetExecutor(m["unet"], m["nets"], **kernel_options("tuned", "cuda", False))

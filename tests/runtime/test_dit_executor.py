@@ -90,7 +90,7 @@ def test_flux_fused_qkv_same_output_no_copy(dit_dirs: dict[str, Path]) -> None:
     """fuse_qkv_shared on FLUX (both streams of the joint blocks, and the single blocks): the same output as
     unfused, and the unfused projections become views of the fused weights (no second copy of them)."""
     from trtkit.runtime.dit_executor import plain_linears
-    from trtkit.runtime.executors import fuse_qkv_shared
+    from trtkit.runtime.kernel_choices import fuse_qkv_shared
 
     tf = _transformer(dit_dirs["flux"])
     g = torch.Generator().manual_seed(0)

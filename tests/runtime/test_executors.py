@@ -11,13 +11,8 @@ import pytest
 import torch
 
 from trtkit.errors import TrtkitError
-from trtkit.runtime.executors import (
-    KERNEL_PRESETS,
-    LoopShape,
-    TorchExecutor,
-    describe_options,
-    kernel_options,
-)
+from trtkit.runtime.executors import LoopShape, TorchExecutor
+from trtkit.runtime.kernel_choices import KERNEL_PRESETS, describe_options, kernel_options
 
 SHAPE = LoopShape(1, 4, 16, 16, True, 77, 64, 32, 6)
 
@@ -28,11 +23,11 @@ def _unet(model_dir: Path, device: str = "cpu", dtype: torch.dtype = torch.float
     return UNet2DConditionModel.from_pretrained(model_dir / "unet").to(device, dtype).eval()
 
 
-def _noise_pred(ex: TorchExecutor) -> np.ndarray:
+def _noise_pred(ex: TorchExecutor, shape: LoopShape = SHAPE) -> np.ndarray:
     rng = np.random.default_rng(0)
-    bufs = {k: rng.standard_normal(s).astype(np.float32) for k, (s, _) in SHAPE.unet_io().items()}
+    bufs = {k: rng.standard_normal(s).astype(np.float32) for k, (s, _) in shape.unet_io().items()}
     bufs["timestep"][0] = 500.0
-    ex.check_shape(SHAPE)
+    ex.check_shape(shape)
     ex.bind(bufs)
     ex(0)
     return bufs["noise_pred"].copy()
@@ -45,13 +40,16 @@ def test_kernel_choices_keep_the_function(tiny_model_dir: Path) -> None:
     np.testing.assert_allclose(tuned, plain, rtol=1e-4, atol=1e-4 * np.abs(plain).max())
 
 
-def test_every_eager_choice_keeps_the_function(tiny_model_dir: Path) -> None:
-    """The pure-torch part of the tuned preset on the CPU (the Triton kernels have their own tests)."""
+@pytest.mark.parametrize("hw", [(16, 16), (13, 16)])
+def test_every_eager_choice_keeps_the_function(tiny_model_dir: Path, hw: tuple[int, int]) -> None:
+    """The pure-torch part of the tuned preset on the CPU (the Triton kernels have their own tests). Latent 13x16
+    (104x128): not a multiple of the UNet's upsampling factor; check_shape takes it on every device."""
     from trtkit.runtime import geglu
 
-    plain = _noise_pred(TorchExecutor(_unet(tiny_model_dir)))
+    shape = LoopShape(1, 4, *hw, True, 77, 64, 32, 6)
+    plain = _noise_pred(TorchExecutor(_unet(tiny_model_dir)), shape)
     tuned = _noise_pred(TorchExecutor(_unet(tiny_model_dir), channels_last=True, nhwc_transformer=True,
-                                      fuse_qkv=True, fused_geglu=geglu.available()))
+                                      fuse_qkv=True, fused_geglu=geglu.available()), shape)
     np.testing.assert_allclose(tuned, plain, rtol=1e-4, atol=1e-4 * np.abs(plain).max())
 
 
@@ -134,16 +132,11 @@ def _gpu_loop(model_dir: Path, steps: int, hw: tuple[int, int] = (32, 32)
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("hw", [(32, 32), (65, 64)])
-def test_tuned_executor_graph_equals_eager_and_plain(tiny_model_dir: Path, hw: tuple[int, int],
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tuned_executor_graph_equals_eager_and_plain(tiny_model_dir: Path, hw: tuple[int, int]) -> None:
     """fp16 on the GPU: with every kernel choice on, the loop as one graph is bit-identical to the same
     executor's eager loop, and close to the plain executor (other kernels, other rounding). Latent 65x64
-    (520x512): not a multiple of the UNet's upsampling factor, which the executor refuses on a GPU until this
-    test has passed there (executors.GPU_CHECKED_LATENT_MULTIPLE)."""
-    from trtkit.runtime import executors
+    (520x512): not a multiple of the UNet's upsampling factor, which the executor refused before."""
     from trtkit.runtime.graph_runner import LoopRunner
-
-    monkeypatch.setattr(executors, "GPU_CHECKED_LATENT_MULTIPLE", 1)
 
     shape, tab, x, cond = _gpu_loop(tiny_model_dir, 10, hw)
     out = {}

@@ -13,7 +13,7 @@ def _config(model_dir: Path, engines: Path | None, prompt: str, negative_prompt:
             backend: str | None = None, lora: Path | None = None,
             lora_scale: float | None = None):  # type: ignore[no-untyped-def]
     from trtkit.errors import TrtkitError
-    from trtkit.runtime.executors import KERNEL_PRESETS
+    from trtkit.runtime.kernel_choices import KERNEL_PRESETS
     from trtkit.runtime.pipeline import RunConfig
     from trtkit.runtime.schedulers import SCHEDULERS
 

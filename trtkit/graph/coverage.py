@@ -16,7 +16,7 @@ from typing import Any
 import onnx_graphsurgeon as gs
 
 from trtkit._files import load_onnx
-from trtkit.graph import patterns
+from trtkit.graph import module_names, patterns
 from trtkit.graph.qdq import META_KEY
 
 KINDS = ("linear", "conv", "attention")
@@ -111,7 +111,7 @@ def coverage(onnx_path: Path | str) -> CoverageReport:
     from trtkit.graph import patterns_controlnet, patterns_dit
 
     block_of = patterns_dit.block_kind if patterns_dit.is_dit(meta) else (  # DiT, ControlNet: per block kind
-        patterns_controlnet.block_kind if patterns_controlnet.is_controlnet(meta) else patterns.block_of)
+        patterns_controlnet.block_kind if patterns_controlnet.is_controlnet(meta) else module_names.block_of)
     has_qdq = any(n.op in ("QuantizeLinear", "DequantizeLinear") for n in graph.nodes)
 
     def why(module: str, fallback: str) -> str:

@@ -15,6 +15,7 @@ A graph is a ControlNet when its export metadata says `trtkit.component` = contr
 from __future__ import annotations
 
 from trtkit.graph.choice import UNET_RULES, Rules
+from trtkit.graph.module_names import block_of
 
 # (module prefix, why). Measured on the tiny ControlNets (trtkit/tiny_controlnet.py; tiny-256 opt shapes, inputs
 # of another seed than the pass's max-calibration run; FP32 outside the Q/DQ): relative error of the UNet's
@@ -56,7 +57,5 @@ RULES = Rules(exclusion, UNET_RULES.admits)
 def block_kind(module: str) -> str:
     """Coverage groups: the UNet's blocks (down_blocks.N, mid_block), the conditioning embedding, the zero
     convs, other (embeddings, conv_in)."""
-    from trtkit.graph.patterns import block_of
-
     root = module.split(".")[0]
     return BLOCK_KINDS.get(root) or block_of(module)

@@ -11,23 +11,20 @@ from typing import Any
 
 from trtkit.inspector.layers import ATTENTION_HINTS, LOW_BIT, Layer
 from trtkit.inspector.onnx_report import ATTENTION_NODE, OnnxScan, module_of, node_block
+from trtkit.inspector.rows import JsonRow
 
 
 @dataclass(frozen=True)
-class AttentionStatus:
+class AttentionStatus(JsonRow):
     module: str
     block: str
     status: str  # "fused" | "not fused" | "unknown"
     detail: str
     layers: tuple[str, ...] = ()
 
-    def to_json(self) -> dict[str, Any]:
-        return {"module": self.module, "block": self.block, "status": self.status, "detail": self.detail,
-                "layers": list(self.layers)}
-
 
 @dataclass(frozen=True)
-class CrossCheck:
+class CrossCheck(JsonRow):
     node: str
     kind: str
     module: str
@@ -37,11 +34,6 @@ class CrossCheck:
     precision: str  # what the layer ran in
     layer: str | None
     reason: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {"node": self.node, "kind": self.kind, "module": self.module, "block": self.block,
-                "expected": self.expected, "outcome": self.outcome, "precision": self.precision,
-                "layer": self.layer, "reason": self.reason}
 
 
 def _block_order(block: str) -> tuple[int, str]:

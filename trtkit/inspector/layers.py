@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trtkit.errors import TrtkitError
+from trtkit.inspector.rows import JsonRow
 
 ONNX_LAYER_RE = re.compile(r"\[ONNX Layer: ([^\]]+)\]")
 # Myelin regions are named "{ForeignNode[first_node...last_node]}" when only names are kept.
@@ -58,7 +59,7 @@ def canonical_dtype(text: str | None) -> str | None:
 
 
 @dataclass(frozen=True)
-class TensorInfo:
+class TensorInfo(JsonRow):
     name: str
     dtype: str | None  # canonical: FP32, FP16, BF16, INT8, FP8, INT32, ...
     format: str  # layout words, dtype removed: "Row major linear", "Channel major ... % 8 == 0"
@@ -85,10 +86,6 @@ class TensorInfo:
         dims_t = tuple(int(d) for d in dims) if isinstance(dims, list) and all(
             isinstance(d, (int, float)) for d in dims) else None
         return cls(str(obj.get("Name", "")), dtype, fmt, dims_t, obj.get("Location"))
-
-    def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "format": self.format,
-                "dims": list(self.dims) if self.dims is not None else None, "location": self.location}
 
 
 @dataclass(frozen=True)
@@ -247,16 +244,12 @@ def region_precision(layer: Layer) -> str:
 
 
 @dataclass(frozen=True)
-class IOTensor:
+class IOTensor(JsonRow):
     name: str
     mode: str | None = None  # "Input" / "Output" (TensorRT 11 only)
     dtype: str | None = None
     dims: tuple[int, ...] | None = None
     profiles: tuple[dict[str, Any], ...] = ()
-
-    def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "mode": self.mode, "dtype": self.dtype,
-                "dims": list(self.dims) if self.dims is not None else None, "profiles": list(self.profiles)}
 
 
 @dataclass(frozen=True)

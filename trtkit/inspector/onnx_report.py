@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from trtkit._files import load_onnx
+from trtkit.inspector.rows import JsonRow
 
 WEIGHTED_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
 # onnx.TensorProto data types of the quantized side of a Q/DQ pair.
@@ -23,7 +24,7 @@ ATTENTION_NODE = re.compile(r"^(?P<module>.*/attn\d*)/(?P<op>MatMul|MatMul_1|Sof
 
 
 @dataclass(frozen=True)
-class QNode:
+class QNode(JsonRow):
     """A linear, conv or attention-matmul node and whether Q/DQ feeds it."""
 
     node: str
@@ -40,13 +41,9 @@ class QNode:
     def quantized(self) -> bool:
         return self.qtype is not None
 
-    def to_json(self) -> dict[str, Any]:
-        return {"node": self.node, "op": self.op, "kind": self.kind, "module": self.module, "block": self.block,
-                "qtype": self.qtype, "act_q": self.act_q, "weight_q": self.weight_q, "feeders": list(self.feeders)}
-
 
 @dataclass(frozen=True)
-class AttentionCore:
+class AttentionCore(JsonRow):
     """Q·Kᵀ MatMul, Softmax, ·V MatMul of one attention module, by node name."""
 
     module: str
@@ -58,10 +55,6 @@ class AttentionCore:
     @property
     def nodes(self) -> tuple[str, ...]:
         return tuple(n for n in (self.bmm1, self.softmax, self.bmm2) if n)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"module": self.module, "block": self.block, "bmm1": self.bmm1, "softmax": self.softmax,
-                "bmm2": self.bmm2}
 
 
 @dataclass

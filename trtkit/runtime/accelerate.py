@@ -99,7 +99,7 @@ def accelerate(pipe: Any, engines: Path | str | None = None, cuda_graph: bool = 
             raise TrtkitError(f"{base.__name__}: accelerate runs ControlNet pipelines with the torch UNet only; "
                               "leave engines unset")
         from trtkit.runtime.controlnet import ControlNetExecutor, controlnets
-        from trtkit.runtime.executors import kernel_options
+        from trtkit.runtime.kernel_choices import kernel_options
 
         executor: Any = ControlNetExecutor(pipe.unet, controlnets(pipe.controlnet), compile=compile,
                                            **kernel_options(kernels, device, compile))

@@ -140,13 +140,13 @@ class DitTorchExecutor(StepExecutor):
         if scope is not None and self.family == "flux" and plain_linears(transformer):
             # one GEMM for q/k/v of each stream (diffusers' fuse_qkv_projections, the unfused weights made views of
             # the fused ones); with the compiled blocks it is part of the FLUX row in docs/benchmarks.md
-            from trtkit.runtime.executors import fuse_qkv_shared
+            from trtkit.runtime.kernel_choices import fuse_qkv_shared
 
             fuse_qkv_shared(transformer)
             fused = True
         if scope is not None:
             compile_blocks(transformer, scope=str(scope))
-        from trtkit.runtime.executors import sdpa_choice
+        from trtkit.runtime.kernel_choices import sdpa_choice
 
         sdpa_choice(attention)  # checks the name now, not at the first call
         self.options: dict[str, Any] = {"compile": scope or False, "fuse_qkv": fused, "attention": attention}
@@ -192,7 +192,7 @@ class DitTorchExecutor(StepExecutor):
         t, b = self.t, self.shape.unet_batch  # type: ignore[union-attr]
         if self.uses_torch_stream and torch.cuda.current_stream().cuda_stream != stream:  # pragma: no cover
             raise RuntimeError("DitTorchExecutor called outside the loop's torch stream")
-        from trtkit.runtime.executors import sdpa_choice
+        from trtkit.runtime.kernel_choices import sdpa_choice
 
         with torch.no_grad(), sdpa_choice(self.options["attention"]):
             if self.family == "flux":
