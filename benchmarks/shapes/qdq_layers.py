@@ -68,6 +68,7 @@ def layer_report(unet: Any, onnx_path: Path, q_path: Path, cal: Any, feeds: dict
     omatch = patterns.find(orig, patterns.scope_of({p.key: p.value for p in onnx.load(str(onnx_path),
                                                     load_external_data=False).metadata_props}))
     onodes = {n.name: n for n in orig.nodes}
+    order = {n.name: i for i, n in enumerate(orig.toposort().nodes)}
     qmodel = onnx.load(str(q_path))
     g = gs.import_onnx(qmodel)
     nodes = {n.name: n for n in g.nodes}
@@ -93,7 +94,7 @@ def layer_report(unet: Any, onnx_path: Path, q_path: Path, cal: Any, feeds: dict
             continue
         node = nodes[m.node]
         pair = qdq_of(node.inputs[0])
-        entry: dict[str, Any] = {"kind": m.kind, "op": node.op, "qdq": pair is not None}
+        entry: dict[str, Any] = {"kind": m.kind, "op": node.op, "qdq": pair is not None, "order": order[m.node]}
         if pair is not None:
             q, _dq = pair
             entry["pre"] = expose(q.inputs[0])
@@ -144,19 +145,25 @@ def layer_report(unet: Any, onnx_path: Path, q_path: Path, cal: Any, feeds: dict
     T = {k: torch.from_numpy(np.asarray(v)) for k, v in vals.items() if k in want}
 
     # the drift: FP32 inputs of the quantized modules in the fake-quant torch run (before smoothing)
+    # and in the FP32 run: the size of the quantization error the drift is compared with
     seen: dict[str, torch.Tensor] = {}
-    handles = [modules[k].register_forward_pre_hook(lambda _m, args, _k=k: seen.__setitem__(_k, args[0].detach()))
+    seen32: dict[str, torch.Tensor] = {}
+    into = seen32
+    handles = [modules[k].register_forward_pre_hook(lambda _m, args, _k=k: into.__setitem__(_k, args[0].detach()))
                for k, e in plan.items() if e["kind"] != "attention"]
     try:
-        with torch.no_grad(), fakequant.quantized(unet, cal):
+        with torch.no_grad():
             unet(x_in, t, encoder_hidden_states=enc)
+            into = seen
+            with fakequant.quantized(unet, cal):
+                unet(x_in, t, encoder_hidden_states=enc)
     finally:
         for h in handles:
             h.remove()
 
     rows: dict[str, Any] = {}
     for name, e in plan.items():
-        r: dict[str, Any] = {"kind": e["kind"]}
+        r: dict[str, Any] = {"kind": e["kind"], "order": e.get("order", -1)}
         if e["kind"] == "attention":
             for role in ("q_bmm", "k_bmm", "v_bmm", "softmax"):
                 er = e[role]
@@ -192,6 +199,7 @@ def layer_report(unet: Any, onnx_path: Path, q_path: Path, cal: Any, feeds: dict
             r["smooth_rel"] = _rel(pre, x32 / s if s is not None else x32)
             if name in seen and seen[name].shape == x32.shape:
                 r["drift_rel"] = _rel(seen[name], x32)
+                r["quant_rel"] = _rel(seen[name], seen32[name])
             with torch.no_grad():
                 if isinstance(mod, torch.nn.Conv2d):
                     y = torch.nn.functional.conv2d(act, w_fq, mod.bias, mod.stride, mod.padding, mod.dilation,
@@ -204,7 +212,7 @@ def layer_report(unet: Any, onnx_path: Path, q_path: Path, cal: Any, feeds: dict
 
 
 def summarize(rows: dict[str, Any]) -> dict[str, Any]:
-    lin = [r for r in rows.values() if r["kind"] != "attention"]
+    lin = sorted((r for r in rows.values() if r["kind"] != "attention"), key=lambda r: r["order"])
     att = [r[role] for r in rows.values() if r["kind"] == "attention" for role in ("q_bmm", "k_bmm", "v_bmm",
                                                                                       "softmax")
            if isinstance(r[role], dict)]
@@ -220,7 +228,9 @@ def summarize(rows: dict[str, Any]) -> dict[str, Any]:
             "scale_vs_amax_range": [min([r["scale_vs_amax"] for r in lin + att if "scale_vs_amax" in r] or [1]),
                                     max([r["scale_vs_amax"] for r in lin + att if "scale_vs_amax" in r] or [1])],
             "drift_rel_first_last_max": (lambda d: [d[0], d[-1], max(d)] if d else None)(
-                [r["drift_rel"] for r in lin if "drift_rel" in r])}
+                [r["drift_rel"] for r in lin if "drift_rel" in r]),
+            "quant_rel_first_last_max": (lambda d: [d[0], d[-1], max(d)] if d else None)(
+                [r["quant_rel"] for r in lin if "quant_rel" in r])}
 
 
 def main() -> None:
