@@ -101,8 +101,7 @@ def layer_report(unet: Any, onnx_path: Path, q_path: Path, cal: Any, feeds: dict
             entry["act"] = expose(node.inputs[0])
             entry["scale"] = float(np.asarray(q.inputs[1].values))
             pre_p = patterns.producer(q.inputs[0])
-            if pre_p is not None and pre_p.op == "Mul" and pre_p.name.endswith(tuple(f"smooth/Mul{s}" for s in
-                                                                                     ("", *map(str, range(1, 9))))):
+            if pre_p is not None and pre_p.op == "Mul" and "/smooth/Mul" in pre_p.name:  # rewrite.Inserter.mul
                 entry["fp32_in"], entry["smooth_via"] = expose(pre_p.inputs[0]), "Mul"
             elif m.module in cal.smooth:  # folded into the LayerNorm producing the pre-Q tensor
                 ln, oln = pre_p, onodes[pre_p.name]
@@ -141,8 +140,8 @@ def layer_report(unet: Any, onnx_path: Path, q_path: Path, cal: Any, feeds: dict
         onnx.save(gs.export_onnx(g), str(p))
         sess = ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
         names = [o.name for o in sess.get_outputs()]
-        vals = dict(zip(names, sess.run(None, feeds)))
-    T = {k: torch.from_numpy(np.asarray(v)) for k, v in vals.items() if k in want}
+        vals = dict(zip(names, sess.run(None, feeds), strict=True))
+    T = {k: torch.from_numpy(np.array(v)) for k, v in vals.items() if k in want}
 
     # the drift: FP32 inputs of the quantized modules in the fake-quant torch run (before smoothing)
     # and in the FP32 run: the size of the quantization error the drift is compared with
