@@ -122,10 +122,11 @@ def main() -> None:
     torch.backends.cudnn.allow_tf32 = False
     t_all = time.time()
     unet, text_encoder, _, source = load(args)
-    mode = MODES[MODE]
+    recipe = MODES[MODE].recipe
+    assert recipe is not None
     stats = record(unet, text_encoder, args)
     with torch.no_grad():
-        cal = qm.calibration(stats, unet, mode.recipe, args.out.with_suffix(".calib.json"))
+        cal = qm.calibration(stats, unet, recipe, args.out.with_suffix(".calib.json"))
     amax, why_not = select_layers(unet, cal.activations)
     print(f"{len(amax)} linears FP8 on both sides; left out: {len(why_not)} "
           f"({sum('Linear' in w for w in why_not.values())} convs, "
@@ -137,7 +138,7 @@ def main() -> None:
     x_in = torch.cat([M.seeded_noise(seeds[:n1])] * 2).to(args.device)
     with torch.no_grad():
         enc = torch.cat([M.encode(text_encoder, [""] * n1), M.encode(text_encoder, caps[:n1])])
-    sched = M.make_scheduler()
+    sched: Any = M.make_scheduler()
     sched.set_timesteps(args.steps)
     t0 = sched.timesteps[0]  # the first step: the call with the widest ranges
 

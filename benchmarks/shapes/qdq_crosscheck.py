@@ -164,7 +164,7 @@ def main() -> None:
                     finally:
                         unet.conv_in.bias.copy_(bias)
 
-            r = {"calibration": str(path), "qdq_pairs": q.qdq_pairs, "calibration_source": q.calibration,
+            r: dict[str, Any] = {"calibration": str(path), "qdq_pairs": q.qdq_pairs, "calibration_source": q.calibration,
                  "rmse_qdq_fake": rmse(real, fake), "rmse_fake_fp32": rmse(fake, fp32),
                  "rmse_qdq_fp32": rmse(real, fp32),
                  "psnr_qdq_vs_fake": metrics.mean_se(finite(metrics.psnr(real, fake))),

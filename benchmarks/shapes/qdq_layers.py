@@ -104,6 +104,7 @@ def layer_report(unet: Any, onnx_path: Path, q_path: Path, cal: Any, feeds: dict
             if pre_p is not None and pre_p.op == "Mul" and "/smooth/Mul" in pre_p.name:  # rewrite.Inserter.mul
                 entry["fp32_in"], entry["smooth_via"] = expose(pre_p.inputs[0]), "Mul"
             elif m.module in cal.smooth:  # folded into the LayerNorm producing the pre-Q tensor
+                assert pre_p is not None and pre_p.op == "LayerNormalization", (m.module, pre_p)
                 ln, oln = pre_p, onodes[pre_p.name]
                 entry["ln_in"], entry["smooth_via"] = expose(ln.inputs[0]), "LayerNorm"
                 entry["ln"] = (float_values(oln.inputs[1], onnx_path.parent),
@@ -111,6 +112,7 @@ def layer_report(unet: Any, onnx_path: Path, q_path: Path, cal: Any, feeds: dict
             else:
                 entry["fp32_in"] = entry["pre"]
         wdq = patterns.producer(node.inputs[1])
+        assert wdq is not None and wdq.op == "DequantizeLinear", (m.module, wdq)
         entry["w_dq"] = expose(wdq.outputs[0])
         entry["out"] = expose(node.outputs[0])
         plan[m.module] = entry
