@@ -71,3 +71,22 @@ def test_qdq_crosscheck_agrees_with_fake_quant(bench_out: Path) -> None:
     for name, r in doc["modes"].items():
         assert r["pass"], (name, out)
         assert r["qdq_pairs"] > 0 and r["calibration_source"].startswith("calibration")
+
+
+@pytest.mark.slow
+def test_qdq_layers_fake_and_onnx_agree_on_the_same_inputs(bench_out: Path) -> None:
+    """Layer by layer on the same tensors (onnxruntime's), fake quantization and the Q/DQ graph are the same
+    arithmetic: the same weights after quantization, the same smoothing, the same rounding (up to float ties)
+    in every activation quantizer (attention BMM inputs included for FP8), the same op outputs."""
+    out = bench_out / "layers.json"
+    run("qdq_layers.py", "--untrained", "--calib-dir", str(bench_out), "--modes", "INT8 mean + SQ;FP8 max",
+        "--out", str(out))
+    doc = json.loads(out.read_text())
+    for name, m in doc["modes"].items():
+        s = m["summary"]
+        assert s["layers"] > 0 and s["max_weight_rel"] == 0, (name, s)
+        assert s["max_quantizer_differ"] < 1e-3 and s["max_smooth_rel"] < 1e-5 and s["max_op_rel"] < 1e-5, (name, s)
+        assert 1 - 1e-6 < s["scale_vs_amax_range"][0] <= s["scale_vs_amax_range"][1] < 1 + 1e-6, (name, s)
+    assert doc["modes"]["FP8 max"]["summary"]["attention_inputs"] > 0
+    assert doc["modes"]["FP8 max"]["summary"]["max_attention_quantizer_differ"] < 1e-3
+    assert any(r.get("smoothing") in ("Mul", "LayerNorm") for r in doc["modes"]["INT8 mean + SQ"]["layers"].values())
