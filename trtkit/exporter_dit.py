@@ -19,6 +19,7 @@ from trtkit.profiles import InputShapes
 from trtkit.profiles_dit import TRANSFORMER_CLASSES
 
 OUTPUT_NAMES = {"transformer": ["noise_pred"], "t5": ["last_hidden_state"]}
+_CAST_INPUTS = ("hidden_states", "encoder_hidden_states", "pooled_projections")
 
 
 def load(model_dir: Path | str, component: str, t5: bool, dtype: Any = None) -> Any:
@@ -153,6 +154,8 @@ def wrapper(module: Any, t5: bool, shapes: InputShapes) -> tuple[Any, str]:
     import torch
 
     names = list(shapes)
+    dtype = next(module.parameters()).dtype
+    low = dtype if dtype in (torch.float16, torch.bfloat16) else None
 
     class TransformerWrap(torch.nn.Module):
         def __init__(self) -> None:
@@ -160,7 +163,12 @@ def wrapper(module: Any, t5: bool, shapes: InputShapes) -> tuple[Any, str]:
             self.transformer = module
 
         def forward(self, *args: Any) -> Any:
-            return self.transformer(**dict(zip(names, args, strict=True)), return_dict=False)[0]
+            if low is None:
+                return self.transformer(**dict(zip(names, args, strict=True)), return_dict=False)[0]
+            # 16-bit weights (ExportConfig.dtype): the ONNX keeps FP32 inputs and output, cast at the edges;
+            # timestep, guidance and the RoPE ids stay FP32 (diffusers casts the first two itself)
+            kw = {n: a.to(low) if n in _CAST_INPUTS else a for n, a in zip(names, args, strict=True)}
+            return self.transformer(**kw, return_dict=False)[0].float()
 
     class T5Wrap(torch.nn.Module):
         def __init__(self) -> None:
