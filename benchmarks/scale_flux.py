@@ -21,7 +21,8 @@ Stages (`--stages`, in this order; each runs in its own subprocess, so each has 
   build     `python -m trtkit build work/q/transformer.onnx --fp8 --backend rtx --target-cc 8.9 -p flux-1024`
             with CUDA_VISIBLE_DEVICES="" (TensorRT-RTX builds ahead of time for the target on the CPU).
 
-Measured per stage: wall seconds; peak RSS from os.wait4 on the stage's process (its ru_maxrss: the
+Measured per stage: wall seconds and CPU seconds (user + system, from os.wait4: on a shared machine the
+better measure of the work); peak RSS from os.wait4 on the stage's process (its ru_maxrss: the
 process's own high-water mark, children it waited for included), and a /proc/<pid>/status VmRSS poll every
 0.2 s as a cross-check; peak disk of the work folder (allocated blocks, polled) and its size after the stage;
 the stage's output size. After every stage the JSON (`--out`) is rewritten and a line appended to the log
@@ -216,6 +217,7 @@ def run_stage(stage: str, args: argparse.Namespace, work: Path, log: Any) -> dic
     mon.join()
     out = paths(work)[stage]
     row: dict[str, Any] = {"ok": proc.returncode == 0, "rc": proc.returncode, "seconds": round(secs, 2),
+                           "cpu_seconds": round(ru.ru_utime + ru.ru_stime, 2),
                            "peak_rss_bytes": ru.ru_maxrss * 1024, "peak_rss_polled_bytes": mon.rss,
                            "disk_before_bytes": disk0, "disk_peak_bytes": max(mon.disk, disk_used(work)),
                            "output": str(out), "output_bytes": size_of(out) if out.exists() else 0,
