@@ -163,7 +163,11 @@ STAGE_FNS = {"export": stage_export, "calib": stage_calib}
 def cli_command(stage: str, work: Path, args: argparse.Namespace) -> list[str]:
     p = paths(work)
     if stage == "quantize":
-        return [sys.executable, "-m", "trtkit", "quantize", str(p["export"]), "--fp8", "--level", "4",
+        # --spill-always: the pass writes its 8-bit weights straight to the output's data file, as it does for
+        # any source past 2 GB (a full-size FLUX); lowered so that small depths measure the same path
+        cli = ["-c", "import trtkit.graph.qdq as q; q.ONNX_PROTO_LIMIT = 0; from trtkit.cli import entry; entry()"] \
+            if args.spill_always else ["-m", "trtkit"]
+        return [sys.executable, *cli, "quantize", str(p["export"]), "--fp8", "--level", "4",
                 "--calib", str(p["calib"]), "-o", str(p["quantize"])]
     return [sys.executable, "-m", "trtkit", "build", str(p["quantize"]), "--fp8", "--backend", "rtx",
             "--target-cc", args.target_cc, "-p", args.profile, "-o", str(p["build"])]
@@ -244,6 +248,8 @@ def main() -> int:
     ap.add_argument("--target-cc", default="8.9")
     ap.add_argument("--profile", default="flux-1024")
     ap.add_argument("--cpu", action="store_true", help="make and trace the model on the CPU even with a GPU")
+    ap.add_argument("--spill-always", action="store_true",
+                    help="quantize: spill 8-bit weights to disk as past 2 GB, also below (small-depth runs)")
     ap.add_argument("--keep-export", action="store_true", help="keep the unquantized ONNX after quantize")
     ap.add_argument("--force", action="store_true", help="rerun stages whose output exists")
     ap.add_argument("--seed", type=int, default=0)

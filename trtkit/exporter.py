@@ -355,11 +355,15 @@ def export(config: ExportConfig, progress: Any = None, module: Any = None) -> Ex
             raise TrtkitError(f"ONNX export of {config.component} failed: {str(e).splitlines()[0]}") from e
 
         step("shape inference")
-        model = onnx.load(str(tmp))
+        # A model with external data stays on disk: its weights are streamed from the exporter's files to the
+        # output's data file one at a time (a FLUX-size transformer's would otherwise be held once loaded and
+        # once more as its folded transposes).
+        stream = use_external and not fold
+        model = onnx.load(str(tmp), load_external_data=not stream)
         if not fold:
             from trtkit.exporter_dit import fold_weight_transposes
 
-            fold_weight_transposes(model)
+            fold_weight_transposes(model, Path(tmpd) if stream else None)
         component = "controlnet" if cn.is_controlnet(config.component) else config.component  # shapes by kind
         _set_meta(model, {META_COMPONENT: component, META_SCOPE: f"/{scope}/",
                           META_PROFILE: config.profile or "", META_SOURCE: str(config.model_dir), **meta})
@@ -370,8 +374,14 @@ def export(config: ExportConfig, progress: Any = None, module: Any = None) -> Ex
             result.notes.append(f"this folder has {len(more)} ControlNets; export the others too "
                                 f"({', '.join('-c ' + m for m in more[1:])}): one engine each, the runtime adds "
                                 "their residuals")
-        with staged_onnx(model, dest, external=use_external) as staged:
+        if stream:
+            from trtkit.graph.external import Streamer
+
+            Streamer(Path(tmpd)).write(model, dest, strict=False, check=False)
             del model
+        with contextlib.nullcontext(dest) if stream else staged_onnx(model, dest, external=use_external) as staged:
+            if not stream:
+                del model
             if config.check:
                 step("checking against torch (onnxruntime)")
                 with torch.no_grad():
