@@ -32,6 +32,7 @@ exists is skipped (resumable); `--force` reruns.
 Usage:  python benchmarks/scale_flux.py --workdir /tmp/scale --out scale.json            (full size, GPU machine)
         python benchmarks/scale_flux.py --layers 1 --single-layers 1 --workdir w --out s.json  (CPU, FLUX widths)
         python benchmarks/scale_flux.py --tiny --layers 1 --single-layers 1 ...          (tiny widths: the test)
+        python benchmarks/scale_flux.py --extrapolate w11/scale.json w22/scale.json       (to 19 + 38 blocks)
 """
 
 from __future__ import annotations
@@ -232,7 +233,45 @@ def run_stage(stage: str, args: argparse.Namespace, work: Path, log: Any) -> dic
     return row
 
 
+def full_params(cfg: dict[str, Any]) -> int:
+    """Parameters of a FLUX config, counted on the meta device (no memory)."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in FluxTransformer2DModel(**cfg).parameters())
+
+
+def extrapolate(files: list[Path]) -> dict[str, Any]:
+    """Each stage's metrics as a straight line in the parameter count through the small-depth runs (least
+    squares), evaluated at FLUX.1-dev's depth: blocks differ in size, but every stage's work and memory is
+    per weight byte (write, read, quantize, parse), and both block kinds are linears of the same widths."""
+    import numpy as np
+
+    docs = [json.loads(f.read_text()) for f in files]
+    target = full_params(FLUX_DEV)
+    out: dict[str, Any] = {"params": target, "from": [str(f) for f in files]}
+    for stage in STAGES:
+        rows = [(d["stages"]["export"].get("params") or full_params(d["config"]), d["stages"][stage])
+                for d in docs if d.get("stages", {}).get(stage, {}).get("ok")]
+        if len(rows) < 2:
+            continue
+        x = np.array([r[0] for r in rows], float)
+        pred: dict[str, float] = {}
+        for key in ("seconds", "cpu_seconds", "peak_rss_bytes", "output_bytes", "disk_peak_bytes"):
+            ys = [r[1].get(key) for r in rows]
+            if any(y is None for y in ys):
+                continue
+            slope, icpt = np.polyfit(x, np.array(ys, float), 1)
+            pred[key] = float(slope * target + icpt)
+        out[stage] = pred
+    return out
+
+
 def main() -> int:
+    if len(sys.argv) > 2 and sys.argv[1] == "--extrapolate":  # scale_flux.py --extrapolate a.json b.json ...
+        print(json.dumps(extrapolate([Path(a) for a in sys.argv[2:]]), indent=1))
+        return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=19, help="joint (double) blocks; FLUX.1: 19")
     ap.add_argument("--single-layers", type=int, default=38, help="single-stream blocks; FLUX.1: 38")

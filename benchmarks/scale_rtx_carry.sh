@@ -6,7 +6,7 @@
 #   TensorRT-RTX here is a cp311 install: its bindings (tensorrt_rtx_bindings/tensorrt_rtx.so) are a pybind11
 #   module built for CPython 3.11, which 3.12 cannot import, so the cp312 bindings wheel is fetched with pip;
 #   the libraries (libtensorrt_rtx.so.1, 234 MB, and the ONNX parser) and the `tensorrt_rtx` package are
-#   Python-independent and copied from this install. All of it goes into one tar, compressed with xz -9e, split.
+#   Python-independent and copied from this install. All of it goes into one tar, compressed with xz -9, split.
 #
 # Usage (repo root):  benchmarks/scale_rtx_carry.sh            -> .rtxc/1 .. .rtxc/N, prints N and the commands
 #   Keep .rtxc out of git: echo /.rtxc/ >> .git/info/exclude
@@ -49,7 +49,7 @@ python3 -m pip download -q "${PY[@]}" -d "$tmp/pack/wheels" "tensorrt_rtx_cu13_b
   "diffusers==$(python3 -c 'import diffusers; print(diffusers.__version__)')" \
   "onnx-graphsurgeon==$(python3 -c 'import onnx_graphsurgeon; print(onnx_graphsurgeon.__version__)')"
 ls "$tmp/pack/wheels"
-tar -C "$tmp/pack" -cf - . | xz -9e -T2 > "$tmp/rtx.tar.xz"
+tar -C "$tmp/pack" -cf - . | xz -9 -T2 > "$tmp/rtx.tar.xz"
 rm -rf .rtxc
 mkdir -p .rtxc
 (cd "$tmp" && split -b "$CHUNK" -d -a 2 rtx.tar.xz part.)

@@ -360,6 +360,10 @@ def export(config: ExportConfig, progress: Any = None, module: Any = None) -> Ex
         # once more as its folded transposes).
         stream = use_external and not fold
         model = onnx.load(str(tmp), load_external_data=not stream)
+        if stream:
+            from trtkit.exporter_dit import inline_attribute_tensors
+
+            inline_attribute_tensors(model, Path(tmpd))
         if not fold:
             from trtkit.exporter_dit import fold_weight_transposes
 

@@ -157,6 +157,22 @@ def fold_weight_transposes(model: Any, base_dir: Path | None = None) -> int:
     return len(done)
 
 
+def inline_attribute_tensors(model: Any, base_dir: Path) -> int:
+    """Constant nodes' tensors that torch wrote to files of their own (past 2 GB it writes every tensor out)
+    back into the graph: they are small, and only initializers are streamed to the output's data file."""
+    import onnx
+    from onnx.external_data_helper import _get_attribute_tensors, load_external_data_for_tensor
+
+    n = 0
+    for t in _get_attribute_tensors(model):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            load_external_data_for_tensor(t, str(base_dir))
+            t.data_location = onnx.TensorProto.DEFAULT
+            del t.external_data[:]
+            n += 1
+    return n
+
+
 def _location(t: Any) -> str:
     return next((e.value for e in t.external_data if e.key == "location"), "")
 
