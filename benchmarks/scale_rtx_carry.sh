@@ -14,15 +14,14 @@
 #   mkdir -p /tmp/rtxparts && cp .rtxc/*/part.* /tmp/rtxparts/
 # then, once all parts are there (same call as the last part, or the next):
 #   source benchmarks/scale_rtx_carry.sh --unpack
-# which assembles /tmp/rtx/{site,...}, installs the wheels there, and exports PYTHONPATH and LD_LIBRARY_PATH.
+# which assembles /tmp/rtx/site (the libraries, and the wheels unzipped), and exports PYTHONPATH and LD_LIBRARY_PATH.
 set -euo pipefail
 
 if [ "${1:-}" = "--unpack" ]; then  # sourced on the device
   if [ ! -d /tmp/rtx/site/tensorrt_rtx_libs ]; then
     mkdir -p /tmp/rtx
     cat $(ls /tmp/rtxparts/part.* | sort -V) | xz -d -T0 | tar -x -C /tmp/rtx
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/rtx/site \
-      /tmp/rtx/wheels/*.whl
+    for w in /tmp/rtx/wheels/*.whl; do python3 -m zipfile -e "$w" /tmp/rtx/site/; done  # wheels are zips
   fi
   export PYTHONPATH=/tmp/rtx/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
   export LD_LIBRARY_PATH=/tmp/rtx/site/tensorrt_rtx_libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
