@@ -335,7 +335,8 @@ def main() -> int:
             results[stage] = row
             out_json.write_text(json.dumps(doc, indent=1) + "\n")
             gb = 1e9
-            log.write(f"[scale] {time.strftime('%H:%M:%S')} {stage} {'ok' if row['ok'] else 'FAILED rc=%d' % row['rc']} "
+            status = "ok" if row["ok"] else f"FAILED rc={row['rc']}"
+            log.write(f"[scale] {time.strftime('%H:%M:%S')} {stage} {status} "
                       f"{row['seconds']:.1f} s, peak RSS {row['peak_rss_bytes'] / gb:.2f} GB, output "
                       f"{row['output_bytes'] / gb:.2f} GB, disk peak {row['disk_peak_bytes'] / gb:.2f} GB\n")
             if not row["ok"]:

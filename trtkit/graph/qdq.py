@@ -48,7 +48,15 @@ from trtkit.graph.choice import (
     matches_pattern,
     resolve_level,
 )
-from trtkit.graph.onnx_io import Spill, external_bytes, load_onnx, materialize_external, opset, set_meta, write_model
+from trtkit.graph.onnx_io import (
+    Spill,
+    external_bytes,
+    load_onnx,
+    materialize_external,
+    opset,
+    set_meta,
+    write_model,
+)
 from trtkit.graph.ranges import activation_ranges, max_calibrate, sample_feeds
 from trtkit.graph.rewrite import attention_core, insert_qdq
 from trtkit.graph.scales import (
