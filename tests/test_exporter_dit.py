@@ -61,3 +61,36 @@ def test_fold_on_disk_equals_in_memory(tmp_path: Path) -> None:
     run = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
            for p in (mem_path, out / "m.onnx")]
     assert np.array_equal(run[0], run[1])
+
+
+def test_float16_export_quantizes_like_float32(tiny_dit_dir, tiny_dit_onnx, tmp_path: Path) -> None:
+    """`dtype="float16"` (what a FLUX-size export uses: 24 GB instead of 48) keeps FP32 inputs and output,
+    stores FP16 weights, matches the FP32 export, and goes through the FP8 level-4 pass (whose FP16 pass now
+    types the FP32 islands of a 16-bit graph) to the same error against FP32 as the FP32 export does."""
+    from trtkit.exporter import ExportConfig, export, run_onnxruntime
+    from trtkit.graph.qdq import QuantizeConfig, quantize
+    from trtkit.graph.ranges import sample_feeds
+
+    ref_path = tiny_dit_onnx("flux")
+    r = export(ExportConfig(model_dir=tiny_dit_dir("flux"), component="transformer", profile="tiny-256",
+                            out_dir=tmp_path / "fp16", dtype="float16"))
+    assert r.max_rel_err is not None and r.max_rel_err < 5e-3  # against torch in FP16
+    m = onnx.load(str(r.path))
+    assert {i.type.tensor_type.elem_type for i in (*m.graph.input, *m.graph.output)} <= {TensorProto.FLOAT,
+                                                                                       TensorProto.INT64}
+    big = [t for t in m.graph.initializer if len(t.dims) == 2 and min(t.dims) > 8]
+    assert big and all(t.data_type == TensorProto.FLOAT16 for t in big)
+    feeds = sample_feeds(onnx.load(str(ref_path)), "tiny-256", seed=1)
+    ref = run_onnxruntime(ref_path, feeds)[0]
+
+    def rel(x: np.ndarray) -> float:
+        return float(np.max(np.abs(x.astype(np.float32) - ref)) / np.max(np.abs(ref)))
+
+    assert rel(run_onnxruntime(r.path, feeds)[0]) < 5e-3
+    errs = []
+    for src in (ref_path, r.path):
+        q = quantize(QuantizeConfig(onnx_path=src, output=tmp_path / f"q{len(errs)}.onnx", precision="fp8", level=4))
+        assert q.counts["attention"]["quantized"] == q.counts["attention"]["total"] > 0
+        errs.append(rel(run_onnxruntime(q.path, feeds)[0]))
+    print(f"\nFP8 L4 output error vs the FP32 export: from FP32 {errs[0]:.4f}, from FP16 {errs[1]:.4f}")
+    assert 0 < errs[1] < 1.5 * errs[0] + 1e-3, errs
