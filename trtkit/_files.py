@@ -280,14 +280,24 @@ def atomic_dir(dest: Path | str) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def staging_dir(dest: Path) -> tempfile.TemporaryDirectory[str]:
+    """A temporary folder beside `dest` (same file system, so the outputs move into place)."""
+    try:
+        return tempfile.TemporaryDirectory(prefix=f".{dest.name}.", dir=dest.parent)
+    except OSError as e:
+        raise _stage_error(dest, e) from e
+
+
 @contextlib.contextmanager
 def staged_onnx(model: Any, dest: Path | str, *, external: bool | None = None, strict: bool = False,
-                check: bool = False) -> Iterator[Path]:
+                check: bool = False, staging: Path | None = None) -> Iterator[Path]:
     """Write an ONNX ModelProto beside `dest` in a temporary folder, shape-infer (and check) the written
     file, and yield its path for any further checks; on success move it onto `dest`.
 
     Weights go to one external data file `<dest name>.data` when `external` is True, or by default
-    when the proto passes 2 GB. The data file moves first, then the model, so a model file never points
+    when the proto passes 2 GB. `staging`: a folder beside `dest` (from `staging_dir`) where the data file
+    is already being written (tensors the proto holds as external stubs of it); the rest is appended. The
+    data file moves first, then the model, so a model file never points
     at missing data; a stale `.data` of an earlier large output is removed. The proto is cleared once
     written: shape inference and the checker work from the file, and keeping a large model in memory
     beside them would double the peak.
@@ -300,10 +310,11 @@ def staged_onnx(model: Any, dest: Path | str, *, external: bool | None = None, s
     if external is None:
         external = model.ByteSize() > ONNX_PROTO_LIMIT
     data_name = dest.name + ".data"
-    try:
-        tmp_dir = tempfile.TemporaryDirectory(prefix=f".{dest.name}.", dir=dest.parent)
-    except OSError as e:
-        raise _stage_error(dest, e) from e
+    if staging is not None:
+        external = True
+        tmp_dir: Any = contextlib.nullcontext(str(staging))
+    else:
+        tmp_dir = staging_dir(dest)
     with tmp_dir as tmpd:
         staged = Path(tmpd) / dest.name
         if external:

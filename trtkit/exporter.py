@@ -53,6 +53,12 @@ class ExportConfig:
     check: bool = True
     external_data: bool | None = None  # None: only when the model passes 2 GB
     seed: int = 0
+    # weights' dtype in the ONNX: "float32" (the default; the Q/DQ pass makes the rest FP16) or "float16" /
+    # "bfloat16" for a model too large to hold or write in FP32 (a FLUX-size transformer: 48 GB in FP32)
+    dtype: str = "float32"
+
+
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass
@@ -187,13 +193,19 @@ def _model_files(model_dir: Path | str) -> list[Path]:
     return [f for f in root.rglob("*") if f.is_file()] if root.is_dir() else []
 
 
-def export(config: ExportConfig, progress: Any = None) -> ExportResult:
-    """Export one component of a diffusers folder to `out_dir/<component>.onnx`."""
+def export(config: ExportConfig, progress: Any = None, module: Any = None) -> ExportResult:
+    """Export one component of a diffusers folder to `out_dir/<component>.onnx`.
+
+    `module`: the component already in memory (made by the caller, e.g. with random weights on a GPU),
+    used instead of loading it from the folder, which then only needs its config.json; it is traced
+    on its own device and dtype."""
     import numpy as np
     import onnx
     import torch
 
     t0 = time.perf_counter()
+    if config.dtype not in DTYPES:
+        raise TrtkitError(f"dtype {config.dtype!r} is not one of {', '.join(DTYPES)}")
     if not is_local(config.model_dir) and not str(config.model_dir).count("/") == 1:
         raise TrtkitError(f"model folder {config.model_dir} does not exist")
     shapes = resolve_shapes(config.model_dir, config.component, config.profile, config.shapes)
@@ -203,8 +215,9 @@ def export(config: ExportConfig, progress: Any = None) -> ExportResult:
                         inputs=_model_files(config.model_dir), sidecars=lambda o: [o.parent / (o.name + ".data")])
     step = progress or (lambda msg: None)
 
-    step(f"loading {config.component}")
-    module = load_component(config.model_dir, config.component)
+    if module is None:
+        step(f"loading {config.component}")
+        module = load_component(config.model_dir, config.component, getattr(torch, config.dtype))
     cn = controlnet_exporter()
     cn_spec = cn.spec_of(config.model_dir, config.component)
     sdxl = (config.component == "unet" or cn_spec is not None) and \
@@ -262,7 +275,8 @@ def export(config: ExportConfig, progress: Any = None) -> ExportResult:
     use_external = config.external_data if config.external_data is not None else n_bytes > ONNX_PROTO_LIMIT
     vocab = getattr(getattr(module, "config", None), "vocab_size", 1000)
     feeds = example_inputs(shapes, "opt", config.seed, vocab, fill)
-    args = tuple(torch.from_numpy(v) for v in feeds.values())
+    device = next(module.parameters()).device
+    args = tuple(torch.from_numpy(v).to(device) for v in feeds.values())
 
     with made_dir(out_dir), tempfile.TemporaryDirectory(prefix=".export-", dir=out_dir) as tmpd:
         tmp = Path(tmpd) / "raw.onnx"
@@ -276,11 +290,19 @@ def export(config: ExportConfig, progress: Any = None) -> ExportResult:
             raise TrtkitError(f"ONNX export of {config.component} failed: {str(e).splitlines()[0]}") from e
 
         step("shape inference")
-        model = onnx.load(str(tmp))
+        # A model with external data stays on disk: its weights are streamed from the exporter's files to the
+        # output's data file one at a time (a FLUX-size transformer's would otherwise be held once loaded and
+        # once more as its folded transposes).
+        stream = use_external and not fold
+        model = onnx.load(str(tmp), load_external_data=not stream)
+        if stream:
+            from trtkit.exporter_dit import inline_attribute_tensors
+
+            inline_attribute_tensors(model, Path(tmpd))
         if not fold:
             from trtkit.exporter_dit import fold_weight_transposes
 
-            fold_weight_transposes(model)
+            fold_weight_transposes(model, Path(tmpd) if stream else None)
         component = "controlnet" if cn.is_controlnet(config.component) else config.component  # shapes by kind
         _set_meta(model, {META_COMPONENT: component, META_SCOPE: f"/{scope}/",
                           META_PROFILE: config.profile or "", META_SOURCE: str(config.model_dir), **meta})
@@ -291,13 +313,19 @@ def export(config: ExportConfig, progress: Any = None) -> ExportResult:
             result.notes.append(f"this folder has {len(more)} ControlNets; export the others too "
                                 f"({', '.join('-c ' + m for m in more[1:])}): one engine each, the runtime adds "
                                 "their residuals")
-        with staged_onnx(model, dest, external=use_external) as staged:
+        if stream:
+            from trtkit.graph.external import Streamer
+
+            Streamer(Path(tmpd)).write(model, dest, strict=False, check=False)
             del model
+        with contextlib.nullcontext(dest) if stream else staged_onnx(model, dest, external=use_external) as staged:
+            if not stream:
+                del model
             if config.check:
                 step("checking against torch (onnxruntime)")
                 with torch.no_grad():
                     ref = wrapper(*args)
-                ref = [r.numpy() for r in (ref if isinstance(ref, tuple) else (ref,))]
+                ref = [r.float().cpu().numpy() for r in (ref if isinstance(ref, tuple) else (ref,))]
                 got = run_onnxruntime(staged, feeds)
                 abs_err = max(float(np.max(np.abs(g - r))) for g, r in zip(got, ref, strict=True))
                 scale = max(float(np.max(np.abs(r))) for r in ref) or 1.0

@@ -19,6 +19,7 @@ from trtkit.profiles import InputShapes
 from trtkit.profiles_dit import TRANSFORMER_CLASSES
 
 OUTPUT_NAMES = {"transformer": ["noise_pred"], "t5": ["last_hidden_state"]}
+_CAST_INPUTS = ("hidden_states", "encoder_hidden_states", "pooled_projections")
 
 
 def load(model_dir: Path | str, component: str, t5: bool, dtype: Any = None) -> Any:
@@ -116,7 +117,7 @@ def traceable_rms_norm() -> Iterator[None]:
         torch.nn.RMSNorm.forward = orig  # type: ignore[method-assign]
 
 
-def fold_weight_transposes(model: Any) -> int:
+def fold_weight_transposes(model: Any, base_dir: Path | None = None) -> int:
     """Transpose(initializer) -> the transposed initializer, in place; returns how many.
 
     DiT transformers are exported without the exporter's constant folding: it folds `Shape` of the
@@ -125,9 +126,14 @@ def fold_weight_transposes(model: Any) -> int:
     exports as MatMul(x, Transpose(W)); folding just those keeps the weights constant for the Q/DQ pass
     (TensorRT folds whatever else is constant at build time)."""
     import numpy as np
+    import onnx
     from onnx import numpy_helper
 
     inits = {t.name: t for t in model.graph.initializer}
+    files: dict[str, int] = {}  # external data file -> how many initializers it holds
+    for t in inits.values():
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            files[_location(t)] = files.get(_location(t), 0) + 1
     readers: dict[str, int] = {}
     for n in model.graph.node:
         for i in n.input:
@@ -137,8 +143,12 @@ def fold_weight_transposes(model: Any) -> int:
         if n.op_type != "Transpose" or n.input[0] not in inits or readers.get(n.input[0]) != 1:
             continue
         perm = next((list(a.ints) for a in n.attribute if a.name == "perm"), None)
-        w = numpy_helper.to_array(inits[n.input[0]])
-        t = numpy_helper.from_array(np.ascontiguousarray(np.transpose(w, perm)), n.output[0])
+        src = inits[n.input[0]]
+        if base_dir is not None and src.data_location == onnx.TensorProto.EXTERNAL:
+            t = _transposed_file(src, perm, n.output[0], base_dir, own_file=files[_location(src)] == 1)
+        else:
+            w = numpy_helper.to_array(src)
+            t = numpy_helper.from_array(np.ascontiguousarray(np.transpose(w, perm)), n.output[0])
         model.graph.initializer.remove(inits.pop(n.input[0]))
         model.graph.initializer.append(t)
         done.append(n)
@@ -147,12 +157,56 @@ def fold_weight_transposes(model: Any) -> int:
     return len(done)
 
 
+def inline_attribute_tensors(model: Any, base_dir: Path) -> int:
+    """Constant nodes' tensors that torch wrote to files of their own (past 2 GB it writes every tensor out)
+    back into the graph: they are small, and only initializers are streamed to the output's data file."""
+    import onnx
+    from onnx.external_data_helper import _get_attribute_tensors, load_external_data_for_tensor
+
+    n = 0
+    for t in _get_attribute_tensors(model):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            load_external_data_for_tensor(t, str(base_dir))
+            t.data_location = onnx.TensorProto.DEFAULT
+            del t.external_data[:]
+            n += 1
+    return n
+
+
+def _location(t: Any) -> str:
+    return next((e.value for e in t.external_data if e.key == "location"), "")
+
+
+def _transposed_file(src: Any, perm: list[int] | None, name: str, base_dir: Path, own_file: bool) -> Any:
+    """An external weight transposed into a file of its own beside it, returned as an external stub: a
+    model whose weights stayed on disk (`base_dir`) is folded one weight in memory at a time. The source's
+    file goes when it held only this weight (torch writes one file per tensor), so the disk holds each
+    weight once."""
+    import uuid
+
+    import numpy as np
+    import onnx
+
+    from trtkit.graph.external import Streamer, _set_ext
+
+    w = np.ascontiguousarray(np.transpose(Streamer(base_dir).read(src).reshape(list(src.dims)), perm))
+    file = f"trtkit_T_{uuid.uuid4().hex}.bin"
+    w.tofile(base_dir / file)
+    if own_file:
+        (base_dir / _location(src)).unlink(missing_ok=True)
+    stub = onnx.TensorProto(name=name, data_type=src.data_type, dims=list(w.shape))
+    _set_ext(stub, file, 0, w.nbytes)
+    return stub
+
+
 def wrapper(module: Any, t5: bool, shapes: InputShapes) -> tuple[Any, str]:
     """An nn.Module taking the profile's inputs positionally; the child attribute name becomes the
     node-name scope (`/transformer/transformer_blocks.0/attn/to_q/MatMul`)."""
     import torch
 
     names = list(shapes)
+    dtype = next(module.parameters()).dtype
+    low = dtype if dtype in (torch.float16, torch.bfloat16) else None
 
     class TransformerWrap(torch.nn.Module):
         def __init__(self) -> None:
@@ -160,7 +214,12 @@ def wrapper(module: Any, t5: bool, shapes: InputShapes) -> tuple[Any, str]:
             self.transformer = module
 
         def forward(self, *args: Any) -> Any:
-            return self.transformer(**dict(zip(names, args, strict=True)), return_dict=False)[0]
+            if low is None:
+                return self.transformer(**dict(zip(names, args, strict=True)), return_dict=False)[0]
+            # 16-bit weights (ExportConfig.dtype): the ONNX keeps FP32 inputs and output, cast at the edges;
+            # timestep, guidance and the RoPE ids stay FP32 (diffusers casts the first two itself)
+            kw = {n: a.to(low) if n in _CAST_INPUTS else a for n, a in zip(names, args, strict=True)}
+            return self.transformer(**kw, return_dict=False)[0].float()
 
     class T5Wrap(torch.nn.Module):
         def __init__(self) -> None:

@@ -262,3 +262,53 @@ def test_max_calibration_equals_numpy_over_full_tensors(tiny_unet_onnx: Path) ->
     sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     outs = sess.run(names, _sample_feeds(model, "tiny-256", 0))
     assert got == {t: float(np.max(np.abs(o))) for t, o in zip(names, outs, strict=True)}
+
+
+def test_large_external_source_spills_weights(tmp_path: Path, tiny_unet_onnx: Path, tiny_feeds,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A source past 2 GB of external data (the limit lowered here) has its 8-bit weights written to the
+    output's data file as they are made, so the pass holds none of them: the result is the in-memory one's,
+    weight for weight, with the rest of the tensors appended to the same data file."""
+    from onnx.numpy_helper import to_array
+
+    import trtkit.graph.qdq as qdq
+
+    src = tmp_path / "ext" / "unet.onnx"
+    src.parent.mkdir()
+    onnx.save(onnx.load(str(tiny_unet_onnx)), str(src), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="unet.onnx.data", size_threshold=1024)
+    mem = quantize(QuantizeConfig(onnx_path=src, output=tmp_path / "mem" / "q.onnx", precision="fp8"))
+    monkeypatch.setattr(qdq, "ONNX_PROTO_LIMIT", 0)
+    spilled = quantize(QuantizeConfig(onnx_path=src, output=tmp_path / "spill" / "q.onnx", precision="fp8"))
+    assert not (tmp_path / "mem" / "q.onnx.data").exists()
+    assert (tmp_path / "spill" / "q.onnx.data").is_file()
+    assert sorted(p.name for p in (tmp_path / "spill").iterdir()) == ["q.onnx", "q.onnx.data"]  # no staging left
+    a = {t.name: t for t in onnx.load(str(mem.path)).graph.initializer}
+    b = {t.name: t for t in onnx.load(str(spilled.path)).graph.initializer}
+    assert a.keys() == b.keys()
+    fp8 = [n for n, t in a.items() if t.data_type == onnx.TensorProto.FLOAT8E4M3FN and len(t.dims) > 1]
+    assert len(fp8) > 20
+    for n in a:
+        assert a[n].data_type == b[n].data_type and to_array(a[n]).tobytes() == to_array(b[n]).tobytes(), n
+    assert np.array_equal(run_onnxruntime(mem.path, tiny_feeds)[0], run_onnxruntime(spilled.path, tiny_feeds)[0])
+
+
+def test_failed_spilling_pass_leaves_nothing(tmp_path: Path, tiny_unet_onnx: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import trtkit.graph.qdq as qdq
+
+    src = tmp_path / "ext" / "unet.onnx"
+    src.parent.mkdir()
+    onnx.save(onnx.load(str(tiny_unet_onnx)), str(src), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="unet.onnx.data", size_threshold=1024)
+    monkeypatch.setattr(qdq, "ONNX_PROTO_LIMIT", 0)
+
+    def broken(*a, **k):
+        raise TrtkitError("fp16 pass failed")
+
+    monkeypatch.setattr("trtkit.graph.fp16.to_fp16", broken)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(TrtkitError, match="fp16 pass failed"):
+        quantize(QuantizeConfig(onnx_path=src, output=out / "q.onnx", precision="fp8"))
+    assert list(out.iterdir()) == []

@@ -56,6 +56,8 @@ def register(app: typer.Typer) -> None:
         check: bool = typer.Option(True, "--check/--no-check", help="Compare onnxruntime against torch on the opt shapes."),
         external_data: bool = typer.Option(None, "--external-data/--no-external-data",
                                            help="Weights in a .data file (default: only past 2 GB)."),
+        dtype: str = typer.Option("float32", "--dtype", help="Weights' dtype: float32, or float16 / bfloat16 for a "
+                                  "model too large to export in FP32 (a FLUX transformer: 48 GB in FP32)."),
     ) -> None:
         """Export one component of a diffusers folder to ONNX, checked against torch."""
         from trtkit.exporter import ExportConfig
@@ -64,7 +66,7 @@ def register(app: typer.Typer) -> None:
         check_hub_id(str(model_dir))
 
         cfg = ExportConfig(model_dir=model_dir, component=component, profile=profile, out_dir=out_dir,
-                           opset=opset, shapes=shapes, check=check, external_data=external_data)
+                           opset=opset, shapes=shapes, check=check, external_data=external_data, dtype=dtype)
         with step_progress(f"export {component}") as step:
             r = do_export(cfg, progress=step)
         console.print(f"wrote {r.path}" + (f" (+ {r.external_data.name})" if r.external_data else "")

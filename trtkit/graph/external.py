@@ -68,7 +68,7 @@ class Streamer:
             raise TrtkitError(f"external data {path} is shorter than {t.name!r} needs")
         return a
 
-    def write(self, model: onnx.ModelProto, dest: Path, strict: bool = True) -> Path:
+    def write(self, model: onnx.ModelProto, dest: Path, strict: bool = True, check: bool = True) -> Path:
         """Stage the model and its data file beside `dest`, check them, then move them into place."""
         data_name = dest.name + ".data"
         with tempfile.TemporaryDirectory(prefix=f".{dest.name}.", dir=dest.parent) as tmpd:
@@ -90,7 +90,8 @@ class Streamer:
             onnx.save(model, str(staged))
             try:
                 onnx.shape_inference.infer_shapes_path(str(staged), str(staged), strict_mode=strict)
-                onnx.checker.check_model(str(staged))
+                if check:
+                    onnx.checker.check_model(str(staged))
             except Exception as e:
                 raise TrtkitError(f"the graph for {dest.name} fails ONNX checks: {str(e).splitlines()[0]}") from e
             os.replace(Path(tmpd) / data_name, dest.parent / data_name)

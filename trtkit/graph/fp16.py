@@ -109,6 +109,7 @@ def to_fp16(graph: gs.Graph, keep_fp32_nodes: Iterable[str] = (), keep_fp32_ops:
     for n in graph.nodes:
         if fp32[id(n)]:
             stats.fp32_nodes += 1
+            _island_fp32(n)  # a graph exported with 16-bit weights has FP16 tensors inside the islands too
             continue
         stats.fp16_nodes += 1
         if n.op == "Cast" and n.attrs.get("to") == onnx.TensorProto.FLOAT:
@@ -192,6 +193,23 @@ def to_fp16(graph: gs.Graph, keep_fp32_nodes: Iterable[str] = (), keep_fp32_ops:
         t.dtype = want_io
         stats.casts += 1
     return stats
+
+
+def _island_fp32(n: gs.Node) -> None:
+    """An FP32-island node of a graph exported in FP16 (trtkit.exporter's `dtype`): its casts to FP16,
+    FP16 constants and FP16 outputs become FP32, the mirror of what FP16 nodes get; the input loop then
+    casts what flows in."""
+    if n.op == "Cast" and n.attrs.get("to") == onnx.TensorProto.FLOAT16:
+        n.attrs["to"] = onnx.TensorProto.FLOAT
+    elif n.op in ("Constant", "ConstantOfShape") and isinstance(n.attrs.get("value"), gs.Constant):
+        v = n.attrs["value"]
+        if _is_float(v, F16):
+            n.attrs["value"] = gs.Constant(v.name, np.asarray(v.values, np.float32))
+    if n.op in ("QuantizeLinear", "DequantizeLinear"):
+        return  # their output types follow their scales
+    for o in n.outputs:
+        if _is_float(o, F16):
+            o.dtype = F32
 
 
 def convert_fp16(onnx_path: Path | str, output: Path | str, *, io_dtype: str = "float32",

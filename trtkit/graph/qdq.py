@@ -32,7 +32,7 @@ from typing import Any
 
 import onnx_graphsurgeon as gs
 
-from trtkit._files import check_output
+from trtkit._files import ONNX_PROTO_LIMIT, check_output
 from trtkit.errors import TrtkitError
 from trtkit.graph import patterns, patterns_controlnet, patterns_dit
 from trtkit.graph.choice import (
@@ -48,7 +48,15 @@ from trtkit.graph.choice import (
     matches_pattern,
     resolve_level,
 )
-from trtkit.graph.onnx_io import load_onnx, materialize_external, opset, set_meta, write_model
+from trtkit.graph.onnx_io import (
+    Spill,
+    external_bytes,
+    load_onnx,
+    materialize_external,
+    opset,
+    set_meta,
+    write_model,
+)
 from trtkit.graph.ranges import activation_ranges, max_calibrate, sample_feeds
 from trtkit.graph.rewrite import attention_core, insert_qdq
 from trtkit.graph.scales import (
@@ -154,11 +162,27 @@ def _quantize(cfg: QuantizeConfig) -> QuantizeResult:
     a_q = [a for a in matches.attention if decisions[a.module].quantized]
     # amax per (module or attention role): calibration first, the sample run for the rest.
     amax, source, calibration = activation_ranges(model, w_q, a_q, nodes, cal, cfg.profile, cfg.seed, src.parent)
+    external = external_bytes(model) > ONNX_PROTO_LIMIT
     del model
 
-    pairs = insert_qdq(graph, w_q, a_q, amax, source, decisions, cal, cfg.precision, cfg.fp16, src.parent)
+    # A source with more than 2 GB of external data: its 8-bit weights go straight to the output's data file,
+    # so the pass never holds them (peak: the structure, the unquantized rest, one weight being quantized).
+    spill = Spill(dest) if external else None
+    try:
+        return _rewrite(cfg, t0, dest, level, graph, matches, decisions, w_q, a_q, amax, source, calibration,
+                        nodes, cal, meta, src, spill)
+    finally:
+        if spill is not None:
+            spill.cleanup()
+
+
+def _rewrite(cfg: QuantizeConfig, t0: float, dest: Path, level: float, graph: gs.Graph, matches: Any,
+             decisions: dict[str, Decision], w_q: list[Any], a_q: list[Any], amax: dict[str, float],
+             source: dict[str, str], calibration: str, nodes: dict[str, Any], cal: Any, meta: dict[str, str],
+             src: Path, spill: Spill | None) -> QuantizeResult:
+    pairs = insert_qdq(graph, w_q, a_q, amax, source, decisions, cal, cfg.precision, cfg.fp16, src.parent, spill)
     graph.cleanup()
-    materialize_external(graph, src.parent)
+    materialize_external(graph, src.parent, spill)
     notes = list(matches.notes)
     if cal is not None and cal.precision and cal.precision != cfg.precision:
         notes.append(f"the calibration file was made for {cal.precision}; its ranges are used for {cfg.precision}")
@@ -190,7 +214,9 @@ def _quantize(cfg: QuantizeConfig) -> QuantizeResult:
     set_meta(out_model, meta)
     holder = [out_model]
     del out_model
-    write_model(holder, dest)
+    if spill is not None:
+        spill.close()
+    write_model(holder, dest, spill=spill)
     result = QuantizeResult(path=dest, precision=cfg.precision, level=level, counts=counts, decisions=ordered,
                             calibration=calibration, seconds=time.perf_counter() - t0, qdq_pairs=pairs,
                             notes=notes)

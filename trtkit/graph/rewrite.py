@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from trtkit.errors import TrtkitError
 from trtkit.graph import patterns
@@ -20,8 +21,9 @@ from trtkit.graph.scales import act_scale, quantize_weight, typed_const
 
 
 class Inserter:
-    def __init__(self, graph: gs.Graph, precision: str, fp16: bool) -> None:
+    def __init__(self, graph: gs.Graph, precision: str, fp16: bool, spill: Any = None) -> None:
         self.g = graph
+        self.spill = spill  # trtkit.graph.onnx_io.Spill: 8-bit weights go to the output's data file at once
         self.precision = precision
         self.fp16 = fp16
         self.pairs = 0
@@ -62,6 +64,9 @@ class Inserter:
     def weight(self, node: gs.Node, w: np.ndarray, axis: int, prefix: str) -> None:
         q, scale = quantize_weight(w, axis, self.precision, self.fp16)
         wq = typed_const(self._unique(f"{prefix}/weight_quantized"), q, self.precision)
+        del q
+        if self.spill is not None:
+            wq = gs.Constant(wq.name, LazyValues(self.spill.put(wq._values.tensor)))
         sc = gs.Constant(self._unique(f"{prefix}/weight_scale"), scale)
         zp = typed_const(self._unique(f"{prefix}/weight_zero_point"),
                           np.zeros(scale.shape, np.int8 if self.precision == "int8" else np.uint8), self.precision)
@@ -135,13 +140,13 @@ def smooth_vector(m: WeightedMatch, nodes: dict[str, gs.Node], cal: Any) -> np.n
 
 def insert_qdq(g: gs.Graph, w_q: Sequence[WeightedMatch], a_q: Sequence[AttentionMatch], amax: dict[str, float],
                source: dict[str, str], decisions: dict[str, Decision], cal: Any, precision: str, fp16: bool,
-               base_dir: Path) -> int:
+               base_dir: Path, spill: Any = None) -> int:
     """Rewire the graph in place; returns the number of activation Q/DQ pairs, and records the amax
     used in `decisions`. Its references to graph objects end with this call, so the graph can be freed
     after the export."""
     nodes = {n.name: n for n in g.nodes}
     tensors = g.tensors()
-    ins = Inserter(g, precision, fp16)
+    ins = Inserter(g, precision, fp16, spill)
     # Weights first (SmoothQuant scales their input channels).
     groups: dict[tuple[str, bytes | None], list[WeightedMatch]] = {}
     smooth_of: dict[str, np.ndarray | None] = {}
