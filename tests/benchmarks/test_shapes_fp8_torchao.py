@@ -104,13 +104,15 @@ def test_script_fake_side_on_cpu(tmp_path: Path) -> None:
 
 @pytest.mark.gpu
 def test_torchao_agrees_with_fake_fp8_on_gpu(tmp_path: Path) -> None:
+    """256 samples, as in docs/bench/shapes/fp8_torchao.json: at 64 the image ratio's noise failed the 15% rule
+    on the H200 (2026-12-03) while one UNet call agreed."""
     pytest.importorskip("torchao")
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 GEMMs need an SM 8.9+ GPU")
     out = tmp_path / "fp8.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks/shapes/fp8_torchao_check.py"), "--device", "cuda",
-                        "--samples", "64", "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
+                        "--samples", "256", "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     d = json.loads(out.read_text())
     assert d["pass"], d
