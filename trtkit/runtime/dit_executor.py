@@ -119,7 +119,7 @@ class DitTorchExecutor(StepExecutor):
     uses_torch_stream = True
 
     def __init__(self, transformer: Any, family: str | None = None, compile: bool | str = False,
-                 attention: str | None = None) -> None:
+                 attention: str | None = None, fuse_mlp: bool = True) -> None:
         import torch
 
         self.transformer = transformer
@@ -144,12 +144,20 @@ class DitTorchExecutor(StepExecutor):
 
             fuse_qkv_shared(transformer)
             fused = True
+        mlp = 0
+        if scope is not None and self.family == "flux" and fuse_mlp:
+            # the MLPs' GELU in the GEMM epilogue and proj_out without the concatenation: what Inductor cannot fuse
+            # (runtime/dit_fusions.py; measured in docs/benchmarks.md, "FLUX compiled-row variants")
+            from trtkit.runtime.dit_fusions import fuse_flux_mlp
+
+            mlp = sum(fuse_flux_mlp(transformer).values())
         if scope is not None:
             compile_blocks(transformer, scope=str(scope))
         from trtkit.runtime.kernel_choices import sdpa_choice
 
         sdpa_choice(attention)  # checks the name now, not at the first call
-        self.options: dict[str, Any] = {"compile": scope or False, "fuse_qkv": fused, "attention": attention}
+        self.options: dict[str, Any] = {"compile": scope or False, "fuse_qkv": fused, "fused_mlp_modules": mlp,
+                                        "attention": attention}
         self.shape: DitLoopShape | None = None
         self.t: dict[str, Any] = {}
 
