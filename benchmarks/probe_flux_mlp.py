@@ -76,7 +76,7 @@ def main() -> int:
                      ("single: gelu epilogue + split proj_out", split)):
         out = fn(x, attn)
         err = float((out.float() - ref.float()).abs().max() / ref.float().abs().max())
-        res[name] = {"ms": round(timed(lambda: fn(x, attn), args.iters), 4), "rel_err": err}
+        res[name] = {"ms": round(timed(lambda fn=fn: fn(x, attn), args.iters), 4), "rel_err": err}
         print(f"{name:40s} {res[name]['ms']:8.4f} ms  rel err {err:.1e}", flush=True)
 
     # double-stream block feed-forward: image 4096 tokens, context 512
@@ -89,7 +89,7 @@ def main() -> int:
         for name, fn in ((f"ff {m}: inductor", base_ff), (f"ff {m}: gelu epilogue", epi_ff)):
             out = fn(xi)
             err = float((out.float() - ref.float()).abs().max() / ref.float().abs().max())
-            res[name] = {"ms": round(timed(lambda: fn(xi), args.iters), 4), "rel_err": err}
+            res[name] = {"ms": round(timed(lambda fn=fn, xi=xi: fn(xi), args.iters), 4), "rel_err": err}
             print(f"{name:40s} {res[name]['ms']:8.4f} ms  rel err {err:.1e}", flush=True)
 
     # one GEMM for q/k/v and proj_mlp of the single block (N = 3*3072 + 12288) against two
@@ -98,7 +98,7 @@ def main() -> int:
     two = torch.compile(lambda x: (F.linear(x, wq), F.linear(x, wm)), fullgraph=True)
     one = torch.compile(lambda x: F.linear(x, wall).split([3 * D, H], -1), fullgraph=True)
     for name, fn in (("qkv, mlp: two GEMMs", two), ("qkv+mlp: one GEMM", one)):
-        res[name] = {"ms": round(timed(lambda: fn(x), args.iters), 4)}
+        res[name] = {"ms": round(timed(lambda fn=fn: fn(x), args.iters), 4)}
         print(f"{name:40s} {res[name]['ms']:8.4f} ms", flush=True)
     args.out.write_text(json.dumps(res, indent=1))
     return 0
