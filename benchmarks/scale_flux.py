@@ -50,9 +50,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-FLUX_DEV = {"patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
-            "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768,
-            "guidance_embeds": True, "axes_dims_rope": [16, 56, 56]}
+from benchmarks.bench_dit import FLUX_DEV  # noqa: E402  (the FLUX.1-dev transformer config)
+
 # FLUX.1-dev's vae/config.json (sizes only): the build reads the latent scale from a pipeline folder's vae/
 FLUX_VAE = {"_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": 16,
             "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
