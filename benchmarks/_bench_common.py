@@ -1,6 +1,7 @@
 """What the pipeline benchmarks share (bench_loop.py, bench_controlnet.py, bench_lora.py): the scheduler, a
 random-weight UNet and prompt embeddings from a real config, the row timer, and the diffusers baseline, the
-environment and the printed/written summary at the end."""
+environment and the printed/written summary at the end. And what the quality benchmarks share (digits/,
+shapes/): the options of their calibration recording."""
 
 from __future__ import annotations
 
@@ -30,6 +31,16 @@ def add_run_args(ap: argparse.ArgumentParser, repeats: int) -> None:
     ap.add_argument("--repeats", type=int, default=repeats)
     ap.add_argument("--device", default=None)
     ap.add_argument("--out", type=Path, default=None)
+
+
+def add_calibration_args(ap: argparse.ArgumentParser, steps: int, guidance: float, prompts: str = "prompts") -> None:
+    """The options a quality benchmark's calibration recording reads (its guided sampling loop: steps, guidance;
+    `--calib-<prompts>` prompts in batches of `--calib-batch`; the seed), with that benchmark's loop defaults."""
+    ap.add_argument("--steps", type=int, default=steps, help="sampling steps")
+    ap.add_argument("--guidance", type=float, default=guidance, help="guidance scale")
+    ap.add_argument(f"--calib-{prompts}", type=int, default=32, help="as `trtkit calibrate --num-prompts`")
+    ap.add_argument("--calib-batch", type=int, default=2, help="as `trtkit calibrate --batch`")
+    ap.add_argument("--seed", type=int, default=0)
 
 
 def device_and_dtype(device: str | None) -> tuple[str, Any]:

@@ -54,6 +54,21 @@ SD3_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0}
 FULL = {"flux": (FLUX_DEV, FLUX_SCHEDULER, 512, 3.5), "sd3": (SD35_MEDIUM, SD3_SCHEDULER, 333, 4.5)}
 
 
+def random_transformer(cls: Any, cfg: dict[str, Any], device: str, dtype: Any) -> Any:
+    """`cls(**cfg)` with random weights (from torch's global seed) made in `dtype` where they live: no FP32
+    copy, no CPU init. Frozen, in eval mode."""
+    import torch
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            tf = cls(**cfg)
+    finally:
+        torch.set_default_dtype(old)
+    return tf.eval().requires_grad_(False)
+
+
 def build(model: str, size: str, device: str, dtype: Any, seed: int) -> tuple[Any, Any, dict[str, Any]]:
     """(transformer, pipeline factory, call kwargs): random weights, real shapes (or the tiny test configs)."""
     import torch
@@ -74,14 +89,7 @@ def build(model: str, size: str, device: str, dtype: Any, seed: int) -> tuple[An
         cfg, sched_cfg, text_len, guidance = tiny["transformer"], tiny["scheduler"], 16, FULL[model][3]
     cls = FluxTransformer2DModel if model == "flux" else SD3Transformer2DModel
     torch.manual_seed(seed)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # weights made in bf16 where they live: no fp32 copy, no CPU init
-    try:
-        with torch.device(device):
-            tf = cls(**cfg)
-    finally:
-        torch.set_default_dtype(old)
-    tf = tf.eval().requires_grad_(False)
+    tf = random_transformer(cls, cfg, device, dtype)
     g = torch.Generator("cpu").manual_seed(seed + 1)
 
     def rnd(*shape: int) -> Any:

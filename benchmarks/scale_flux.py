@@ -50,9 +50,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-FLUX_DEV = {"patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
-            "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768,
-            "guidance_embeds": True, "axes_dims_rope": [16, 56, 56]}
+from benchmarks.bench_dit import FLUX_DEV, random_transformer  # noqa: E402
+
 # FLUX.1-dev's vae/config.json (sizes only): the build reads the latent scale from a pipeline folder's vae/
 FLUX_VAE = {"_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": 16,
             "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
@@ -109,14 +108,7 @@ def stage_export(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # weights made in 16-bit where they live: no FP32 copy
-    try:
-        with torch.device(device):
-            tf = FluxTransformer2DModel(**cfg)
-    finally:
-        torch.set_default_dtype(old)
-    tf = tf.eval().requires_grad_(False)
+    tf = random_transformer(FluxTransformer2DModel, cfg, device, dtype)  # 16-bit where they live: no FP32 copy
     if device == "cuda":
         torch.cuda.synchronize()
     init_s = time.perf_counter() - t0

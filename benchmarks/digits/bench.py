@@ -31,6 +31,7 @@ from trtkit.calibration.stats import StepStats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared quality_modes
 import quality_modes as qm  # noqa: E402
+from _bench_common import add_calibration_args  # noqa: E402
 
 MODES: dict[str, Recipe | str | None] = {
     "FP32": None,
@@ -71,11 +72,7 @@ def add_sampling_args(ap: argparse.ArgumentParser, per_digit: int | None) -> Non
     evaluation samples eval_samples draws."""
     if per_digit is not None:
         ap.add_argument("--per-digit", type=int, default=per_digit, help="evaluation samples per digit")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--guidance", type=float, default=1.5)
-    ap.add_argument("--calib-prompts", type=int, default=32)
-    ap.add_argument("--calib-batch", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
+    add_calibration_args(ap, steps=20, guidance=1.5, prompts="prompts")
     ap.add_argument("--threads", type=int, default=1)
 
 

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from benchmarks import quality_modes as qm
+from benchmarks._bench_common import add_calibration_args
 from benchmarks.shapes import metrics, render
 from benchmarks.shapes import model as M
 from benchmarks.shapes.judge import Judge, load_judge
@@ -83,13 +84,9 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="CPU plumbing check: --untrained --device cpu --samples 64 "
                     "--steps 2 --calib-captions 2 --boot 10 --threads 1 (each still overridable)")
     ap.add_argument("--samples", type=int, default=1000)
-    ap.add_argument("--steps", type=int, default=25, help="DDIM steps (model.sample's default)")
-    ap.add_argument("--guidance", type=float, default=2.0, help="guidance scale (model.sample's default)")
-    ap.add_argument("--calib-captions", type=int, default=32, help="as `trtkit calibrate --num-prompts`")
-    ap.add_argument("--calib-batch", type=int, default=2, help="as `trtkit calibrate --batch`")
+    add_calibration_args(ap, steps=25, guidance=2.0, prompts="captions")  # steps, guidance: model.sample's defaults
     ap.add_argument("--chunk", type=int, default=1000, help="images per UNet batch (x2 for guidance)")
     ap.add_argument("--boot", type=int, default=100, help="bootstrap resamples of the Fréchet distance")
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--modes", default="all", help="mode names separated by ';', or all")

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from benchmarks import quality_modes as qm
+from benchmarks._bench_common import add_calibration_args
 from benchmarks.shapes import model as M
 from benchmarks.shapes import render
 from benchmarks.shapes.bench import load, record, to_tensor
@@ -107,11 +108,7 @@ def main() -> None:
     ap.add_argument("--weights", type=Path, default=Path(__file__).resolve().parent / "weights")
     ap.add_argument("--untrained", action="store_true", help="seeded untrained tiny models (a plumbing check)")
     ap.add_argument("--samples", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=25)
-    ap.add_argument("--guidance", type=float, default=2.0)
-    ap.add_argument("--calib-captions", type=int, default=32)
-    ap.add_argument("--calib-batch", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
+    add_calibration_args(ap, steps=25, guidance=2.0, prompts="captions")  # what bench.record reads
     ap.add_argument("--boot", type=int, default=200)
     ap.add_argument("--tolerance", type=float, default=0.15)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

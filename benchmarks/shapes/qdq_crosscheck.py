@@ -23,8 +23,9 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks.shapes` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -38,6 +39,9 @@ from benchmarks.shapes import model as M
 from benchmarks.shapes.bench import load, to_tensor
 from trtkit import calibfile
 from trtkit.calibration import fakequant
+
+if TYPE_CHECKING:
+    from trtkit.graph.qdq import QuantizeResult
 
 
 def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -99,6 +103,21 @@ def export(unet: Any, folder: Path, batch: int) -> Path:
     return res.path
 
 
+def quantized_modes(onnx_path: Path, folder: Path, calib_dir: Path, modes: str
+                    ) -> Iterator[tuple[str, Path, calibfile.Calibration, QuantizeResult]]:
+    """For each ';'-separated bench mode: its name, bench.py's calibration file for it (path and loaded) and
+    the Q/DQ ONNX trtkit's graph pass makes from `onnx_path` with that file, written into `folder`."""
+    from trtkit.graph.qdq import QuantizeConfig, quantize
+
+    for name in [m.strip() for m in modes.split(";") if m.strip()]:
+        path = calib_dir / f"calib_{qm.file_name(name)}.json"
+        cal = calibfile.load(path)
+        q = quantize(QuantizeConfig(onnx_path=onnx_path, output=folder / f"{qm.file_name(name)}.onnx",
+                                    calib=path, precision=cal.precision, level=cal.settings["level"],
+                                    fp16=False))
+        yield name, path, cal, q
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", type=Path, default=Path(__file__).resolve().parent / "weights")
@@ -137,14 +156,7 @@ def main() -> None:
         t0 = time.time()
         onnx_path = export(unet, Path(tmp), args.images)
         print(f"exported {onnx_path.name} ({time.time() - t0:.1f} s)", flush=True)
-        from trtkit.graph.qdq import QuantizeConfig, quantize
-
-        for name in [m.strip() for m in args.modes.split(";") if m.strip()]:
-            path = args.calib_dir / f"calib_{qm.file_name(name)}.json"
-            cal = calibfile.load(path)
-            q = quantize(QuantizeConfig(onnx_path=onnx_path, output=Path(tmp) / f"{qm.file_name(name)}.onnx",
-                                        calib=path, precision=cal.precision, level=cal.settings["level"],
-                                        fp16=False))
+        for name, path, cal, q in quantized_modes(onnx_path, Path(tmp), args.calib_dir, args.modes):
             ort_unet = OrtUNet(q.path, args.ort_optimize)
             with torch.no_grad():
                 with fakequant.quantized(unet, cal):

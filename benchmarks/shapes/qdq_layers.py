@@ -36,11 +36,9 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks.shapes` impor
 import numpy as np
 import torch
 
-from benchmarks import quality_modes as qm
 from benchmarks.shapes import model as M
 from benchmarks.shapes import render
 from benchmarks.shapes.bench import load
-from trtkit import calibfile
 from trtkit.calibration import fakequant
 
 
@@ -246,8 +244,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="JSON: per mode a summary and the per-layer rows")
     args = ap.parse_args()
     args.device = "cpu"
-    from benchmarks.shapes.qdq_crosscheck import export
-    from trtkit.graph.qdq import QuantizeConfig, quantize
+    from benchmarks.shapes.qdq_crosscheck import export, quantized_modes
 
     unet, text_encoder, _, source = load(args)
     ev = render.sample_scenes(args.images, np.random.default_rng(args.seed + 30_000))
@@ -260,12 +257,7 @@ def main() -> None:
     out: dict[str, Any] = {"weights": source, "images": args.images, "timestep": args.timestep, "modes": {}}
     with tempfile.TemporaryDirectory(prefix="shapes-layers-") as tmp:
         onnx_path = export(unet, Path(tmp), args.images)
-        for name in [m.strip() for m in args.modes.split(";") if m.strip()]:
-            path = args.calib_dir / f"calib_{qm.file_name(name)}.json"
-            cal = calibfile.load(path)
-            q = quantize(QuantizeConfig(onnx_path=onnx_path, output=Path(tmp) / f"{qm.file_name(name)}.onnx",
-                                        calib=path, precision=cal.precision, level=cal.settings["level"],
-                                        fp16=False))
+        for name, _, cal, q in quantized_modes(onnx_path, Path(tmp), args.calib_dir, args.modes):
             rows = layer_report(unet, onnx_path, q.path, cal, feeds, x_in, args.timestep, enc)
             out["modes"][name] = {"summary": summarize(rows), "layers": rows}
             print(name, json.dumps(out["modes"][name]["summary"]), flush=True)
