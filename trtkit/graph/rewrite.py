@@ -4,7 +4,10 @@ SmoothQuant vectors (folded into a LayerNorm or a Mul)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +64,9 @@ class Inserter:
             node.inputs[idx] = dout
         self.pairs += 1
 
-    def weight(self, node: gs.Node, w: np.ndarray, axis: int, prefix: str) -> None:
-        q, scale = quantize_weight(w, axis, self.precision, self.fp16)
+    def weight(self, node: gs.Node, q: np.ndarray, scale: np.ndarray, axis: int, prefix: str) -> None:
+        """node's weight input <- DequantizeLinear(q, scale) (q, scale from scales.quantize_weight)."""
+        shape = list(q.shape)
         wq = typed_const(self._unique(f"{prefix}/weight_quantized"), q, self.precision)
         del q
         if self.spill is not None:
@@ -71,7 +75,7 @@ class Inserter:
         zp = typed_const(self._unique(f"{prefix}/weight_zero_point"),
                           np.zeros(scale.shape, np.int8 if self.precision == "int8" else np.uint8), self.precision)
         dname = self._unique(f"{prefix}/weight_quantizer/DequantizeLinear")
-        dout = gs.Variable(f"{dname}_output_0", dtype=np.float32, shape=list(w.shape))
+        dout = gs.Variable(f"{dname}_output_0", dtype=np.float32, shape=shape)
         self.g.nodes.append(gs.Node("DequantizeLinear", dname, attrs={"axis": axis}, inputs=[wq, sc, zp],
                                     outputs=[dout]))
         node.inputs[1] = dout
@@ -138,6 +142,43 @@ def smooth_vector(m: WeightedMatch, nodes: dict[str, gs.Node], cal: Any) -> np.n
     return s
 
 
+def quantize_job(job: tuple[gs.Constant, np.ndarray | None, int, int], base_dir: Path, precision: str,
+                 fp16: bool) -> tuple[np.ndarray, np.ndarray]:
+    """One weight read (from external data too), SmoothQuant-scaled along its input axis, and quantized."""
+    const, s, axis, in_axis = job
+    w = float_values(const, base_dir)
+    if s is not None:
+        shape = [1] * w.ndim
+        shape[in_axis] = -1
+        w = w * s.reshape(shape)
+    return quantize_weight(w, axis, precision, fp16)
+
+
+def quantized_weights(jobs: Sequence[tuple[gs.Constant, np.ndarray | None, int, int]], base_dir: Path,
+                      precision: str, fp16: bool, workers: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """quantize_job of each job, in order, up to `workers` at a time in threads (numpy's reductions, division and
+    casts and the file reads release the GIL: on a FLUX.1-size model this is most of the pass's time). At most
+    `workers` weights are in flight, so the pass's peak memory grows by that many weights, not the model."""
+    workers = workers or min(8, os.cpu_count() or 1)
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            yield quantize_job(job, base_dir, precision, fp16)
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="trtkit-quantize") as pool:
+        pending: deque[Future[tuple[np.ndarray, np.ndarray]]] = deque()
+        todo = iter(jobs)
+        for job in todo:
+            pending.append(pool.submit(quantize_job, job, base_dir, precision, fp16))
+            if len(pending) >= workers:
+                break
+        while pending:
+            done = pending.popleft().result()
+            nxt = next(todo, None)
+            if nxt is not None:
+                pending.append(pool.submit(quantize_job, nxt, base_dir, precision, fp16))
+            yield done
+
+
 def insert_qdq(g: gs.Graph, w_q: Sequence[WeightedMatch], a_q: Sequence[AttentionMatch], amax: dict[str, float],
                source: dict[str, str], decisions: dict[str, Decision], cal: Any, precision: str, fp16: bool,
                base_dir: Path, spill: Any = None) -> int:
@@ -150,17 +191,15 @@ def insert_qdq(g: gs.Graph, w_q: Sequence[WeightedMatch], a_q: Sequence[Attentio
     # Weights first (SmoothQuant scales their input channels).
     groups: dict[tuple[str, bytes | None], list[WeightedMatch]] = {}
     smooth_of: dict[str, np.ndarray | None] = {}
+    jobs = []
     for m in w_q:
-        node = nodes[m.node]
-        const = patterns._const_weight(node.inputs[1])[0]
-        w = float_values(const, base_dir)
         s = smooth_vector(m, nodes, cal)
         smooth_of[m.module] = s
-        if s is not None:
-            shape = [1] * w.ndim
-            shape[m.in_axis] = -1
-            w = w * s.reshape(shape)
-        ins.weight(node, w, m.axis, prefix(m))
+        jobs.append((patterns._const_weight(nodes[m.node].inputs[1])[0], s, m.axis, m.in_axis))
+    for m, (q, scale) in zip(w_q, quantized_weights(jobs, base_dir, precision, fp16), strict=True):
+        ins.weight(nodes[m.node], q, scale, m.axis, prefix(m))
+        del q
+        s = smooth_of[m.module]
         groups.setdefault((m.input, None if s is None else s.tobytes()), []).append(m)
     # Activations: one Q/DQ per (tensor, smoothing).
     by_tensor: dict[str, list[tuple[str, bytes | None]]] = {}
