@@ -193,3 +193,37 @@ def test_replaced_transformer_is_picked_up(dit_dirs: dict[str, Path], one_torch_
     a, b = _both(ref, acc, "a cat", height=64, width=64, num_inference_steps=2, output_type="latent")
     assert acc._trtkit.executor.transformer is other
     assert _rel(a.images, b.images) < TOL
+
+
+def test_bfloat16_pipeline_on_cpu(dit_dirs: dict[str, Path], one_torch_thread: None) -> None:
+    """`from_pretrained(..., dtype=torch.bfloat16)` on a CPU: the loop's numpy buffers hold bf16 bits
+    (numpy has no bfloat16). diffusers rounds the latents to bf16 after every step, the runtime keeps them in
+    float32 (as the GPU kernel does): equal to bf16 rounding, not bit for bit."""
+    from diffusers import DiffusionPipeline
+
+    ref, acc = (DiffusionPipeline.from_pretrained(dit_dirs["flux"], dtype=torch.bfloat16) for _ in range(2))
+    for p in (ref, acc):
+        p.set_progress_bar_config(disable=True)
+    trtkit.accelerate(acc)
+    a, b = _both(ref, acc, "a cat", height=48, width=64, num_inference_steps=2, output_type="latent")
+    assert b.images.dtype == torch.bfloat16
+    assert _rel(a.images.float(), b.images.float()) < 2e-2
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_given_embeds_with_images_per_prompt_is_diffusers(family: str, flux: tuple[Any, Any], sd3: tuple[Any, Any]
+                                                          ) -> None:
+    """diffusers' encode_prompt does not repeat given prompt_embeds for num_images_per_prompt, while its latents
+    are made for batch x num_images_per_prompt, so its call fails; the runtime must not quietly make fewer images
+    (it used to return 2 where 4 were asked for): it leaves the call to diffusers, error included."""
+    ref, acc = flux if family == "flux" else sd3
+    cfg = ref.transformer.config
+    g = torch.Generator().manual_seed(1)
+    pe, pooled = torch.randn(2, 8, cfg.joint_attention_dim, generator=g), torch.randn(2, cfg.pooled_projection_dim)
+    kw: dict[str, Any] = dict(prompt_embeds=pe, pooled_prompt_embeds=pooled, num_images_per_prompt=2, height=32,
+                              width=32, num_inference_steps=1, output_type="latent", guidance_scale=1.0)
+    with pytest.raises(RuntimeError) as want:
+        ref(**kw)
+    with pytest.raises(RuntimeError) as got:
+        acc(**kw)
+    assert str(got.value) == str(want.value)

@@ -203,6 +203,13 @@ def _accelerated(pipe: Any, rt: _Runtime, **kw: Any) -> Any:
                                  latent_width=lat.shape[3], cfg=cfg, text_len=pe.shape[1], text_dim=pe.shape[2],
                                  pooled_dim=pooled.shape[-1], time_ids_dim=None, family="sd3")
             cond = {"encoder_hidden_states": pe, "pooled_projections": pooled}
+        nb = lat.shape[0]  # the embeddings' batch: prepare_latents was given it
+        prompt = a["prompt"]
+        want = (len(prompt) if isinstance(prompt, list) else 1 if prompt is not None else nb) * nipp
+        if nb != want:
+            # given prompt_embeds are not repeated for num_images_per_prompt by diffusers' encode_prompt, while its
+            # latents are made for batch x num_images_per_prompt: its own call fails, so must this one
+            raise _Fallback(f"{pe.shape[0]} prompt embeddings for {want} images")
         try:  # a shape the executor refuses is diffusers' to run, not an error
             rt.executor.check_shape(shape)
         except TrtkitError as e:
