@@ -84,10 +84,20 @@ class DitPipeline:
         if cfg.scheduler is not None:
             raise TrtkitError(f"--scheduler {cfg.scheduler}: a FLUX / SD3 folder runs its own "
                               "FlowMatchEulerDiscreteScheduler (the runtime's switches are for SD / SDXL)")
-        kw: dict[str, Any] = {"prompt": cfg.prompt, "num_inference_steps": cfg.steps, "guidance_scale": cfg.guidance,
-                              "height": cfg.height, "width": cfg.width,
-                              "generator": torch.Generator("cpu").manual_seed(cfg.seed)}
-        if cfg.negative_prompt and self.pipe._trtkit_kind == "sd3":  # FLUX.1 has no negative prompt without true CFG
+        kind = self.pipe._trtkit_kind
+        if cfg.negative_prompt and kind == "flux":
+            # diffusers' FluxPipeline uses one only with true CFG (true_cfg_scale > 1), which run does not do
+            raise TrtkitError("--negative-prompt: a FLUX.1 folder takes no negative prompt (guidance is embedded)")
+        m = 2 * self.pipe.vae_scale_factor  # latents packed 2x2 (FLUX) / patches of 2 (SD3)
+        if any(v is not None and v % m for v in (cfg.height, cfg.width)):
+            # diffusers' SD3 raises, its FLUX rounds down to a smaller image than asked for
+            raise TrtkitError(f"height and width of a {kind.upper()} image must be multiples of {m}, got "
+                              f"{cfg.height or 'default'}x{cfg.width or 'default'}")
+        kw: dict[str, Any] = {"prompt": cfg.prompt, "num_inference_steps": cfg.steps, "height": cfg.height,
+                              "width": cfg.width, "generator": torch.Generator("cpu").manual_seed(cfg.seed)}
+        if cfg.guidance is not None:  # else the pipeline's own default (FLUX.1-dev 3.5, SD3 7.0)
+            kw["guidance_scale"] = cfg.guidance
+        if cfg.negative_prompt:
             kw["negative_prompt"] = cfg.negative_prompt
         image = self.pipe(**kw).images[0]
         if "_trtkit_timings_ms" not in self.pipe.__dict__:  # pragma: no cover - accelerate fell back
