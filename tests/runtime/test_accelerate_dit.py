@@ -227,3 +227,30 @@ def test_given_embeds_with_images_per_prompt_is_diffusers(family: str, flux: tup
     with pytest.raises(RuntimeError) as got:
         acc(**kw)
     assert str(got.value) == str(want.value)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_recapture_on_gpu_gives_diffusers_latents(dit_dirs: dict[str, Path], family: str) -> None:
+    """One accelerated pipeline on a GPU called as a user does: a size, another size and batch, the first size
+    again with a new seed. Every call's latents are diffusers' own loop's (float32, TF32 off: 1e-4 of the
+    range), so a graph captured for an earlier shape is never replayed on a later one."""
+    from diffusers import DiffusionPipeline
+
+    p = DiffusionPipeline.from_pretrained(dit_dirs[family]).to("cuda")
+    p.set_progress_bar_config(disable=True)
+    pipe = trtkit.accelerate(p)
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        for seed, h, w, n in [(1, 64, 64, 1), (2, 48, 96, 2), (3, 64, 64, 1)]:
+            kw = dict(prompt="a cat", num_inference_steps=3, height=h, width=w, num_images_per_prompt=n,
+                      output_type="latent")
+            want = pipe._trtkit.original_call(pipe, generator=torch.Generator().manual_seed(seed), **kw).images
+            pipe.__dict__.pop("_trtkit_timings_ms", None)
+            got = pipe(generator=torch.Generator().manual_seed(seed), **kw).images
+            assert "_trtkit_timings_ms" in pipe.__dict__ and got.shape == want.shape
+            assert _rel(want.float().cpu(), got.float().cpu()) < 1e-4, (seed, h, w)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+    assert pipe._trtkit.runner.captures >= 2
