@@ -100,14 +100,16 @@ def test_run_on_gpu_equals_accelerate(dit_dirs: dict[str, Path], tmp_path: Path)
 def test_cli_image_is_plain_diffusers_with_its_defaults(dit_dirs: dict[str, Path], family: str, tmp_path: Path,
                                                         capsys: pytest.CaptureFixture, one_torch_thread: None) -> None:
     """`trtkit run` with --guidance left unset uses the pipeline's own default (FLUX.1 3.5, SD3 7.0; it was the
-    SD CFG scale 7.5 for every folder) and writes the PNG of plain diffusers' call with that seed."""
+    SD CFG scale 7.5 for every folder) and writes the PNG of plain diffusers' call with that seed; its line names
+    the transformer (it said "UNet")."""
     from diffusers import DiffusionPipeline
     from PIL import Image
 
     out = tmp_path / "c.png"
     rc = main(["run", str(dit_dirs[family]), "--prompt", "a cat", "--steps", "2", "--height", "32", "--width", "48",
                "--seed", "3", "--device", "cpu", "-o", str(out)])
-    assert rc == 0, capsys.readouterr().err
+    said = capsys.readouterr()
+    assert rc == 0 and "(torch transformer, eager loop" in said.out, said.err
     pipe = DiffusionPipeline.from_pretrained(dit_dirs[family])
     pipe.set_progress_bar_config(disable=True)
     ref = pipe("a cat", num_inference_steps=2, height=32, width=48, generator=torch.Generator().manual_seed(3)).images[0]

@@ -102,6 +102,12 @@ def _warn_compile_on_cpu(compile: bool, device: str | None) -> None:
                           markup=False)
 
 
+def _denoiser(model_dir: Path) -> str:
+    from trtkit.runtime.pipeline_dit import is_dit_folder
+
+    return "transformer" if is_dit_folder(model_dir) else "UNet"
+
+
 def _default_output(output: Path | None) -> Path:
     """The image to write where -o names no file (none, or a folder): out.png, or out-N.png beside an existing
     one (said on stderr), rather than silently replacing the previous run's image."""
@@ -164,7 +170,7 @@ def register(app: typer.Typer) -> None:
         if json_out:
             print_json(info)
         else:
-            console.print(f"wrote {output} ({res.executor} UNet, {loop_label(res.cuda_graph, compile)}"
+            console.print(f"wrote {output} ({res.executor} {_denoiser(model_dir)}, {loop_label(res.cuda_graph, compile)}"
                           f", {res.timings_ms['total']:.0f} ms: denoise {res.timings_ms['denoise']:.0f} ms)")
 
     @app.command("bench")
@@ -203,7 +209,7 @@ def register(app: typer.Typer) -> None:
             return
         from rich.table import Table
 
-        t = Table(title=f"trtkit bench: {s['executor']} UNet on {s['device']}, "
+        t = Table(title=f"trtkit bench: {s['executor']} {_denoiser(model_dir)} on {s['device']}, "
                         f"{loop_label(s['cuda_graph'], compile)}, {steps} steps")
         for col in ("", "median ms", "min ms"):
             t.add_column(col, justify="right")

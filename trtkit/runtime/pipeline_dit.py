@@ -91,7 +91,7 @@ class DitPipeline:
         m = 2 * self.pipe.vae_scale_factor  # latents packed 2x2 (FLUX) / patches of 2 (SD3)
         if any(v is not None and v % m for v in (cfg.height, cfg.width)):
             # diffusers' SD3 raises, its FLUX rounds down to a smaller image than asked for
-            raise TrtkitError(f"height and width of a {kind.upper()} image must be multiples of {m}, got "
+            raise TrtkitError(f"{'FLUX.1' if kind == 'flux' else 'SD3'} height and width must be multiples of {m}, got "
                               f"{cfg.height or 'default'}x{cfg.width or 'default'}")
         kw: dict[str, Any] = {"prompt": cfg.prompt, "num_inference_steps": cfg.steps, "height": cfg.height,
                               "width": cfg.width, "generator": torch.Generator("cpu").manual_seed(cfg.seed)}
