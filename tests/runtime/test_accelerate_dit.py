@@ -254,3 +254,55 @@ def test_recapture_on_gpu_gives_diffusers_latents(dit_dirs: dict[str, Path], fam
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
     assert pipe._trtkit.runner.captures >= 2
+
+
+@pytest.mark.parametrize("family,kw,said", [
+    ("flux", {"true_cfg_scale": 4.0, "negative_prompt": "blurry"}, "true_cfg_scale not handled"),
+    ("sd3", {"skip_guidance_layers": [0]}, "skip_guidance_layers not handled"),
+    ("sd3", {"scheduler": "FlowMatchHeunDiscreteScheduler"}, "FlowMatchHeunDiscreteScheduler has no device tables"),
+])
+def test_what_the_loop_does_not_do_is_diffusers(family: str, kw: dict[str, Any], said: str, flux: tuple[Any, Any],
+                                                sd3: tuple[Any, Any], caplog: pytest.LogCaptureFixture) -> None:
+    """FLUX's true CFG, SD3's skip-layer guidance and a scheduler swapped in after accelerate(): diffusers' own
+    loop runs, with one warning line naming what, and gives diffusers' latents."""
+    import diffusers
+
+    pair, kw = flux if family == "flux" else sd3, dict(kw)
+    old = [p.scheduler for p in pair]
+    if "scheduler" in kw:
+        for p in pair:
+            p.scheduler = getattr(diffusers, kw["scheduler"]).from_config(p.scheduler.config)
+        del kw["scheduler"]
+    try:
+        with caplog.at_level(logging.WARNING):
+            a, b = _both(*pair, "a cat", height=32, width=32, num_inference_steps=2, output_type="latent",
+                         runtime=False, **kw)
+    finally:
+        for p, s in zip(pair, old, strict=True):
+            p.scheduler = s
+    assert said in caplog.text and "running diffusers' own loop" in caplog.text
+    assert _rel(a.images, b.images) < TOL
+
+
+@pytest.mark.parametrize("family,kw", [
+    ("flux", {"height": 50, "width": 70}),  # not multiples of 16: diffusers rounds down (48x64), and so does the loop
+    ("flux", {"num_images_per_prompt": 2, "generator": "list"}),
+    ("flux", {"latents": (1, 12, 16)}),  # 48x64: 3x4 packed tokens of 4x2x2 channels
+    ("sd3", {"prompt": ["a", "b"], "generator": "list"}),
+    ("sd3", {"latents": (1, 4, 6, 8)}),
+])
+def test_sizes_generators_and_latents_in(family: str, kw: dict[str, Any], flux: tuple[Any, Any],
+                                         sd3: tuple[Any, Any]) -> None:
+    kw = {"prompt": "a cat", "height": 48, "width": 64, "num_inference_steps": 2, "output_type": "latent"} | kw
+    out = []
+    for p in flux if family == "flux" else sd3:
+        if kw.get("generator") == "list":
+            call = kw | {"generator": [torch.Generator().manual_seed(i) for i in (1, 2)]}
+        elif "latents" in kw:
+            call = kw | {"latents": torch.randn(*kw["latents"], generator=torch.Generator().manual_seed(3))}
+        else:
+            call = kw | {"generator": torch.Generator().manual_seed(0)}
+        p.__dict__.pop("_trtkit_timings_ms", None)
+        out.append(p(**call).images)
+    assert "_trtkit_timings_ms" in (flux if family == "flux" else sd3)[1].__dict__
+    assert out[0].shape == out[1].shape and _rel(out[0], out[1]) < TOL
