@@ -210,18 +210,21 @@ def test_bfloat16_pipeline_on_cpu(dit_dirs: dict[str, Path], one_torch_thread: N
     assert _rel(a.images.float(), b.images.float()) < 2e-2
 
 
-@pytest.mark.parametrize("family", ["flux", "sd3"])
-def test_given_embeds_with_images_per_prompt_is_diffusers(family: str, flux: tuple[Any, Any], sd3: tuple[Any, Any]
-                                                          ) -> None:
+@pytest.mark.parametrize("family,nipp", [("flux", 2), ("sd3", 2), ("flux", 0), ("sd3", 0)])
+def test_calls_diffusers_fails_on_fail_alike(family: str, nipp: int, flux: tuple[Any, Any], sd3: tuple[Any, Any]
+                                            ) -> None:
     """diffusers' encode_prompt does not repeat given prompt_embeds for num_images_per_prompt, while its latents
-    are made for batch x num_images_per_prompt, so its call fails; the runtime must not quietly make fewer images
-    (it used to return 2 where 4 were asked for): it leaves the call to diffusers, error included."""
+    are made for batch x num_images_per_prompt, so its call fails; and num_images_per_prompt=0 fails in it too.
+    The runtime must not quietly make other images (it returned 2 where 4 were asked for, and an empty batch):
+    it leaves such calls to diffusers, error included."""
     ref, acc = flux if family == "flux" else sd3
     cfg = ref.transformer.config
     g = torch.Generator().manual_seed(1)
     pe, pooled = torch.randn(2, 8, cfg.joint_attention_dim, generator=g), torch.randn(2, cfg.pooled_projection_dim)
-    kw: dict[str, Any] = dict(prompt_embeds=pe, pooled_prompt_embeds=pooled, num_images_per_prompt=2, height=32,
+    kw: dict[str, Any] = dict(prompt_embeds=pe, pooled_prompt_embeds=pooled, num_images_per_prompt=nipp, height=32,
                               width=32, num_inference_steps=1, output_type="latent", guidance_scale=1.0)
+    if nipp == 0:
+        kw = {k: v for k, v in kw.items() if "prompt_embeds" not in k} | {"prompt": "a cat"}
     with pytest.raises(RuntimeError) as want:
         ref(**kw)
     with pytest.raises(RuntimeError) as got:
