@@ -258,12 +258,13 @@ class Pipeline:
 
 def _open(cfg: RunConfig) -> Any:
     """The loaded pipeline for `cfg`: a FLUX / SD3 folder goes to pipeline_dit (accelerated diffusers pipeline)."""
-    from trtkit.runtime.pipeline_dit import DitPipeline, is_dit_folder
+    from trtkit.runtime.pipeline_dit import DitPipeline, check_call, is_dit_folder
 
     if is_dit_folder(cfg.model_dir):
         if cfg.lora is not None or cfg.unet_weights is not None:
             raise TrtkitError("--lora is for SD/SDXL UNet folders; FLUX/SD3 folders do not take it yet "
                               "(with or without --engines)")
+        check_call(cfg.model_dir, cfg)
         return DitPipeline(cfg.model_dir, engines=cfg.engines, device=cfg.device, cuda_graph=cfg.cuda_graph,
                            compile=cfg.compile, trust_engine=cfg.trust_engine, backend=cfg.backend)
     return Pipeline(cfg.model_dir, engines=cfg.engines, device=cfg.device, cuda_graph=cfg.cuda_graph,
