@@ -193,3 +193,119 @@ def test_replaced_transformer_is_picked_up(dit_dirs: dict[str, Path], one_torch_
     a, b = _both(ref, acc, "a cat", height=64, width=64, num_inference_steps=2, output_type="latent")
     assert acc._trtkit.executor.transformer is other
     assert _rel(a.images, b.images) < TOL
+
+
+def test_bfloat16_pipeline_on_cpu(dit_dirs: dict[str, Path], one_torch_thread: None) -> None:
+    """`from_pretrained(..., dtype=torch.bfloat16)` on a CPU: the loop's numpy buffers hold bf16 bits
+    (numpy has no bfloat16). diffusers rounds the latents to bf16 after every step, the runtime keeps them in
+    float32 (as the GPU kernel does): equal to bf16 rounding, not bit for bit."""
+    from diffusers import DiffusionPipeline
+
+    ref, acc = (DiffusionPipeline.from_pretrained(dit_dirs["flux"], dtype=torch.bfloat16) for _ in range(2))
+    for p in (ref, acc):
+        p.set_progress_bar_config(disable=True)
+    trtkit.accelerate(acc)
+    a, b = _both(ref, acc, "a cat", height=48, width=64, num_inference_steps=2, output_type="latent")
+    assert b.images.dtype == torch.bfloat16
+    assert _rel(a.images.float(), b.images.float()) < 2e-2
+
+
+@pytest.mark.parametrize("family,nipp", [("flux", 2), ("sd3", 2), ("flux", 0), ("sd3", 0)])
+def test_calls_diffusers_fails_on_fail_alike(family: str, nipp: int, flux: tuple[Any, Any], sd3: tuple[Any, Any]
+                                            ) -> None:
+    """diffusers' encode_prompt does not repeat given prompt_embeds for num_images_per_prompt, while its latents
+    are made for batch x num_images_per_prompt, so its call fails; and num_images_per_prompt=0 fails in it too.
+    The runtime must not quietly make other images (it returned 2 where 4 were asked for, and an empty batch):
+    it leaves such calls to diffusers, error included."""
+    ref, acc = flux if family == "flux" else sd3
+    cfg = ref.transformer.config
+    g = torch.Generator().manual_seed(1)
+    pe, pooled = torch.randn(2, 8, cfg.joint_attention_dim, generator=g), torch.randn(2, cfg.pooled_projection_dim)
+    kw: dict[str, Any] = dict(prompt_embeds=pe, pooled_prompt_embeds=pooled, num_images_per_prompt=nipp, height=32,
+                              width=32, num_inference_steps=1, output_type="latent", guidance_scale=1.0)
+    if nipp == 0:
+        kw = {k: v for k, v in kw.items() if "prompt_embeds" not in k} | {"prompt": "a cat"}
+    with pytest.raises(RuntimeError) as want:
+        ref(**kw)
+    with pytest.raises(RuntimeError) as got:
+        acc(**kw)
+    assert str(got.value) == str(want.value)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_recapture_on_gpu_gives_diffusers_latents(dit_dirs: dict[str, Path], family: str) -> None:
+    """One accelerated pipeline on a GPU called as a user does: a size, another size and batch, the first size
+    again with a new seed. Every call's latents are diffusers' own loop's (float32, TF32 off: 1e-4 of the
+    range), so a graph captured for an earlier shape is never replayed on a later one."""
+    from diffusers import DiffusionPipeline
+
+    p = DiffusionPipeline.from_pretrained(dit_dirs[family]).to("cuda")
+    p.set_progress_bar_config(disable=True)
+    pipe = trtkit.accelerate(p)
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        for seed, h, w, n in [(1, 64, 64, 1), (2, 48, 96, 2), (3, 64, 64, 1)]:
+            kw = dict(prompt="a cat", num_inference_steps=3, height=h, width=w, num_images_per_prompt=n,
+                      output_type="latent")
+            want = pipe._trtkit.original_call(pipe, generator=torch.Generator().manual_seed(seed), **kw).images
+            pipe.__dict__.pop("_trtkit_timings_ms", None)
+            got = pipe(generator=torch.Generator().manual_seed(seed), **kw).images
+            assert "_trtkit_timings_ms" in pipe.__dict__ and got.shape == want.shape
+            assert _rel(want.float().cpu(), got.float().cpu()) < 1e-4, (seed, h, w)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+    assert pipe._trtkit.runner.captures >= 2
+
+
+@pytest.mark.parametrize("family,kw,said", [
+    ("flux", {"true_cfg_scale": 4.0, "negative_prompt": "blurry"}, "true_cfg_scale not handled"),
+    ("sd3", {"skip_guidance_layers": [0]}, "skip_guidance_layers not handled"),
+    ("sd3", {"scheduler": "FlowMatchHeunDiscreteScheduler"}, "FlowMatchHeunDiscreteScheduler has no device tables"),
+])
+def test_what_the_loop_does_not_do_is_diffusers(family: str, kw: dict[str, Any], said: str, flux: tuple[Any, Any],
+                                                sd3: tuple[Any, Any], caplog: pytest.LogCaptureFixture) -> None:
+    """FLUX's true CFG, SD3's skip-layer guidance and a scheduler swapped in after accelerate(): diffusers' own
+    loop runs, with one warning line naming what, and gives diffusers' latents."""
+    import diffusers
+
+    pair, kw = flux if family == "flux" else sd3, dict(kw)
+    old = [p.scheduler for p in pair]
+    if "scheduler" in kw:
+        for p in pair:
+            p.scheduler = getattr(diffusers, kw["scheduler"]).from_config(p.scheduler.config)
+        del kw["scheduler"]
+    try:
+        with caplog.at_level(logging.WARNING):
+            a, b = _both(*pair, "a cat", height=32, width=32, num_inference_steps=2, output_type="latent",
+                         runtime=False, **kw)
+    finally:
+        for p, s in zip(pair, old, strict=True):
+            p.scheduler = s
+    assert said in caplog.text and "running diffusers' own loop" in caplog.text
+    assert _rel(a.images, b.images) < TOL
+
+
+@pytest.mark.parametrize("family,kw", [
+    ("flux", {"height": 50, "width": 70}),  # not multiples of 16: diffusers rounds down (48x64), and so does the loop
+    ("flux", {"num_images_per_prompt": 2, "generator": "list"}),
+    ("flux", {"latents": (1, 12, 16)}),  # 48x64: 3x4 packed tokens of 4x2x2 channels
+    ("sd3", {"prompt": ["a", "b"], "generator": "list"}),
+    ("sd3", {"latents": (1, 4, 6, 8)}),
+])
+def test_sizes_generators_and_latents_in(family: str, kw: dict[str, Any], flux: tuple[Any, Any],
+                                         sd3: tuple[Any, Any]) -> None:
+    kw = {"prompt": "a cat", "height": 48, "width": 64, "num_inference_steps": 2, "output_type": "latent"} | kw
+    out = []
+    for p in flux if family == "flux" else sd3:
+        if kw.get("generator") == "list":
+            call = kw | {"generator": [torch.Generator().manual_seed(i) for i in (1, 2)]}
+        elif "latents" in kw:
+            call = kw | {"latents": torch.randn(*kw["latents"], generator=torch.Generator().manual_seed(3))}
+        else:
+            call = kw | {"generator": torch.Generator().manual_seed(0)}
+        p.__dict__.pop("_trtkit_timings_ms", None)
+        out.append(p(**call).images)
+    assert "_trtkit_timings_ms" in (flux if family == "flux" else sd3)[1].__dict__
+    assert out[0].shape == out[1].shape and _rel(out[0], out[1]) < TOL

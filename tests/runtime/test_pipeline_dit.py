@@ -32,7 +32,8 @@ def test_run_equals_accelerate(dit_dirs: dict[str, Path], family: str, guidance:
     from diffusers import DiffusionPipeline
 
     assert is_dit_folder(dit_dirs[family])
-    cfg = RunConfig(model_dir=dit_dirs[family], prompt="a cat", negative_prompt="blurry", steps=3, guidance=guidance,
+    neg = "blurry" if family == "sd3" else ""  # FLUX.1 takes none (refused below)
+    cfg = RunConfig(model_dir=dit_dirs[family], prompt="a cat", negative_prompt=neg, steps=3, guidance=guidance,
                     seed=7, height=64, width=96, device="cpu")
     res = run(cfg, tmp_path / "a.png")
     assert res.path is not None and res.path.is_file() and res.timings_ms["denoise"] > 0
@@ -59,8 +60,7 @@ def test_cli_run_and_bench(dit_dirs: dict[str, Path], tmp_path: Path, capsys: py
     assert rc == 0 and json.loads(capsys.readouterr().out)["steps"] == 2
 
 
-@pytest.mark.parametrize("args,match", [(["--scheduler", "euler"], "FlowMatchEulerDiscreteScheduler"),
-                                        (["--engines", "{tmp}"], "has no transformer.plan"),
+@pytest.mark.parametrize("args,match", [(["--engines", "{tmp}"], "has no transformer.plan"),
                                         (["--engines", "{tmp}/transformer.plan"], "TensorRT engines need a CUDA GPU"),
                                         (["--engines", "{tmp}", "--compile"], "--compile is for the torch"),
                                         (["--engines", "{tmp}", "--lora", "{tmp}/unet.plan"], "--lora is for SD")])
@@ -93,3 +93,43 @@ def test_run_on_gpu_equals_accelerate(dit_dirs: dict[str, Path], tmp_path: Path)
                generator=torch.Generator().manual_seed(3), output_type="latent").images
     assert np.array_equal(res.latents, pipe._trtkit.runner.result())
     assert lat.shape == (1, 256, 16)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_cli_image_is_plain_diffusers_with_its_defaults(dit_dirs: dict[str, Path], family: str, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture, one_torch_thread: None) -> None:
+    """`trtkit run` with --guidance left unset uses the pipeline's own default (FLUX.1 3.5, SD3 7.0; it was the
+    SD CFG scale 7.5 for every folder) and writes the PNG of plain diffusers' call with that seed; its line names
+    the transformer (it said "UNet")."""
+    from diffusers import DiffusionPipeline
+    from PIL import Image
+
+    out = tmp_path / "c.png"
+    rc = main(["run", str(dit_dirs[family]), "--prompt", "a cat", "--steps", "2", "--height", "32", "--width", "48",
+               "--seed", "3", "--device", "cpu", "-o", str(out)])
+    said = capsys.readouterr()
+    assert rc == 0 and "(torch transformer, eager loop" in said.out, said.err
+    pipe = DiffusionPipeline.from_pretrained(dit_dirs[family])
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe("a cat", num_inference_steps=2, height=32, width=48, generator=torch.Generator().manual_seed(3)).images[0]
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(ref))
+
+
+@pytest.mark.parametrize("family,args,match", [
+    ("sd3", ["--scheduler", "euler"], "FlowMatchEulerDiscreteScheduler"),
+    ("sd3", ["--height", "72"], "multiples of 16"),  # diffusers' SD3 raises (was a traceback)
+    ("flux", ["--width", "40"], "multiples of 16"),  # diffusers' FLUX rounds down to 32 (was a smaller image)
+    ("flux", ["--negative-prompt", "blurry"], "--negative-prompt"),  # FLUX.1 ignores it (was silently dropped)
+])
+def test_cli_dit_inputs_refused_in_one_line(dit_dirs: dict[str, Path], family: str, args: list[str], match: str,
+                                            tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """...before the pipeline loads (a FLUX.1-dev takes minutes): here its transformer weights are missing."""
+    import shutil
+
+    folder = shutil.copytree(dit_dirs[family], tmp_path / family, ignore=shutil.ignore_patterns("*.safetensors"))
+    out = tmp_path / "d.png"
+    rc = main(["run", str(folder), "--prompt", "x", "--steps", "1", "--height", "32", "--width", "32",
+               "--device", "cpu", "-o", str(out), *args])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and match in err and len(err.splitlines()) == 1, err
+    assert not out.exists()

@@ -7,8 +7,8 @@ import typer
 from trtkit.cli._common import check_device, check_image_size, console, err_console, print_json
 
 
-def _config(model_dir: Path, engines: Path | None, prompt: str, negative_prompt: str, steps: int, guidance: float,
-            scheduler: str | None, seed: int, cuda_graph: bool, height: int | None, width: int | None,
+def _config(model_dir: Path, engines: Path | None, prompt: str, negative_prompt: str, steps: int,
+            guidance: float | None, scheduler: str | None, seed: int, cuda_graph: bool, height: int | None, width: int | None,
             trust_engine: bool, device: str | None, compile: bool, kernels: str,
             backend: str | None = None, lora: Path | None = None,
             lora_scale: float | None = None):  # type: ignore[no-untyped-def]
@@ -102,6 +102,12 @@ def _warn_compile_on_cpu(compile: bool, device: str | None) -> None:
                           markup=False)
 
 
+def _denoiser(model_dir: Path) -> str:
+    from trtkit.runtime.pipeline_dit import is_dit_folder
+
+    return "transformer" if is_dit_folder(model_dir) else "UNet"
+
+
 def _default_output(output: Path | None) -> Path:
     """The image to write where -o names no file (none, or a folder): out.png, or out-N.png beside an existing
     one (said on stderr), rather than silently replacing the previous run's image."""
@@ -126,14 +132,15 @@ def register(app: typer.Typer) -> None:
         negative_prompt: str = typer.Option("", "--negative-prompt", help="What not to draw."),
         engines: Path = typer.Option(None, "--engines", help="Folder with unet.plan (SD/SDXL) or transformer.plan (FLUX/SD3), TensorRT; else torch."),
         steps: int = typer.Option(30, "--steps", help="Denoising steps."),
-        guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale (<= 1: off)."),
+        guidance: float = typer.Option(None, "--guidance", help="Guidance scale (<= 1: CFG off; default: the "
+                                        "pipeline's: SD/SDXL 7.5, FLUX.1 3.5, SD3 7)."),
         scheduler: str = typer.Option(None, "--scheduler", help="euler | euler_a | ddim | dpmpp_2m "
                                       "(default: the folder's scheduler)."),
         seed: int = typer.Option(0, "--seed", help="Seed of the initial latents."),
         cuda_graph: bool = typer.Option(True, "--cuda-graph/--no-cuda-graph",
                                         help="Run all steps as one CUDA graph (GPU only)."),
-        height: int = typer.Option(None, "--height", help="Image height, a multiple of 8 (default: the model's)."),
-        width: int = typer.Option(None, "--width", help="Image width, a multiple of 8 (default: the model's)."),
+        height: int = typer.Option(None, "--height", help="Image height, a multiple of 8, of 16 for FLUX/SD3 (default: the model's)."),
+        width: int = typer.Option(None, "--width", help="Image width, a multiple of 8, of 16 for FLUX/SD3 (default: the model's)."),
         trust_engine: bool = typer.Option(False, "--trust-engine", help="Allow plans that carry host code "
                                           "(version-compatible plans). Only for plans you trust."),
         device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda if present)."),
@@ -163,7 +170,7 @@ def register(app: typer.Typer) -> None:
         if json_out:
             print_json(info)
         else:
-            console.print(f"wrote {output} ({res.executor} UNet, {loop_label(res.cuda_graph, compile)}"
+            console.print(f"wrote {output} ({res.executor} {_denoiser(model_dir)}, {loop_label(res.cuda_graph, compile)}"
                           f", {res.timings_ms['total']:.0f} ms: denoise {res.timings_ms['denoise']:.0f} ms)")
 
     @app.command("bench")
@@ -172,13 +179,14 @@ def register(app: typer.Typer) -> None:
         prompt: str = typer.Option("a photo of an astronaut riding a horse", "--prompt", help="What to draw."),
         engines: Path = typer.Option(None, "--engines", help="Folder with unet.plan (SD/SDXL) or transformer.plan (FLUX/SD3), TensorRT; else torch."),
         steps: int = typer.Option(30, "--steps", help="Denoising steps per run."),
-        guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale (<= 1: off)."),
+        guidance: float = typer.Option(None, "--guidance", help="Guidance scale (<= 1: CFG off; default: the "
+                                        "pipeline's: SD/SDXL 7.5, FLUX.1 3.5, SD3 7)."),
         scheduler: str = typer.Option(None, "--scheduler", help="euler | euler_a | ddim | dpmpp_2m (default: the "
                                       "folder's scheduler)."),
         cuda_graph: bool = typer.Option(True, "--cuda-graph/--no-cuda-graph", help="Run all steps as one CUDA graph "
                                         "(GPU only)."),
-        height: int = typer.Option(None, "--height", help="Image height, a multiple of 8 (default: the model's)."),
-        width: int = typer.Option(None, "--width", help="Image width, a multiple of 8 (default: the model's)."),
+        height: int = typer.Option(None, "--height", help="Image height, a multiple of 8, of 16 for FLUX/SD3 (default: the model's)."),
+        width: int = typer.Option(None, "--width", help="Image width, a multiple of 8, of 16 for FLUX/SD3 (default: the model's)."),
         warmup: int = typer.Option(2, "--warmup", help="Untimed runs first (compilation, capture)."),
         repeats: int = typer.Option(5, "--repeats", help="Timed runs; the table shows their median and minimum."),
         trust_engine: bool = typer.Option(False, "--trust-engine", help="Allow plans that carry host code. Only for "
@@ -201,7 +209,7 @@ def register(app: typer.Typer) -> None:
             return
         from rich.table import Table
 
-        t = Table(title=f"trtkit bench: {s['executor']} UNet on {s['device']}, "
+        t = Table(title=f"trtkit bench: {s['executor']} {_denoiser(model_dir)} on {s['device']}, "
                         f"{loop_label(s['cuda_graph'], compile)}, {steps} steps")
         for col in ("", "median ms", "min ms"):
             t.add_column(col, justify="right")

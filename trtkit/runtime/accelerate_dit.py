@@ -156,7 +156,7 @@ def _accelerated(pipe: Any, rt: _Runtime, **kw: Any) -> Any:
     pipe.check_inputs(**{k: v for k, v in given.items() if k in names})
     pipe._guidance_scale, pipe._joint_attention_kwargs, pipe._interrupt = g, None, False
     pipe._current_timestep = None
-    nipp = a["num_images_per_prompt"] or 1
+    nipp = 1 if a["num_images_per_prompt"] is None else a["num_images_per_prompt"]  # 0 is diffusers' error
     tcfg = pipe.transformer.config
     with torch.no_grad():
         if kind == "flux":
@@ -203,6 +203,14 @@ def _accelerated(pipe: Any, rt: _Runtime, **kw: Any) -> Any:
                                  latent_width=lat.shape[3], cfg=cfg, text_len=pe.shape[1], text_dim=pe.shape[2],
                                  pooled_dim=pooled.shape[-1], time_ids_dim=None, family="sd3")
             cond = {"encoder_hidden_states": pe, "pooled_projections": pooled}
+        nb = lat.shape[0]  # the embeddings' batch: prepare_latents was given it
+        prompt = a["prompt"]
+        want = (len(prompt) if isinstance(prompt, list) else 1 if prompt is not None else nb) * nipp
+        if nb != want or nb < 1:
+            # given prompt_embeds are not repeated for num_images_per_prompt by diffusers' encode_prompt, while its
+            # latents are made for batch x num_images_per_prompt (and 0 images fail in it): its own call fails, so
+            # must this one
+            raise _Fallback(f"{nb} prompt embeddings for {want} images")
         try:  # a shape the executor refuses is diffusers' to run, not an error
             rt.executor.check_shape(shape)
         except TrtkitError as e:

@@ -26,7 +26,7 @@ import numpy as np
 
 from trtkit.errors import TrtkitError
 from trtkit.runtime.executors import UNET_OUTPUT, LoopShape, StepExecutor
-from trtkit.runtime.host_dtypes import encode, storage_dtype
+from trtkit.runtime.host_dtypes import decode, encode, storage_dtype
 from trtkit.runtime.schedulers import LoopState, StepTables, reference_step
 
 log = logging.getLogger(__name__)
@@ -52,11 +52,13 @@ class CaptureKey:
 
 
 class _CpuLoop:
-    """numpy buffers; the fused kernel's math from schedulers.reference_step."""
+    """numpy buffers; the fused kernel's math from schedulers.reference_step. A bfloat16 executor's buffers
+    hold its bits in uint16 (numpy has no bfloat16), encoded / decoded as the device loop's uploads are."""
 
     def __init__(self, executor: StepExecutor, shape: LoopShape, tables: StepTables) -> None:
         self.executor, self.shape, self.tables = executor, shape, tables
-        dt = np.dtype(executor.io_dtype)
+        self.io_dtype = executor.io_dtype
+        dt = storage_dtype(self.io_dtype)
         self.spec = loop_io(executor, shape, tables.steps)
         self.io = {k: np.zeros(s, np.float32 if kind == "f32" else dt) for k, (s, kind) in self.spec.items()}
         self.step = np.zeros(1, np.int32)
@@ -74,18 +76,18 @@ class _CpuLoop:
         elif name == "guidance":
             self.guidance = float(value)
         else:
-            self.io[name][...] = _host(value)
+            self.io[name][...] = encode(_host(value), "float32" if self.spec[name][1] == "f32" else self.io_dtype)
 
     def run(self) -> None:
         tab, sh = self.tables, self.shape
         state = LoopState(x=self.x_init.copy(), x0_prev=np.zeros_like(self.x_init))
         reps = 2 if sh.cfg else 1
         for i in range(tab.steps):
-            self.io["sample"][...] = np.concatenate([state.x * tab.in_scale[i]] * reps)
+            self.io["sample"][...] = encode(np.concatenate([state.x * tab.in_scale[i]] * reps), self.io_dtype)
             self.io["timestep"][0] = tab.timesteps[i]
             self.step[0] = i
             self.executor(0)
-            reference_step(tab, i, state, self.io[UNET_OUTPUT], self.guidance, sh.cfg,
+            reference_step(tab, i, state, decode(self.io[UNET_OUTPUT], self.io_dtype), self.guidance, sh.cfg,
                            None if self.noise is None else self.noise[i])
         self.x[...] = state.x
 

@@ -41,6 +41,8 @@ from trtkit.runtime.torch_stages import load_pipeline as load_pipeline
 from trtkit.runtime.torch_stages import seeded_draws as seeded_draws
 from trtkit.runtime.torch_stages import unet_config as unet_config
 
+SD_GUIDANCE = 7.5  # `trtkit run`'s CFG scale for SD / SDXL folders where --guidance is not given
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -48,7 +50,7 @@ class RunConfig:
     prompt: str
     negative_prompt: str = ""
     steps: int = 30
-    guidance: float = 7.5
+    guidance: float | None = None  # None: the pipeline's default (SD_GUIDANCE; FLUX.1 / SD3: diffusers')
     scheduler: str | None = None  # None: the folder's scheduler
     seed: int = 0
     height: int | None = None
@@ -230,7 +232,8 @@ class Pipeline:
         width = unet_cfg.sample_size * f if cfg.width is None else cfg.width
         if height <= 0 or width <= 0 or height % 8 or width % 8:
             raise TrtkitError(f"height and width must be positive multiples of 8, got {height}x{width}")
-        use_cfg = cfg.guidance > 1.0
+        g = SD_GUIDANCE if cfg.guidance is None else cfg.guidance
+        use_cfg = g > 1.0
         tables = self.tables(cfg.scheduler, cfg.steps)
         if self.encoders is not None and self.encoders.has_text():
             cond, shape = self.encoders.encode(cfg.prompt, cfg.negative_prompt, use_cfg, height, width)
@@ -239,7 +242,7 @@ class Pipeline:
                                  unet_cfg)
         t1 = time.perf_counter()
         x, noise = seeded_draws(shape, tables, cfg.seed)
-        lat = self.runner(shape, tables, x_init=x, guidance=cfg.guidance, noise=noise, **cond)
+        lat = self.runner(shape, tables, x_init=x, guidance=g, noise=noise, **cond)
         t2 = time.perf_counter()
         if self.encoders is not None and "vae_decoder" in self.encoders.engines:
             image = self.encoders.decode(lat)
@@ -255,12 +258,13 @@ class Pipeline:
 
 def _open(cfg: RunConfig) -> Any:
     """The loaded pipeline for `cfg`: a FLUX / SD3 folder goes to pipeline_dit (accelerated diffusers pipeline)."""
-    from trtkit.runtime.pipeline_dit import DitPipeline, is_dit_folder
+    from trtkit.runtime.pipeline_dit import DitPipeline, check_call, is_dit_folder
 
     if is_dit_folder(cfg.model_dir):
         if cfg.lora is not None or cfg.unet_weights is not None:
             raise TrtkitError("--lora is for SD/SDXL UNet folders; FLUX/SD3 folders do not take it yet "
                               "(with or without --engines)")
+        check_call(cfg.model_dir, cfg)
         return DitPipeline(cfg.model_dir, engines=cfg.engines, device=cfg.device, cuda_graph=cfg.cuda_graph,
                            compile=cfg.compile, trust_engine=cfg.trust_engine, backend=cfg.backend)
     return Pipeline(cfg.model_dir, engines=cfg.engines, device=cfg.device, cuda_graph=cfg.cuda_graph,

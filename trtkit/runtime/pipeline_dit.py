@@ -31,6 +31,32 @@ def is_dit_folder(model_dir: Path | str) -> bool:
         return False  # the SD path reports a missing or broken folder in its own words
 
 
+def _vae_scale_factor(model_dir: Path) -> int:
+    """diffusers' FluxPipeline / StableDiffusion3Pipeline `vae_scale_factor`, from vae/config.json."""
+    try:
+        n = len(json.loads((Path(model_dir) / "vae" / "config.json").read_text())["block_out_channels"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 8  # the pipelines' own value without a VAE; a broken folder is reported by the load
+    return 2 ** (n - 1)
+
+
+def check_call(model_dir: Path, cfg: Any) -> None:
+    """One-line refusals of what a FLUX / SD3 folder's call does not take, before the (slow) pipeline load."""
+    index = json.loads((Path(model_dir) / "model_index.json").read_text())
+    kind = "flux" if index.get("_class_name") == "FluxPipeline" else "sd3"
+    if cfg.scheduler is not None:
+        raise TrtkitError(f"--scheduler {cfg.scheduler}: a FLUX / SD3 folder runs its own "
+                          "FlowMatchEulerDiscreteScheduler (the runtime's switches are for SD / SDXL)")
+    if cfg.negative_prompt and kind == "flux":
+        # diffusers' FluxPipeline uses one only with true CFG (true_cfg_scale > 1), which run does not do
+        raise TrtkitError("--negative-prompt: a FLUX.1 folder takes no negative prompt (guidance is embedded)")
+    m = 2 * _vae_scale_factor(model_dir)  # latents packed 2x2 (FLUX) / patches of 2 (SD3)
+    if any(v is not None and v % m for v in (cfg.height, cfg.width)):
+        # diffusers' SD3 raises, its FLUX rounds down to a smaller image than asked for
+        raise TrtkitError(f"{'FLUX.1' if kind == 'flux' else 'SD3'} height and width must be multiples of {m}, got "
+                          f"{cfg.height or 'default'}x{cfg.width or 'default'}")
+
+
 class DitPipeline:
     """A loaded, accelerated FLUX / SD3 pipeline, reusable across calls (the captured graph is kept)."""
 
@@ -45,6 +71,7 @@ class DitPipeline:
         from trtkit.runtime.torch_stages import default_device
 
         self.device = device or default_device()
+        self.model_dir = Path(model_dir)
         if engines is not None:  # one-line errors before the (slow) pipeline load
             from trtkit.runtime.dit_engine import plan_path
             from trtkit.runtime.engine import plan_backend
@@ -81,13 +108,12 @@ class DitPipeline:
 
         from trtkit.runtime.pipeline import RunResult
 
-        if cfg.scheduler is not None:
-            raise TrtkitError(f"--scheduler {cfg.scheduler}: a FLUX / SD3 folder runs its own "
-                              "FlowMatchEulerDiscreteScheduler (the runtime's switches are for SD / SDXL)")
-        kw: dict[str, Any] = {"prompt": cfg.prompt, "num_inference_steps": cfg.steps, "guidance_scale": cfg.guidance,
-                              "height": cfg.height, "width": cfg.width,
-                              "generator": torch.Generator("cpu").manual_seed(cfg.seed)}
-        if cfg.negative_prompt and self.pipe._trtkit_kind == "sd3":  # FLUX.1 has no negative prompt without true CFG
+        check_call(self.model_dir, cfg)
+        kw: dict[str, Any] = {"prompt": cfg.prompt, "num_inference_steps": cfg.steps, "height": cfg.height,
+                              "width": cfg.width, "generator": torch.Generator("cpu").manual_seed(cfg.seed)}
+        if cfg.guidance is not None:  # else the pipeline's own default (FLUX.1-dev 3.5, SD3 7.0)
+            kw["guidance_scale"] = cfg.guidance
+        if cfg.negative_prompt:
             kw["negative_prompt"] = cfg.negative_prompt
         image = self.pipe(**kw).images[0]
         if "_trtkit_timings_ms" not in self.pipe.__dict__:  # pragma: no cover - accelerate fell back
