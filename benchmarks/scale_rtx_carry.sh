@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Pack what the GPU machine needs for benchmarks/scale_flux.py and has not got (TensorRT-RTX, and the two
 # pure-Python wheels trtkit's export and Q/DQ pass import: diffusers, onnx-graphsurgeon) into chunks under
-# 60 MiB, one folder per device call: .rtxc/1, .rtxc/2, ... (each call carries at most 64 MiB).
+# 37 MiB, one folder per device call: .rtxc/1, .rtxc/2, ... (a call carries at most 64 MiB, the ~24 MiB tree included).
 #
 #   TensorRT-RTX here is a cp311 install: its bindings (tensorrt_rtx_bindings/tensorrt_rtx.so) are a pybind11
 #   module built for CPython 3.11, which 3.12 cannot import, so the cp312 bindings wheel is fetched with pip;
@@ -31,7 +31,7 @@ if [ "${1:-}" = "--unpack" ]; then  # sourced on the device
 fi
 
 cd "$(git rev-parse --show-toplevel)"
-CHUNK=${CHUNK:-55M}
+CHUNK=${CHUNK:-37M}
 SITE=${RTX_SITE:-$(python3 -c 'import os, tensorrt_rtx_libs; print(os.path.dirname(os.path.dirname(tensorrt_rtx_libs.__file__)))')}
 VER=$(python3 -c 'import tensorrt_rtx; print(tensorrt_rtx.__version__)')
 PY=(--no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
