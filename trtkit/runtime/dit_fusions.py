@@ -122,17 +122,17 @@ def _single_block_matches(block: Any) -> bool:
 
 def unfuse_flux_mlp(transformer: Any) -> int:
     """diffusers' own forwards back on every module fuse_flux_mlp changed; returns how many."""
-    n = 0
-    for m in transformer.modules():
-        fwd = m.__dict__.get("forward")
-        if isinstance(fwd, types.MethodType) and fwd.__func__ in (_gelu_forward, _single_forward):
-            del m.forward
-            n += 1
-    return n
+    fused = [m for m in transformer.modules() if _runs_fused(m)]
+    for m in fused:
+        del m.forward
+    return len(fused)
 
 
 def fused_mlp_count(transformer: Any) -> int:
     """How many modules run a fused forward (for the executor's fingerprint and options)."""
-    return sum(1 for m in transformer.modules()
-               if isinstance(m.__dict__.get("forward"), types.MethodType)
-               and m.__dict__["forward"].__func__ in (_gelu_forward, _single_forward))
+    return sum(1 for m in transformer.modules() if _runs_fused(m))
+
+
+def _runs_fused(module: Any) -> bool:
+    fwd = module.__dict__.get("forward")  # the per-instance forward fuse_flux_mlp set, not the class's
+    return isinstance(fwd, types.MethodType) and fwd.__func__ in (_gelu_forward, _single_forward)
