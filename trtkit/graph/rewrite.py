@@ -8,6 +8,7 @@ import os
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -165,12 +166,9 @@ def quantized_weights(jobs: Sequence[tuple[gs.Constant, np.ndarray | None, int, 
             yield quantize_job(job, base_dir, precision, fp16)
         return
     with ThreadPoolExecutor(workers, thread_name_prefix="trtkit-quantize") as pool:
-        pending: deque[Future[tuple[np.ndarray, np.ndarray]]] = deque()
         todo = iter(jobs)
-        for job in todo:
-            pending.append(pool.submit(quantize_job, job, base_dir, precision, fp16))
-            if len(pending) >= workers:
-                break
+        pending: deque[Future[tuple[np.ndarray, np.ndarray]]] = deque(
+            pool.submit(quantize_job, job, base_dir, precision, fp16) for job in islice(todo, workers))
         while pending:
             done = pending.popleft().result()
             nxt = next(todo, None)
